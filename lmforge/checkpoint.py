@@ -1,0 +1,429 @@
+"""The one checkpoint format (DESIGN.md, "The checkpoint format"): write atomically, read, validate.
+
+A checkpoint is written into a hidden sibling `.NAME.partial/`, listed with sizes and sha256 in
+`lmforge.json`, flushed to disk, and only then renamed to NAME; the run directory's `latest` file
+is replaced after that. A crash at any moment leaves either the previous checkpoint or the new
+one, never a half-written directory under a real name. Loading never unpickles: weights are
+safetensors, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.hf import (
+    from_hf_config,
+    from_llama_key,
+    is_llama_compatible,
+    to_hf_config,
+    to_llama_key,
+)
+from lmforge.model import GPT, ModelConfig, build_model
+
+FORMAT_VERSION = 1
+META_FILE = "lmforge.json"
+LATEST_FILE = "latest"
+ENGINE_DIR = "deepspeed"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 2**30  # Hugging Face's default shard size
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+# ------------------------------------------------------------------------------ file helpers
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"checkpoint metadata value of type {type(value).__name__} is not JSON")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; a missing or malformed one is a CheckpointError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is corrupt") from None
+
+
+# ----------------------------------------------------------------------------------- writing
+
+
+def partial_dir(path: Path) -> Path:
+    """The hidden directory a checkpoint is written into before it is renamed to `path`."""
+    return path.parent / f".{path.name}.partial"
+
+
+@contextmanager
+def staging(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory for the checkpoint `path`; remove it on any error."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path}: already exists; choose a new path or pass overwrite=True")
+    tmp = partial_dir(path)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash: never used, always rewritten
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_latest(run_dir: Path, name: str) -> None:
+    """Point `run_dir/latest` at the checkpoint `name`, atomically."""
+    tmp = run_dir / f".{LATEST_FILE}.tmp"
+    tmp.write_text(name + "\n")
+    _fsync(tmp)
+    os.replace(tmp, run_dir / LATEST_FILE)
+    _fsync(run_dir)
+
+
+def commit(tmp: Path, path: Path, meta: Mapping[str, Any], *, update_latest: bool) -> Path:
+    """Write the manifest into `tmp`, flush everything, rename `tmp` to `path`, update latest."""
+    files: dict[str, dict[str, Any]] = {}
+    for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        rel = file.relative_to(tmp).as_posix()
+        if rel == META_FILE:
+            continue
+        _fsync(file)
+        files[rel] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
+    record = {
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **meta,
+        "files": files,
+    }
+    write_json(tmp / META_FILE, record)
+    _fsync(tmp / META_FILE)
+    _fsync(tmp)
+    old = path.parent / f".{path.name}.old"
+    if path.exists():  # overwrite: keep the old one until the new one is in place
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    if update_latest:
+        write_latest(path.parent, path.name)
+    return path
+
+
+def _hf_state_dict(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    llama = is_llama_compatible(cfg)
+    out = {}
+    for name, tensor in state.items():
+        if cfg.tie_embeddings and name == "output.weight":
+            continue  # tied: transformers re-ties it from the embedding
+        key = to_llama_key(name) if llama else f"model.{name}"
+        out[key] = tensor.detach().contiguous()
+    return out
+
+
+def _save_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / WEIGHTS_FILE, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    write_json(
+        directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
+
+
+def _token_ids(tokenizer: Any) -> dict[str, Any]:
+    if tokenizer is None:
+        return {}
+    eos = [tokenizer.eos_token_id]
+    end = tokenizer.convert_tokens_to_ids("<|end|>") if "<|end|>" in tokenizer.get_vocab() else None
+    if end is not None and end not in eos:
+        eos.append(end)  # chat turns end with <|end|>: generation stops there too
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def write_model_files(
+    directory: Path,
+    cfg: ModelConfig,
+    state: Mapping[str, torch.Tensor],
+    tokenizer: Any = None,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> None:
+    """config.json, weights, generation_config.json and tokenizer files into `directory`."""
+    tensors = _hf_state_dict(cfg, state)
+    dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
+    ids = _token_ids(tokenizer)
+    to_hf_config(cfg, dtype=dtype, token_ids=ids).to_json_file(directory / "config.json")
+    _save_weights(directory, tensors, max_shard_bytes)
+    write_json(
+        directory / "generation_config.json", {k: v for k, v in ids.items() if v is not None}
+    )
+    if tokenizer is not None:
+        from lmforge.tokenizer import save_tokenizer
+
+        save_tokenizer(tokenizer, directory)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: GPT,
+    tokenizer: Any = None,
+    *,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    update_latest: bool = False,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    **meta: Any,
+) -> Path:
+    """Write `model` (and tokenizer) as a checkpoint directory at `path`, atomically.
+
+    `meta` goes into lmforge.json (stage, step, tokens_seen, config, data_cursor, rng, parent,
+    metrics, ...). `state_dict` replaces the model's own (e.g. weights gathered from ZeRO-3).
+    With update_latest, `path.parent/latest` names this checkpoint once it is complete.
+    """
+    path = Path(path)
+    state = state_dict if state_dict is not None else model.state_dict()
+    with staging(path, overwrite=overwrite) as tmp:
+        write_model_files(tmp, model.cfg, state, tokenizer, max_shard_bytes=max_shard_bytes)
+        record = {"model": dataclasses.asdict(model.cfg), **meta}
+        commit(tmp, path, record, update_latest=update_latest)
+    return path
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory whose `latest` file names one."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such checkpoint directory")
+    if not (p / "config.json").exists() and (p / LATEST_FILE).is_file():
+        name = (p / LATEST_FILE).read_text().strip()
+        target = p / name
+        if not name or not (target / "config.json").exists():
+            raise CheckpointError(f"{p / LATEST_FILE}: names {name!r}, which is not a checkpoint")
+        return target
+    if not (p / "config.json").exists():
+        raise CheckpointError(f"{p}: not a checkpoint (no config.json and no '{LATEST_FILE}' file)")
+    return p
+
+
+def verify_files(ckpt: Path, meta: Mapping[str, Any], *, engine: bool = False) -> None:
+    """Check every file listed in lmforge.json for presence, size and sha256.
+
+    Files under deepspeed/ are optional (removable without harm) and checked only with engine.
+    """
+    for rel, info in meta.get("files", {}).items():
+        optional = rel.startswith(ENGINE_DIR + "/")
+        if optional and not engine:
+            continue
+        file = ckpt / rel
+        if not file.exists():
+            if optional:
+                continue
+            raise CheckpointError(f"{file}: missing (listed in {META_FILE}); restore it")
+        size = file.stat().st_size
+        if size != info["size"]:
+            raise CheckpointError(
+                f"{file}: {size} bytes but {META_FILE} records {info['size']}; "
+                "the file is truncated or was modified"
+            )
+        if sha256_file(file) != info["sha256"]:
+            raise CheckpointError(
+                f"{file}: sha256 does not match {META_FILE}; the file is corrupt or was modified"
+            )
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing; the checkpoint is incomplete")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{file}: unreadable safetensors ({e}); file truncated or corrupt"
+        ) from None
+
+
+def read_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """All tensors of a checkpoint (single file or sharded) and the file to name in errors."""
+    if (ckpt / INDEX_FILE).exists():
+        index = read_json(ckpt / INDEX_FILE)
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            tensors.update(_load_safetensors(ckpt / shard))
+        return tensors, ckpt / INDEX_FILE
+    if (ckpt / WEIGHTS_FILE).exists():
+        return _load_safetensors(ckpt / WEIGHTS_FILE), ckpt / WEIGHTS_FILE
+    pickles = sorted(p.name for p in ckpt.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{ckpt / pickles[0]}: pickle weights are never loaded (they can run code); "
+            "convert the model to safetensors"
+        )
+    raise CheckpointError(f"{ckpt / WEIGHTS_FILE}: missing; the checkpoint has no weights")
+
+
+def _our_names(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if is_llama_compatible(cfg):
+        mapped = {from_llama_key(k): v for k, v in tensors.items()}
+        return {k: v for k, v in mapped.items() if k is not None}
+    return {k.removeprefix("model."): v for k, v in tensors.items()}
+
+
+def load_state_into(model: GPT, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Assign `state` to a (meta or real) model after checking names and shapes."""
+    expected = dict(model.named_parameters())  # a tied output.weight is listed once
+    if model.cfg.tie_embeddings:
+        state.pop("output.weight", None)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{where}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CheckpointError(
+            f"{where}: unexpected tensor {unexpected[0]!r}; the weights do not match config.json"
+        )
+    for name, param in expected.items():
+        if tuple(state[name].shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has shape {list(state[name].shape)} but config.json "
+                f"implies {list(param.shape)}; the config does not match the weights"
+            )
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+
+
+# Training-only fields that config.json of a Llama checkpoint cannot hold; lmforge.json keeps them.
+_TRAINING_ONLY = (
+    "embed_dropout",
+    "resid_dropout",
+    "attn_dropout",
+    "init_std",
+    "scaled_residual_init",
+)
+
+
+def _model_config(ckpt: Path, meta: Mapping[str, Any]) -> ModelConfig:
+    """The architecture from config.json; lmforge.json's copy adds the training-only fields."""
+    where = ckpt / "config.json"
+    cfg = from_hf_config(read_json(where), str(where))
+    try:
+        cfg.validate("")
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    if "model" not in meta:
+        return cfg
+    try:
+        ours = ModelConfig(**meta["model"])
+    except TypeError as e:
+        raise CheckpointError(f"{ckpt / META_FILE}: bad 'model' section ({e})") from None
+    a, b = dataclasses.asdict(cfg.resolved()), dataclasses.asdict(ours.resolved())
+    for key in a:
+        if key not in _TRAINING_ONLY and a[key] != b[key]:
+            raise CheckpointError(
+                f"{where}: {key}={a[key]!r} but {META_FILE} says {b[key]!r}; "
+                "the two files disagree: restore the original config.json"
+            )
+    return ours
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+    with_tokenizer: bool = True,
+) -> tuple[GPT, Any, dict[str, Any]]:
+    """Load an lmforge checkpoint or a local Hugging Face Llama directory.
+
+    Returns (model, tokenizer or None, metadata). `path` may be a run directory (its `latest`
+    checkpoint is used). With verify, every file is checked against the manifest first.
+    dtype None keeps the stored precision. The model is returned in eval mode.
+    """
+    ckpt = resolve_checkpoint(path)
+    meta: dict[str, Any] = read_json(ckpt / META_FILE) if (ckpt / META_FILE).exists() else {}
+    if meta and verify:
+        verify_files(ckpt, meta)
+    cfg = _model_config(ckpt, meta)
+    tensors, where = read_weights(ckpt)
+    state = _our_names(cfg, tensors)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model = build_model(cfg, device="meta")
+    load_state_into(model, state, where)
+    model = model.to(device).eval()  # like from_pretrained; training stages call .train()
+    tokenizer = None
+    if with_tokenizer and (ckpt / "tokenizer.json").exists():
+        from lmforge.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(ckpt)
+    meta["path"] = str(ckpt)
+    return model, tokenizer, meta

@@ -1,0 +1,603 @@
+"""The GPT: a decoder-only transformer with every classic variant as a config value.
+
+Plain single-device PyTorch (DESIGN rule 1): no deepspeed, no torch.distributed. Parameter names
+follow Llama (`tok_embeddings`, `layers.N.attention.wq`, `feed_forward.w1/w2/w3`, `attention_norm`,
+`ffn_norm`, `norm`, `output`) so that mapping to Hugging Face is a table in `checkpoint.py`.
+
+Shapes: B batch, T query length, S key length (cache included), D model width, H query heads,
+K key/value heads, E head size, V vocabulary, F feed-forward width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import option
+from lmforge.errors import ConfigError
+from lmforge.loss import LossConfig, linear_cross_entropy
+
+AttentionKind = Literal["causal", "bidirectional", "prefix"]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the GPT. The defaults are a GPT-2-size Llama-style model."""
+
+    PRESETS: ClassVar[str] = "model"
+
+    vocab_size: int = option(50304, "Vocabulary size (rows of the embedding and output matrices).")
+    dim: int = option(768, "Model width: size of the residual stream.")
+    n_layers: int = option(12, "Number of transformer blocks.")
+    n_heads: int = option(12, "Number of query heads.")
+    n_kv_heads: int | None = option(
+        4, "Key/value heads: n_heads = MHA, 1 = MQA, a divisor of n_heads = GQA; null = n_heads."
+    )
+    head_dim: int | None = option(None, "Size of one attention head; null = dim / n_heads.")
+    ffn_dim: int | None = option(
+        None, "Feed-forward width; null = 8/3·dim rounded up to 64 (swiglu) or 4·dim (gelu)."
+    )
+    max_seq_len: int = option(1024, "Longest sequence the model accepts (position limit).")
+    norm: Literal["rmsnorm", "layernorm"] = option("rmsnorm", "Normalisation layer.")
+    norm_eps: float = option(1e-5, "Epsilon added to the variance in every norm.")
+    norm_position: Literal["pre", "post"] = option(
+        "pre", "pre: norm before each sub-layer (GPT-2/Llama); post: after the residual add."
+    )
+    position: Literal["rope", "alibi", "learned", "sinusoidal", "none"] = option(
+        "rope", "Position encoding: rotary, ALiBi biases, learned or sinusoidal table, or none."
+    )
+    rope_theta: float = option(10000.0, "RoPE base frequency (Su et al. 2021).")
+    mlp: Literal["swiglu", "gelu"] = option(
+        "swiglu", "Feed-forward: SwiGLU (Shazeer 2020) or GELU."
+    )
+    bias: bool = option(False, "Biases in every linear layer (and LayerNorm).")
+    embed_dropout: float = option(0.0, "Dropout on the summed input embeddings.")
+    attn_dropout: float = option(0.0, "Dropout on the attention probabilities.")
+    resid_dropout: float = option(
+        0.0, "Dropout on each sub-layer's output before the residual add."
+    )
+    tie_embeddings: bool = option(True, "Share the input embedding with the output projection.")
+    init_std: float = option(0.02, "Standard deviation of the normal initialisation.")
+    scaled_residual_init: bool = option(
+        True, "GPT-2 init: residual output projections get init_std / sqrt(2·n_layers)."
+    )
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads after resolving null."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        """Size of one attention head after resolving null."""
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """Feed-forward width after resolving null."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        if self.mlp == "gelu":
+            return 4 * self.dim
+        return 64 * math.ceil(8 * self.dim / 3 / 64)
+
+    def resolved(self) -> ModelConfig:
+        """A copy with every null (n_kv_heads, head_dim, ffn_dim) replaced by its value."""
+        return dataclasses.replace(
+            self, n_kv_heads=self.kv_heads, head_dim=self.head_size, ffn_dim=self.hidden_dim
+        )
+
+    def validate(self, prefix: str = "model") -> None:
+        """Reject shapes that cannot build a model, naming the key."""
+        p = f"{prefix}." if prefix else ""
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{p}{key}: must be positive, got {getattr(self, key)}")
+        for key in ("n_kv_heads", "head_dim", "ffn_dim"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{p}{key}: must be positive or null, got {value}")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ConfigError(
+                f"{p}n_heads: {self.n_heads} does not divide {p}dim={self.dim}; "
+                "choose a divisor or set head_dim"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"{p}n_kv_heads: {self.kv_heads} does not divide {p}n_heads={self.n_heads}"
+            )
+        if self.position == "rope" and self.head_size % 2:
+            raise ConfigError(f"{p}head_dim: rope needs an even head size, got {self.head_size}")
+        if self.position == "sinusoidal" and self.dim % 2:
+            raise ConfigError(f"{p}dim: sinusoidal positions need an even width, got {self.dim}")
+        for key in ("embed_dropout", "attn_dropout", "resid_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"{p}{key}: must be in [0, 1), got {getattr(self, key)}")
+        if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
+            raise ConfigError(f"{p}norm_eps, init_std and rope_theta must be positive")
+
+
+# ----------------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 like Llama."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    """The configured norm layer of width cfg.dim."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.dim, cfg.norm_eps)
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_size: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (B, T, E) for rotary embeddings at the given positions (B, T)."""
+    exponents = torch.arange(0, head_size, 2, device=positions.device, dtype=torch.int64).float()
+    inv_freq = 1.0 / (theta ** (exponents / head_size))  # (E/2,)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, E/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, E): the half-rotation layout of HF Llama
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, E) by the position tables (B, T, E)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, E): broadcast over heads
+    return x * cos + _rotate_half(x) * sin
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Per-head ALiBi slopes (Press et al. 2022): a geometric series, interleaved when the head
+    count is not a power of two, as in the paper's reference code."""
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = power_of_two(closest)
+    if closest != n_heads:
+        slopes += power_of_two(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes)
+
+
+def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed sin/cos position embeddings (Vaswani et al. 2017) for positions (B, T) -> (B, T, D)."""
+    i = torch.arange(0, dim, 2, device=positions.device).float()
+    angles = positions.float()[..., None] / (10000.0 ** (i / dim))  # (B, T, D/2)
+    table = torch.stack((angles.sin(), angles.cos()), dim=-1)  # (B, T, D/2, 2)
+    return table.flatten(-2)  # (B, T, D): sin at even, cos at odd channels
+
+
+# ------------------------------------------------------------------------------- the cache
+
+
+class KVCache:
+    """Preallocated keys and values for decoding: (L, B, K, S_max, E) each.
+
+    Also keeps which cached positions are real tokens (left padding is not), so attention masks
+    can be rebuilt for every step. One cache serves one batch of sequences.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_size)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, K, T, E) at the current length; return all cached (B, K, S, E)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------- attention mask
+
+
+@dataclass
+class AttentionMask:
+    """What SDPA needs for one forward: a mask (bool, or float with ALiBi), or is_causal."""
+
+    mask: torch.Tensor | None  # (B, 1 or H, T, S); bool True = may attend, or additive float
+    is_causal: bool
+
+
+def build_attention_mask(
+    cfg: ModelConfig,
+    kind: AttentionKind,
+    *,
+    batch: int,
+    q_len: int,
+    start: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    prefix_len: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
+) -> AttentionMask:
+    """Mask for T=q_len queries at sequence indices start.. against S=start+q_len keys.
+
+    kind: causal (key index <= query index), bidirectional (all keys), or prefix (causal, plus
+    every key before prefix_len (B,) of that sample). doc_ids (B, S) restrict attention to the
+    same document (packed sequences); key_valid (B, S) hides padding. ALiBi adds -slope·distance.
+    """
+    s_len = start + q_len
+    plain = doc_ids is None and key_valid is None and cfg.position != "alibi"
+    if plain and kind == "bidirectional":
+        return AttentionMask(None, False)
+    if plain and kind == "causal":
+        # SDPA's is_causal aligns top-left, so it is only right when queries and keys coincide.
+        if start == 0:
+            return AttentionMask(None, True)
+        if q_len == 1:
+            return AttentionMask(None, False)
+    q_idx = torch.arange(start, s_len, device=device)[:, None]  # (T, 1)
+    k_idx = torch.arange(s_len, device=device)[None, :]  # (1, S)
+    allowed = torch.ones(batch, q_len, s_len, dtype=torch.bool, device=device)  # (B, T, S)
+    if kind in ("causal", "prefix"):
+        causal = k_idx <= q_idx  # (T, S)
+        if kind == "prefix":
+            if prefix_len is None:
+                raise ValueError("attention 'prefix' needs prefix_len (B,)")
+            in_prefix = k_idx[None] < prefix_len.to(device)[:, None, None]  # (B, 1, S)
+            allowed = causal[None] | in_prefix
+        else:
+            allowed = allowed & causal[None]
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, start:s_len, None] == doc_ids[:, None, :s_len])
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :s_len]
+    # A query may always see itself: padded queries would otherwise have no key and give NaN.
+    allowed = allowed | (k_idx == q_idx)[None]
+    if cfg.position != "alibi":
+        return AttentionMask(allowed[:, None], False)  # (B, 1, T, S)
+    distance = (q_idx - k_idx).abs().float()  # (T, S)
+    slopes = alibi_slopes(cfg.n_heads).to(device)  # (H,)
+    bias = -slopes[:, None, None] * distance[None]  # (H, T, S)
+    bias = bias[None].expand(batch, -1, -1, -1)  # (B, H, T, S)
+    bias = bias.masked_fill(~allowed[:, None], float("-inf"))
+    return AttentionMask(bias.to(dtype), False)
+
+
+# ----------------------------------------------------------------------------- the blocks
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads (GQA; MHA and MQA as special cases)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.dim, self.n_kv * self.head, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.dim, self.n_kv * self.head, bias=cfg.bias)
+        self.wo = nn.Linear(self.n_heads * self.head, cfg.dim, bias=cfg.bias)
+        self.attn_dropout = cfg.attn_dropout
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: AttentionMask,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D)."""
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head).transpose(1, 2)  # (B, H, T, E)
+        k = self.wk(x).view(b, t, self.n_kv, self.head).transpose(1, 2)  # (B, K, T, E)
+        v = self.wv(x).view(b, t, self.n_kv, self.head).transpose(1, 2)  # (B, K, T, E)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, E)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask.mask,
+            is_causal=mask.is_causal,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            enable_gqa=self.n_kv != self.n_heads,
+        )  # (B, H, T, E)
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head)  # (B, T, H·E)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x), or GELU: w2(gelu(w1 x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gated = cfg.mlp == "swiglu"
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias) if self.gated else None
+        self.dropout = nn.Dropout(cfg.resid_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D) through (B, T, F)."""
+        if self.w3 is not None:
+            h = F.silu(self.w1(x)) * self.w3(x)
+        else:
+            h = F.gelu(self.w1(x), approximate="tanh")  # GPT-2's tanh approximation
+        return self.dropout(self.w2(h))
+
+
+class Block(nn.Module):
+    """Attention then feed-forward, each with a residual connection and a norm (pre or post)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = build_norm(cfg)
+        self.ffn_norm = build_norm(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: AttentionMask,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D)."""
+        if self.pre_norm:
+            x = x + self.attention(self.attention_norm(x), mask, rope, cache, layer)
+            return x + self.feed_forward(self.ffn_norm(x))
+        x = self.attention_norm(x + self.attention(x, mask, rope, cache, layer))
+        return self.ffn_norm(x + self.feed_forward(x))
+
+
+class LMHead(nn.Module):
+    """Output projection to the vocabulary; with labels it returns the loss without ever holding
+    fp32 logits for all rows at once (see `lmforge.loss`). A module of its own so that ZeRO-3
+    gathers its weight when it runs."""
+
+    def __init__(self, dim: int, vocab: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab, dim))
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss: LossConfig | None = None,
+    ) -> torch.Tensor:
+        """h (B, T, D) -> logits (B, T, V); with labels (B, T) -> (loss sum, token count)."""
+        if labels is None:
+            return F.linear(h, self.weight)
+        return linear_cross_entropy(h.flatten(0, 1), self.weight, labels.flatten(), loss)
+
+
+# ----------------------------------------------------------------------------------- the GPT
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer. `model(input_ids)` returns logits (B, T, V); with `labels` it
+    returns the mean cross-entropy over labelled tokens (labels == -100 are ignored)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate("model")
+        self.cfg = cfg
+        self.loss_cfg = LossConfig()
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        if cfg.position == "learned":
+            self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim)
+        self.dropout = nn.Dropout(cfg.embed_dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        # Post-norm blocks already end in a norm; pre-norm needs a final one (GPT-2).
+        self.norm = build_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        self.output = LMHead(cfg.dim, cfg.vocab_size)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Make the output projection share the input embedding when configured."""
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, init_std) weights, zero biases, unit norms; GPT-2's 1/sqrt(2L) scaling on
+        the projections that write into the residual stream (Radford et al. 2019)."""
+        cfg = self.cfg
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "bias" or p.ndim == 1:
+                p.zero_() if leaf == "bias" else p.fill_(1.0)
+                continue
+            std = cfg.init_std
+            if cfg.scaled_residual_init and name.endswith(("attention.wo.weight", "w2.weight")):
+                std = residual_std
+            p.normal_(0.0, std, generator=generator)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        labels: torch.Tensor | None = None,
+        attention: AttentionKind = "causal",
+        prefix_len: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only, or the mean loss
+        when labels (B, T) are given.
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding (with a cache: the new tokens'
+        flags; the cache keeps the earlier ones). position_ids (B, T) default to cache length +
+        0..T-1. doc_ids (B, T) block attention across packed documents.
+        """
+        h = self.hidden_states(
+            input_ids,
+            attention=attention,
+            prefix_len=prefix_len,
+            doc_ids=doc_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+        )
+        if labels is not None:
+            loss_sum, count = self.output(h, labels, self.loss_cfg)
+            return loss_sum / count.clamp(min=1)
+        if last_only:
+            h = h[:, -1:]  # (B, 1, D)
+        return self.output(h)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention: AttentionKind = "causal",
+        prefix_len: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> final hidden states (B, T, D), after the last norm."""
+        cfg = self.cfg
+        b, t = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + t > cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + t} tokens exceeds model.max_seq_len={cfg.max_seq_len}"
+            )
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(start, start + t, device=device).expand(b, t)  # (B, T)
+        x = self.tok_embeddings(input_ids)  # (B, T, D)
+        if cfg.position == "learned":
+            x = x + self.pos_embeddings(position_ids)
+        elif cfg.position == "sinusoidal":
+            x = x + sinusoidal_table(position_ids, cfg.dim).to(x.dtype)
+        x = self.dropout(x)
+
+        key_valid = None
+        if cache is not None:
+            new_valid = (
+                torch.ones(b, t, dtype=torch.bool, device=device)
+                if attention_mask is None
+                else attention_mask.bool()
+            )
+            cache.valid[:, start : start + t] = new_valid
+            if not bool(cache.valid[:, : start + t].all()):
+                key_valid = cache.valid
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            key_valid = attention_mask.bool()
+        mask = build_attention_mask(
+            cfg,
+            attention,
+            batch=b,
+            q_len=t,
+            start=start,
+            device=device,
+            dtype=x.dtype,
+            prefix_len=prefix_len,
+            doc_ids=doc_ids,
+            key_valid=key_valid,
+        )
+        rope = None
+        if cfg.position == "rope":
+            rope = rope_cos_sin(position_ids, cfg.head_size, cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, rope, cache, i)
+        if cache is not None:
+            cache.length = start + t
+        return self.norm(x)
+
+
+def build_model(
+    cfg: ModelConfig,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int | None = None,
+) -> GPT:
+    """Construct and initialise the GPT. On device "meta" nothing is allocated or initialised
+    (used to count parameters of presets too large to build)."""
+    kwargs = {"device": device} if device is not None else {}
+    with torch.device(kwargs.get("device", "cpu")):
+        model = GPT(cfg)
+    if str(device) != "meta":
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
+        model.init_weights(gen)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+# ------------------------------------------------------------------------- size and FLOPs
+
+
+def num_params(cfg: ModelConfig, *, embeddings: bool = True) -> int:
+    """Parameters of the model (shared tied weights counted once), measured on the meta device."""
+    model = build_model(cfg, device="meta")
+    total = sum(p.numel() for p in model.parameters())  # parameters() dedups tied weights
+    if not embeddings:
+        total -= model.tok_embeddings.weight.numel()
+        if cfg.position == "learned":
+            total -= model.pos_embeddings.weight.numel()
+    return total
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """N of the PaLM MFU formula: weights of every matrix multiply, the output layer included
+    (embedding lookups, norms and biases excluded)."""
+    d, e, h, k, f = cfg.dim, cfg.head_size, cfg.n_heads, cfg.kv_heads, cfg.hidden_dim
+    attention = d * h * e * 2 + d * k * e * 2  # wq, wo; wk, wv
+    mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
+    return cfg.n_layers * (attention + mlp) + cfg.vocab_size * d
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token, forward and backward (PaLM, Chowdhery et al. 2022, app. B):
+    6·N + 12·L·(H·E)·T."""
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len
