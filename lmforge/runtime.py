@@ -1,0 +1,184 @@
+"""Plumbing every stage entry point shares: argument parsing and error reporting, seeding and
+RNG state, stop signals, small collectives, and the collective checkpoint save."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import signal
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lmforge.checkpoint import commit, partial_dir, write_model_files
+from lmforge.config import dumps, load_config
+from lmforge.distributed import DistInfo
+from lmforge.errors import LmforgeError
+from lmforge.model import ModelConfig, num_params
+
+T = TypeVar("T")
+
+
+def set_seed(seed: int, rank: int) -> None:
+    """Seed Python, NumPy and torch; dropout differs per rank, initialisation does not (the
+    model is built with its own generator)."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def save_rng(directory: Path, rank: int) -> None:
+    """This rank's torch RNG state (dropout) as JSON in `directory`."""
+    state = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"rng-rank{rank}.json").write_text(json.dumps(state))
+
+
+def load_rng(directory: Path, rank: int) -> None:
+    """Restore what save_rng wrote, if this rank has a file (world size may have changed)."""
+    file = directory / f"rng-rank{rank}.json"
+    if not file.exists():
+        return
+    state = json.loads(file.read_text())
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_mean(value: torch.Tensor, world: int) -> torch.Tensor:
+    """Mean of a CPU tensor over ranks."""
+    if world == 1 or not dist.is_initialized():
+        return value
+    out = value.clone().double() if value.dtype != torch.float64 else value.clone()
+    if dist.get_backend() == "nccl":
+        out = out.cuda()
+    dist.all_reduce(out)
+    return (out / world).cpu().to(value.dtype)
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary and a clean exit (SLURM
+    sends one before preemption). All ranks agree through an all-reduce when asked."""
+
+    def __init__(self) -> None:
+        self._local = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self._local = True
+
+    def requested(self) -> bool:
+        """True on every rank if any rank received a stop signal."""
+        flag = torch.tensor([1.0 if self._local else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def save_training_checkpoint(
+    engine: Any,
+    path: Path,
+    *,
+    model_cfg: ModelConfig,
+    tokenizer: Any,
+    info: DistInfo,
+    meta: dict[str, Any],
+) -> Path:
+    """Collective save: every rank writes its engine shard and RNG state into the partial
+    directory, rank 0 writes the consolidated weights and tokenizer, then renames it into place
+    and points `latest` at it."""
+    tmp = partial_dir(path)
+    if info.is_main:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_state(tmp / "deepspeed", client_state={"step": meta.get("step")})
+    save_rng(tmp / "deepspeed", info.rank)
+    state = engine.full_state_dict()
+    barrier()
+    if info.is_main:
+        write_model_files(tmp, model_cfg, state, tokenizer)
+        commit(tmp, path, {"model": dataclasses.asdict(model_cfg), **meta}, update_latest=True)
+    barrier()
+    return path
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N; the rank comes from the environment."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            continue
+        if arg in ("--local_rank", "--local-rank"):
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (deprecations, tokenizer forks, info logs) off the console."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def run_entry(
+    config_cls: type[T], body: Callable[[T], Any], argv: list[str] | None, stage: str
+) -> int:
+    """Parse `--config FILE [--dry-run] [--section.key=value ...]`, then run `body(cfg)`.
+
+    A user error (LmforgeError) prints one line `error: ...` and returns its exit code.
+    """
+    args = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    parser = argparse.ArgumentParser(prog=stage, description=f"lmforge {stage} stage")
+    parser.add_argument("--config", help="YAML run config")
+    parser.add_argument("--dry-run", action="store_true", help="print the config and exit")
+    known, overrides = parser.parse_known_args(args)
+    quiet_libraries()
+    try:
+        cfg = load_config(config_cls, known.config, overrides)
+        if known.dry_run:
+            print(dumps(cfg), end="")
+            model_cfg = getattr(cfg, "model", None)
+            if isinstance(model_cfg, ModelConfig):
+                print(f"# parameters: {num_params(model_cfg):,}")
+            return 0
+        body(cfg)
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0

@@ -1,0 +1,386 @@
+"""Pretraining stage: parse config, build tokenizer and data, build model, wrap in the engine,
+loop, save. Runs the same under `deepspeed pretrain/train.py --config ...`, `torchrun`,
+`accelerate launch` and plain `python`.
+
+    python pretrain/train.py --config configs/pretrain/demo.yaml --train.steps=200
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmforge.checkpoint import load_checkpoint, resolve_checkpoint
+from lmforge.config import option
+from lmforge.data import DataConfig, GlobalSampler, PackedDataset, prepare_data
+from lmforge.distributed import DistInfo, dist_info
+from lmforge.engine import EngineConfig, build_engine, init_distributed
+from lmforge.errors import ConfigError
+from lmforge.generate import GenerateConfig, generate
+from lmforge.loss import IGNORE_INDEX, LossConfig
+from lmforge.model import ModelConfig, build_model, flops_per_token, num_params
+from lmforge.optim import OptimConfig
+from lmforge.runtime import (
+    StopFlag,
+    all_mean,
+    barrier,
+    load_rng,
+    run_entry,
+    save_training_checkpoint,
+    set_seed,
+)
+from lmforge.tokenizer import TokenizerConfig
+from lmforge.tracking import Tracker, TrackingConfig, format_duration, measure_peak_flops
+from pretrain.objectives import (
+    ObjectiveConfig,
+    apply_objective,
+    choose_objective,
+    sample_generators,
+)
+
+
+@dataclass
+class TrainConfig:
+    """Length of training, batch sizes and the evaluation / checkpoint cadence."""
+
+    steps: int = option(1000, "Optimizer steps to train.")
+    global_batch_size: int = option(32, "Sequences per optimizer step, over all processes.")
+    micro_batch_size: int = option(8, "Sequences per forward pass on one process.")
+    seed: int = option(1234, "Seed of initialisation, dropout and masking.")
+    eval_every: int = option(
+        200, "Evaluate every this many steps (and at the end); 0 = only at the end."
+    )
+    eval_batches: int = option(8, "Validation micro-batches per objective per evaluation.")
+    save_every: int = option(500, "Checkpoint every this many steps (and at the end).")
+    samples: int = option(2, "Sampled generations shown at each evaluation.")
+    sample_tokens: int = option(48, "Tokens generated per sample.")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available.")
+
+    def validate(self, prefix: str = "train") -> None:
+        """Reject non-positive sizes, naming the key."""
+        for key in ("steps", "global_batch_size", "micro_batch_size", "save_every"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{prefix}.{key}: must be positive, got {getattr(self, key)}")
+        if self.eval_every < 0 or self.eval_batches <= 0:
+            raise ConfigError(f"{prefix}.eval_every must be >= 0 and eval_batches > 0")
+
+
+@dataclass
+class PretrainConfig:
+    """The whole pretraining run."""
+
+    run_dir: str = option("runs/pretrain", "Directory for checkpoints, metrics and the config.")
+    resume: str = option(
+        "auto", "auto = continue from run_dir/latest if present; never; or a checkpoint path."
+    )
+    init_from: str = option("", "Start from these weights (checkpoint or HF Llama directory).")
+    model: ModelConfig = option(default_factory=ModelConfig, doc="Architecture (or a preset).")
+    tokenizer: TokenizerConfig = option(default_factory=TokenizerConfig, doc="Tokenizer.")
+    data: DataConfig = option(default_factory=DataConfig, doc="Corpus and packing.")
+    objective: ObjectiveConfig = option(default_factory=ObjectiveConfig, doc="Objectives.")
+    optim: OptimConfig = option(default_factory=OptimConfig, doc="Optimizer and schedule.")
+    loss: LossConfig = option(default_factory=LossConfig, doc="Cross-entropy options.")
+    engine: EngineConfig = option(default_factory=EngineConfig, doc="DeepSpeed.")
+    train: TrainConfig = option(default_factory=TrainConfig, doc="Steps, batches, cadence.")
+    tracking: TrackingConfig = option(default_factory=TrackingConfig, doc="Logging.")
+
+    def validate(self, prefix: str = "") -> None:
+        """Checks that span sections."""
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len="
+                f"{self.model.max_seq_len}; shorten the sequences or raise the limit"
+            )
+        if self.resume not in ("auto", "never") and not Path(self.resume).exists():
+            raise ConfigError(f"resume: {self.resume} does not exist; use auto, never or a path")
+
+
+@dataclass
+class Run:
+    """What evaluation and sampling need from a running stage."""
+
+    cfg: PretrainConfig
+    engine: Any
+    val: PackedDataset
+    info: DistInfo
+    device: torch.device
+    tokenizer: Any
+    tracker: Tracker
+    mask_id: int
+    special_ids: torch.Tensor
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _resume_point(cfg: PretrainConfig) -> Path | None:
+    run_dir = Path(cfg.run_dir)
+    if cfg.resume == "never":
+        if (run_dir / "latest").exists():
+            raise ConfigError(
+                f"run_dir: {run_dir} already holds checkpoints; use resume: auto to continue "
+                "or choose a new run_dir"
+            )
+        return None
+    if cfg.resume == "auto":
+        return resolve_checkpoint(run_dir) if (run_dir / "latest").exists() else None
+    return resolve_checkpoint(cfg.resume)
+
+
+def _to(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def evaluate(ctx: Run, step: int) -> dict[str, float]:
+    """Loss and perplexity per objective on fixed validation windows, all ranks together."""
+    cfg, engine, val = ctx.cfg, ctx.engine, ctx.val
+    engine.train(False)
+    per_rank = cfg.train.micro_batch_size
+    metrics: dict[str, float] = {}
+    for name in cfg.objective.active:
+        total = torch.zeros(2, dtype=torch.float64)  # (loss sum, label count)
+        for b in range(cfg.train.eval_batches):
+            start = (b * ctx.info.world + ctx.info.rank) * per_rank
+            idx = [i % len(val) for i in range(start, start + per_rank)]
+            inputs = apply_objective(
+                name,
+                val.get_batch(idx),
+                cfg.objective,
+                mask_id=ctx.mask_id,
+                vocab_size=cfg.model.vocab_size,
+                special_ids=ctx.special_ids,
+                generators=sample_generators(cfg.train.seed + 1, idx),
+            )
+            count = (inputs["labels"] != IGNORE_INDEX).sum().item()
+            loss = engine(**_to(inputs, ctx.device)).float().item()
+            total += torch.tensor([loss * count, count], dtype=torch.float64)
+        total = all_mean(total, ctx.info.world) * ctx.info.world
+        value = (total[0] / total[1].clamp(min=1)).item()
+        metrics[f"eval/{name}/loss"] = value
+        metrics[f"eval/{name}/ppl"] = math.exp(min(value, 50.0))
+    engine.train(True)
+    return metrics
+
+
+def show_samples(ctx: Run) -> list[str]:
+    """Greedy continuations of the starts of a few validation documents (every rank runs them,
+    so ZeRO-3 can gather parameters; rank 0 prints)."""
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    if cfg.train.samples <= 0:
+        return []
+    prompts = [
+        ctx.val.get_batch([i])["input_ids"][0, :16].tolist() for i in range(cfg.train.samples)
+    ]
+    room = cfg.model.max_seq_len - 16
+    gen_cfg = GenerateConfig(max_new_tokens=min(cfg.train.sample_tokens, room), temperature=0)
+    out = generate(ctx.engine.module, prompts, gen_cfg, eos_ids=[tok.eos_token_id])
+    texts = [tok.decode(p) + " ⟶ " + t for p, t in zip(prompts, out.texts(tok), strict=True)]
+    for text in texts:
+        ctx.tracker.message("  sample: " + text.replace("\n", " ")[:300])
+    return texts
+
+
+def train(cfg: PretrainConfig) -> dict[str, Any]:
+    """Run (or resume) pretraining; returns the final metrics."""
+    info = dist_info()
+    init_distributed(info, cfg.engine.backend)
+    device = _device(cfg.train, info.local_rank)
+    run_dir = Path(cfg.run_dir)
+    resume_from = _resume_point(cfg)
+    if resume_from is not None or cfg.init_from:
+        source = resume_from or Path(cfg.init_from)
+        if (resolve_checkpoint(source) / "tokenizer.json").exists() and not cfg.tokenizer.path:
+            cfg.tokenizer.path = str(resolve_checkpoint(source))
+    data = prepare_data(cfg.data, cfg.tokenizer, is_main=info.is_main)
+    barrier()
+    tok = data.tokenizer
+    if len(tok) > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{len(tok)} tokens; raise it or train a smaller tokenizer"
+        )
+    set_seed(cfg.train.seed, info.rank)
+    meta: dict[str, Any] = {}
+    if resume_from is not None or cfg.init_from:
+        model, _, meta = load_checkpoint(resume_from or cfg.init_from, with_tokenizer=False)
+        cfg.model = model.cfg
+        model.train()
+    else:
+        model = build_model(cfg.model, seed=cfg.train.seed)
+    model.loss_cfg = cfg.loss
+    per_step = cfg.train.micro_batch_size * info.world
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size: {cfg.train.global_batch_size} is not a multiple of "
+            f"micro_batch_size × processes = {per_step}"
+        )
+    accum = cfg.train.global_batch_size // per_step
+    engine = build_engine(
+        model,
+        cfg.engine,
+        cfg.optim,
+        micro_batch=cfg.train.micro_batch_size,
+        grad_accum=accum,
+        total_steps=cfg.train.steps,
+        info=info,
+    )
+    step, cursor, tokens_seen, wandb_id = 0, 0, 0, None
+    if resume_from is not None:
+        if (resume_from / "deepspeed").is_dir():
+            engine.load_state(resume_from / "deepspeed")
+            load_rng(resume_from / "deepspeed", info.rank)
+        step, cursor = int(meta["step"]), int(meta["data_cursor"])
+        tokens_seen, wandb_id = int(meta.get("tokens_seen", 0)), meta.get("wandb_run_id")
+    seq = cfg.data.seq_len
+    dataset = PackedDataset(
+        data.train,
+        seq,
+        eos_id=tok.eos_token_id,
+        document_mask=cfg.data.document_mask,
+        reset_positions=cfg.data.reset_positions,
+    )
+    val = PackedDataset(
+        data.val,
+        seq,
+        eos_id=tok.eos_token_id,
+        document_mask=cfg.data.document_mask,
+        reset_positions=cfg.data.reset_positions,
+    )
+    if len(dataset) == 0 or len(val) == 0:
+        raise ConfigError(
+            f"data.seq_len: {seq} is longer than the whole train or validation split; "
+            "use a shorter seq_len or more data"
+        )
+    sampler = GlobalSampler(len(dataset), cfg.data.seed)
+    fpt = flops_per_token(cfg.model, seq)
+    tracker = Tracker(
+        run_dir,
+        cfg.tracking,
+        is_main=info.is_main,
+        config=dataclasses.asdict(cfg),
+        total_steps=cfg.train.steps,
+        flops_per_token=fpt,
+        peak_flops=measure_peak_flops(device),
+        resume_id=wandb_id,
+    )
+    special = torch.tensor([tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens])
+    ctx = Run(cfg, engine, val, info, device, tok, tracker, tok.mask_token_id, special)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        what = "resuming from " + str(resume_from) if resume_from else "starting"
+        tracker.message(
+            f"pretrain: {what}; {num_params(cfg.model) / 1e6:.2f}M parameters, "
+            f"{len(dataset)} train sequences of {seq} tokens, {info.world} process(es), "
+            f"ZeRO-{engine.zero_stage}, {accum} accumulation step(s), device {device}"
+        )
+    stop = StopFlag()
+    engine.train(True)
+    last_metrics: dict[str, Any] = {}
+    window_t, window_steps, window_loss = time.perf_counter(), 0, torch.zeros(1)
+    per_objective: dict[str, list[float]] = {}
+    started = time.perf_counter()
+    while step < cfg.train.steps:
+        name = choose_objective(cfg.objective, step, cfg.train.seed)
+        step_loss = 0.0
+        for micro in range(accum):
+            start = cursor + info.rank * accum * cfg.train.micro_batch_size
+            start += micro * cfg.train.micro_batch_size
+            idx = sampler.indices(start, cfg.train.micro_batch_size)
+            inputs = apply_objective(
+                name,
+                dataset.get_batch(idx),
+                cfg.objective,
+                mask_id=ctx.mask_id,
+                vocab_size=cfg.model.vocab_size,
+                special_ids=special,
+                generators=sample_generators(cfg.train.seed, list(range(start, start + len(idx)))),
+            )
+            loss = engine(**_to(inputs, device))
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach().float().item() / accum
+        step += 1
+        cursor += cfg.train.global_batch_size
+        tokens_seen += cfg.train.global_batch_size * seq
+        window_steps += 1
+        window_loss += step_loss
+        per_objective.setdefault(name, []).append(step_loss)
+        if step % cfg.tracking.log_every == 0 or step == cfg.train.steps:
+            elapsed = time.perf_counter() - window_t
+            loss_mean = all_mean(window_loss / window_steps, info.world).item()
+            metrics: dict[str, Any] = {
+                "loss": loss_mean,
+                "lr": engine.lr,
+                "grad_norm": engine.grad_norm(),
+                "tokens": tokens_seen,
+                "epoch": cursor / len(dataset),
+                **tracker.throughput(window_steps * cfg.train.global_batch_size * seq, elapsed),
+            }
+            for obj, values in per_objective.items():
+                metrics[f"loss/{obj}"] = sum(values) / len(values)
+            tracker.log(step, metrics)
+            tracker.progress(step, metrics, elapsed / window_steps)
+            last_metrics.update(metrics)
+            window_t, window_steps, window_loss = time.perf_counter(), 0, torch.zeros(1)
+            per_objective = {}
+        last = step == cfg.train.steps
+        if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+            eval_metrics = evaluate(ctx, step)
+            tracker.log(step, eval_metrics)
+            tracker.message(
+                f"eval step {step}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if k.endswith("loss"))
+            )
+            show_samples(ctx)
+            last_metrics.update(eval_metrics)
+        stopping = stop.requested()
+        if last or stopping or step % cfg.train.save_every == 0:
+            path = save_training_checkpoint(
+                engine,
+                run_dir / f"step-{step:06d}",
+                model_cfg=cfg.model,
+                tokenizer=tok,
+                info=info,
+                meta={
+                    "stage": "pretrain",
+                    "step": step,
+                    "tokens_seen": tokens_seen,
+                    "data_cursor": cursor,
+                    "seed": cfg.train.seed,
+                    "world_size": info.world,
+                    "config": dataclasses.asdict(cfg),
+                    "parent": str(resume_from or cfg.init_from or "") or None,
+                    "metrics": {k: v for k, v in last_metrics.items() if v is not None},
+                    "wandb_run_id": tracker.run_id,
+                },
+            )
+            tracker.message(f"saved {path}")
+        if stopping:
+            tracker.message(f"stop requested: saved at step {step}; resume with resume: auto")
+            break
+    tracker.message(f"done in {format_duration(time.perf_counter() - started)}")
+    tracker.close()
+    return last_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: --config FILE, --dry-run, and --section.key=value overrides."""
+    return run_entry(PretrainConfig, train, argv, "pretrain")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
