@@ -147,6 +147,8 @@ def commit(tmp: Path, path: Path, meta: Mapping[str, Any], *, update_latest: boo
     _fsync(tmp)
     old = path.parent / f".{path.name}.old"
     if path.exists():  # overwrite: keep the old one until the new one is in place
+        if old.exists():  # left by a crash after an earlier overwrite's rename: garbage
+            shutil.rmtree(old)
         os.replace(path, old)
     os.replace(tmp, path)
     _fsync(path.parent)

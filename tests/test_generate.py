@@ -76,7 +76,9 @@ def test_stop_strings_end_rows() -> None:
     text = tok.decode(free.tokens[0].tolist())
     stop = text[3:5]  # two characters generated at steps 4-5 of row 0
     out = generate(
-        model, PROMPTS, GenerateConfig(max_new_tokens=12, temperature=0, stop_strings=[stop]),
+        model,
+        PROMPTS,
+        GenerateConfig(max_new_tokens=12, temperature=0, stop_strings=[stop]),
         tokenizer=tok,
     )
     assert out.lengths[0] == text.index(stop) + len(stop)
