@@ -1,0 +1,125 @@
+"""Find the first bad record of a local corpus, to turn a `datasets` failure into one clear line.
+
+`datasets` reports a bad file as "An error occurred while generating the dataset", without the
+file or line. These readers go through the files in plain Python (slow, so only after a failure
+or a failed check) and return a DataError that names the file, the line and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import DataError
+
+_JSON_TYPES = {
+    dict: "an object",
+    list: "a list",
+    int: "a number",
+    float: "a number",
+    bool: "a bool",
+}
+
+
+def _record_problem(record: Any, field: str, where: str) -> DataError | None:
+    if not isinstance(record, dict):
+        return DataError(f"{where}: expected a JSON object, got {_JSON_TYPES.get(type(record))}")
+    if field not in record:
+        fields = ", ".join(record) or "none"
+        return DataError(
+            f"{where}: no text field '{field}' (its fields: {fields}); set data.text_field"
+        )
+    value = record[field]
+    if value is None:
+        return DataError(f"{where}: text field '{field}' is null; remove the record or fill it")
+    if not isinstance(value, str):
+        return DataError(
+            f"{where}: text field '{field}' is {_JSON_TYPES.get(type(value), 'not text')}, "
+            "not a string; store the text as a JSON string"
+        )
+    return None
+
+
+def _json_lines(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+    """(where, record) for each non-blank line; raises DataError on invalid JSON."""
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path} line {lineno}: invalid JSON ({err.msg}, column {err.colno}); "
+                "fix or remove that line"
+            ) from None
+        yield f"{path} line {lineno}", record
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) for a JSON Lines file, or a .json array of objects."""
+    text = path.read_text("utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path} line {err.lineno}: invalid JSON ({err.msg}, column {err.colno}); "
+                "fix the file"
+            ) from None
+        for i, record in enumerate(records):
+            yield f"{path} record {i}", record
+        return
+    yield from _json_lines(path, text)
+
+
+def _json_problem(path: Path, field: str) -> DataError | None:
+    try:
+        for where, record in _json_records(path):
+            problem = _record_problem(record, field, where)
+            if problem is not None:
+                return problem
+    except DataError as err:
+        return err
+    return None
+
+
+def _parquet_problem(path: Path, field: str) -> DataError | None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return DataError(f"{path}: cannot read it as parquet ({detail}); re-export it")
+    if field not in schema.names:
+        fields = ", ".join(schema.names) or "none"
+        return DataError(
+            f"{path}: no text field '{field}' (its fields: {fields}); set data.text_field"
+        )
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        return DataError(
+            f"{path}: text field '{field}' has type {kind}, not string; store the text as strings"
+        )
+    column = pq.read_table(path, columns=[field]).column(field)
+    if column.null_count:
+        row = column.is_null().to_numpy(zero_copy_only=False).argmax()
+        return DataError(f"{path} row {row}: text field '{field}' is null; remove or fill it")
+    return None
+
+
+def find_problem(files: Sequence[Path], builder: str, field: str) -> DataError | None:
+    """The first bad record of these files (or None if this reader finds none)."""
+    for path in files:
+        if builder == "json":
+            problem = _json_problem(path, field)
+        elif builder == "parquet":
+            problem = _parquet_problem(path, field)
+        else:
+            problem = None  # a .txt file is one document; encoding was checked on hashing
+        if problem is not None:
+            return problem
+    return None

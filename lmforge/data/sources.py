@@ -1,0 +1,158 @@
+"""Where a corpus comes from: resolve `data.source` to files (or the builtin / a hub name).
+
+Also the cheap checks that read every local file once anyway (for the cache key): a file that is
+binary, not UTF-8 or not parquet fails here with its name, before `datasets` sees it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from lmforge.data.config import DataConfig
+from lmforge.errors import DataError
+
+# File extension -> the `datasets` packaged builder that reads it.
+FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_KINDS = ", ".join(FORMATS)
+_GLOB_CHARS = set("*?[")
+_CHUNK = 1 << 20
+
+
+class Digest(Protocol):
+    """What check_file needs of a hashlib object."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved corpus source: kind 'builtin', 'files' (with a builder) or 'hub'."""
+
+    kind: str
+    name: str  # what the user wrote
+    files: tuple[Path, ...] = ()
+    builder: str = ""  # "text", "json" or "parquet" for kind "files"
+    fingerprint: str = field(default="", compare=False)
+
+    def describe(self) -> str:
+        """One line for meta.json and logs."""
+        if self.kind == "files":
+            return f"{self.name} ({len(self.files)} {self.builder} file(s))"
+        return self.name if self.kind == "builtin" else f"hub:{self.name}"
+
+
+def _looks_local(source: str) -> bool:
+    """A source that names a path (not a hub id), even if nothing is there."""
+    return (
+        bool(_GLOB_CHARS & set(source))
+        or source.startswith((".", "/", "~"))
+        or Path(source).suffix.lower() in FORMATS
+        or Path(source).expanduser().exists()
+        or source.count("/") > 1
+    )
+
+
+def _expand(source: str, skip: Path) -> list[Path]:
+    """The data files a local source names: a file, every data file under a directory, or a glob.
+
+    Files under `skip` (the cache directory: its tokenizer.json is no corpus) are left out.
+    """
+    path = Path(source).expanduser()
+    if _GLOB_CHARS & set(source):
+        matches = [Path(p) for p in glob.glob(str(path), recursive=True)]
+        files = sorted(
+            p
+            for p in matches
+            if p.is_file() and p.suffix.lower() in FORMATS and not p.resolve().is_relative_to(skip)
+        )
+        if not files:
+            raise DataError(f"data.source '{source}': no {_KINDS} files match this pattern")
+        return files
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in FORMATS
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            and not p.resolve().is_relative_to(skip)
+        )
+        if not files:
+            raise DataError(f"data.source '{source}': directory has no {_KINDS} files")
+        return files
+    if not path.exists():
+        raise DataError(f"data.source '{source}': no such file or directory; check the path")
+    if path.suffix.lower() not in FORMATS:
+        raise DataError(
+            f"data.source '{source}': unsupported file type '{path.suffix}'; use one of {_KINDS}"
+        )
+    return [path]
+
+
+def check_file(path: Path, digest: Digest) -> None:
+    """Feed the file's bytes to digest, raising DataError if it is binary or not UTF-8 / parquet."""
+    text = path.suffix.lower() != ".parquet"
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+            if not text:
+                if offset == 0 and not chunk.startswith(b"PAR1"):
+                    raise DataError(f"{path}: not a parquet file (bad magic bytes); re-export it")
+            elif b"\x00" in chunk:
+                where = offset + chunk.index(b"\x00")
+                raise DataError(
+                    f"{path}: binary data (a NUL byte at offset {where}), not text; remove it "
+                    "from data.source"
+                )
+            else:
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        f"{path}: not UTF-8 text (byte 0x{chunk[err.start]:02x} at offset "
+                        f"{offset + err.start}); convert it to UTF-8 or remove it"
+                    ) from None
+            offset += len(chunk)
+    if text:
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(
+                f"{path}: not UTF-8 text (an incomplete character at the end); convert it"
+            ) from None
+
+
+def resolve_source(cfg: DataConfig, builtin_hash: str = "") -> Source:
+    """Resolve cfg.source and fingerprint it: the part of the cache key that says what was read.
+
+    Local files are fingerprinted by path, size, mtime and a sha256 of their content (and checked
+    on the way, see `check_file`); a hub dataset by name, config and split (its files are the
+    hub's to version); the builtin corpus by `builtin_hash`, the hash of its text.
+    """
+    source = cfg.source.strip()
+    if source == "builtin":
+        return Source("builtin", "builtin", fingerprint=f"builtin|{builtin_hash}")
+    if not _looks_local(source):
+        key = f"hub|{source}|{cfg.hub_config}|{cfg.hub_split}"
+        return Source("hub", source, fingerprint=key)
+    files = _expand(source, Path(cfg.cache_dir).expanduser().resolve())
+    kinds = sorted({FORMATS[p.suffix.lower()] for p in files})
+    if len(kinds) > 1:
+        found = sorted({p.suffix.lower() for p in files})
+        raise DataError(
+            f"data.source '{source}' mixes {' and '.join(found)} files; keep one format per "
+            "source (or select one with a glob such as dir/*.jsonl)"
+        )
+    digest = hashlib.sha256(b"files")
+    for path in files:
+        st = path.stat()
+        digest.update(f"|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        check_file(path, digest)
+    return Source("files", source, tuple(files), kinds[0], digest.hexdigest())
