@@ -62,6 +62,9 @@ class TrainConfig:
     )
     eval_batches: int = option(8, "Validation micro-batches per objective per evaluation.")
     save_every: int = option(500, "Checkpoint every this many steps (and at the end).")
+    stop_at: int = option(
+        0, "Checkpoint and stop after this step (0 = run all steps); the schedule still spans steps."
+    )
     samples: int = option(2, "Sampled generations shown at each evaluation.")
     sample_tokens: int = option(48, "Tokens generated per sample.")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available.")
@@ -347,7 +350,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             )
             show_samples(ctx)
             last_metrics.update(eval_metrics)
-        stopping = stop.requested()
+        stopping = stop.requested() or step == cfg.train.stop_at
         if last or stopping or step % cfg.train.save_every == 0:
             path = save_training_checkpoint(
                 engine,
@@ -372,7 +375,16 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         if stopping:
             tracker.message(f"stop requested: saved at step {step}; resume with resume: auto")
             break
-    tracker.message(f"done in {format_duration(time.perf_counter() - started)}")
+    summary = ", ".join(
+        f"{k.split('/')[1]} loss {v:.3f} (ppl {math.exp(min(v, 50)):.1f})"
+        for k, v in last_metrics.items()
+        if k.startswith("eval/") and k.endswith("/loss")
+    )
+    tracker.message(
+        f"done: {step} steps, {tokens_seen / 1e6:.2f}M tokens in "
+        f"{format_duration(time.perf_counter() - started)}; validation {summary or 'n/a'}; "
+        f"checkpoint {run_dir / f'step-{step:06d}'} (latest in {run_dir}/latest)"
+    )
     tracker.close()
     return last_metrics
 

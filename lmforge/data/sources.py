@@ -120,6 +120,8 @@ def check_file(path: Path, digest: Digest) -> None:
                         f"{offset + err.start}); convert it to UTF-8 or remove it"
                     ) from None
             offset += len(chunk)
+    if offset == 0:
+        raise DataError(f"{path}: the file is empty; add documents or remove it from data.source")
     if text:
         try:
             decoder.decode(b"", final=True)
