@@ -9,7 +9,7 @@ TORCH_CPU   ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint format clean
+.PHONY: setup demo test lint format clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml
 	fi
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# Pretrain the tiny preset on the embedded corpus (Python's own documentation), then load the
+# checkpoint with plain transformers and sample from it.
+demo: $(STAMP)
+	$(BIN)/python pretrain/train.py --config configs/pretrain/demo.yaml
+	$(BIN)/python examples/hf_generate.py runs/demo "The import statement"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

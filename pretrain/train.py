@@ -20,8 +20,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.checkpoint import load_checkpoint, resolve_checkpoint
-from lmforge.config import option
+from lmforge.checkpoint import load_checkpoint, read_json, resolve_checkpoint
+from lmforge.config import dump_config, option
 from lmforge.data import DataConfig, GlobalSampler, PackedDataset, prepare_data
 from lmforge.distributed import DistInfo, dist_info
 from lmforge.engine import EngineConfig, build_engine, init_distributed
@@ -63,7 +63,8 @@ class TrainConfig:
     eval_batches: int = option(8, "Validation micro-batches per objective per evaluation.")
     save_every: int = option(500, "Checkpoint every this many steps (and at the end).")
     stop_at: int = option(
-        0, "Checkpoint and stop after this step (0 = run all steps); the schedule still spans steps."
+        0,
+        "Checkpoint and stop after this step (0 = run all steps); the schedule still spans steps.",
     )
     samples: int = option(2, "Sampled generations shown at each evaluation.")
     sample_tokens: int = option(48, "Tokens generated per sample.")
@@ -204,6 +205,20 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     device = _device(cfg.train, info.local_rank)
     run_dir = Path(cfg.run_dir)
     resume_from = _resume_point(cfg)
+    if resume_from is not None:
+        done = read_json(resume_from / "lmforge.json")
+        if int(done.get("step", 0)) >= cfg.train.steps:
+            if info.is_main:
+                print(
+                    f"pretrain: {run_dir} already trained to step {done['step']} "
+                    f"(train.steps={cfg.train.steps}); checkpoint {resume_from}; metrics "
+                    + ", ".join(
+                        f"{k} {v:.4f}"
+                        for k, v in done.get("metrics", {}).items()
+                        if k.startswith("eval/") and k.endswith("loss")
+                    )
+                )
+            return dict(done.get("metrics", {}))
     if resume_from is not None or cfg.init_from:
         source = resume_from or Path(cfg.init_from)
         if (resolve_checkpoint(source) / "tokenizer.json").exists() and not cfg.tokenizer.path:
@@ -284,6 +299,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     ctx = Run(cfg, engine, val, info, device, tok, tracker, tok.mask_token_id, special)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
         what = "resuming from " + str(resume_from) if resume_from else "starting"
         tracker.message(
             f"pretrain: {what}; {num_params(cfg.model) / 1e6:.2f}M parameters, "

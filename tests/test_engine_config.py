@@ -84,7 +84,7 @@ def test_inline_json_and_bad_paths() -> None:
     assert load_deepspeed_json('{"zero_optimization": {"stage": 1}}')["zero_optimization"] == {
         "stage": 1
     }
-    with pytest.raises(ConfigError, match="engine.deepspeed"):
+    with pytest.raises(ConfigError, match=r"engine\.deepspeed"):
         load_deepspeed_json("no/such/file.json")
-    with pytest.raises(ConfigError, match="inline JSON"):
+    with pytest.raises(ConfigError, match=r"inline JSON"):
         load_deepspeed_json("{not json")
