@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ class Tracker:
         self.wandb: Any = None
         self.run_id: str | None = resume_id
         if is_main and cfg.wandb.mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")  # no banners on the console
             import wandb
 
             self.wandb = wandb.init(

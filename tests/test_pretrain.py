@@ -199,12 +199,14 @@ def test_resume_reaches_exactly_the_uninterrupted_loss(runs: Runs, nproc: int) -
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def test_objective_mixture_logs_and_evaluates_each(runs: Runs) -> None:
+def test_objective_mixture_in_bf16_logs_and_evaluates_each(runs: Runs) -> None:
     run_dir = runs.run(
         "mixture",
         "--engine.zero_stage=1",
         "--objective.mix={causal: 0.4, mlm: 0.3, prefix: 0.3}",
         "--train.steps=10",
+        "--engine.precision=bf16",
+        "--tracking.wandb.mode=offline",
         launcher="accelerate",
     )
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -212,6 +214,13 @@ def test_objective_mixture_logs_and_evaluates_each(runs: Runs) -> None:
     assert seen == {"loss/causal", "loss/mlm", "loss/prefix"}
     final = {k for r in records for k in r if k.startswith("eval/")}
     assert {"eval/causal/loss", "eval/mlm/loss", "eval/prefix/loss"} <= final
+    curve = losses(run_dir)
+    assert all(v == v for v in curve.values()) and curve[10] < curve[1]
+    ckpt = run_dir / "step-000010"
+    assert json.loads((ckpt / "config.json").read_text())["dtype"] == "bfloat16"
+    meta = json.loads((ckpt / "lmforge.json").read_text())
+    assert meta["wandb_run_id"]
+    assert list((run_dir / "wandb").glob(f"offline-run-*-{meta['wandb_run_id']}"))
 
 
 def _errors(runs: Runs, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
