@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 
 def main() -> int:
@@ -22,6 +23,7 @@ def main() -> int:
     if (path / "latest").is_file() and not (path / "config.json").exists():
         path = path / (path / "latest").read_text().strip()
     prompt = sys.argv[2] if len(sys.argv) > 2 else "The import statement"
+    hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = tokenizer(tokenizer.bos_token + prompt, return_tensors="pt", add_special_tokens=False)

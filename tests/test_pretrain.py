@@ -176,6 +176,14 @@ def test_two_processes_match_one(runs: Runs, reference: Path, stage: int, launch
             torch.testing.assert_close(hf(ids).logits, ours_model(ids), atol=1e-4, rtol=0)
 
 
+def test_optimizer_offload_matches(runs: Runs, reference: Path) -> None:
+    """ZeRO-Offload: AdamW state and step on the CPU (DeepSpeedCPUAdam), same trajectory."""
+    run_dir = runs.run("offload", "--engine.zero_stage=2", "--engine.offload_optimizer=true")
+    ours, ref = losses(run_dir), losses(reference)
+    for step in ref:
+        assert ours[step] == pytest.approx(ref[step], abs=1e-4), step
+
+
 def test_gradient_accumulation_matches_a_big_micro_batch(runs: Runs, reference: Path) -> None:
     run_dir = runs.run("accum", "--engine.zero_stage=0", "--train.micro_batch_size=2")
     ours, ref = losses(run_dir), losses(reference)
