@@ -12,20 +12,51 @@ import signal
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from lmforge.checkpoint import commit, partial_dir, write_model_files
-from lmforge.config import dumps, load_config
+from lmforge.config import dumps, load_config, option
 from lmforge.distributed import DistInfo
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.model import ModelConfig, num_params
 
 T = TypeVar("T")
+
+
+@dataclass
+class TrainConfig:
+    """Length of training, batch sizes and the evaluation / checkpoint cadence."""
+
+    steps: int = option(1000, "Optimizer steps to train.")
+    global_batch_size: int = option(32, "Sequences per optimizer step, over all processes.")
+    micro_batch_size: int = option(8, "Sequences per forward pass on one process.")
+    seed: int = option(1234, "Seed of initialisation, dropout and masking.")
+    eval_every: int = option(
+        200, "Evaluate every this many steps (and at the end); 0 = only at the end."
+    )
+    eval_batches: int = option(8, "Validation micro-batches per objective per evaluation.")
+    save_every: int = option(500, "Checkpoint every this many steps (and at the end).")
+    stop_at: int = option(
+        0,
+        "Checkpoint and stop after this step (0 = run all steps); the schedule still spans steps.",
+    )
+    samples: int = option(2, "Sampled generations shown at each evaluation.")
+    sample_tokens: int = option(48, "Tokens generated per sample.")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available.")
+
+    def validate(self, prefix: str = "train") -> None:
+        """Reject non-positive sizes, naming the key."""
+        for key in ("steps", "global_batch_size", "micro_batch_size", "save_every"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{prefix}.{key}: must be positive, got {getattr(self, key)}")
+        if self.eval_every < 0 or self.eval_batches <= 0:
+            raise ConfigError(f"{prefix}.eval_every must be >= 0 and eval_batches > 0")
 
 
 def set_seed(seed: int, rank: int) -> None:

@@ -13,23 +13,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.checkpoint import load_checkpoint, read_json, resolve_checkpoint
+from lmforge.checkpoint import load_checkpoint, resolve_checkpoint
 from lmforge.config import dump_config, option
 from lmforge.data import DataConfig, GlobalSampler, PackedDataset, prepare_data
 from lmforge.distributed import DistInfo, dist_info
-from lmforge.engine import EngineConfig, build_engine, init_distributed
+from lmforge.engine import build_engine, init_distributed
 from lmforge.errors import ConfigError
 from lmforge.generate import GenerateConfig, generate
-from lmforge.loss import IGNORE_INDEX, LossConfig
+from lmforge.loss import IGNORE_INDEX
 from lmforge.model import ModelConfig, build_model, flops_per_token, num_params
-from lmforge.optim import OptimConfig
 from lmforge.runtime import (
     StopFlag,
     all_mean,
@@ -39,8 +38,16 @@ from lmforge.runtime import (
     save_training_checkpoint,
     set_seed,
 )
+from lmforge.stage import (
+    StageConfig,
+    StepWindow,
+    finished_run,
+    resume_point,
+    stage_device,
+    to_device,
+)
 from lmforge.tokenizer import TokenizerConfig
-from lmforge.tracking import Tracker, TrackingConfig, format_duration, measure_peak_flops
+from lmforge.tracking import Tracker, format_duration, measure_peak_flops
 from pretrain.objectives import (
     ObjectiveConfig,
     apply_objective,
@@ -50,63 +57,23 @@ from pretrain.objectives import (
 
 
 @dataclass
-class TrainConfig:
-    """Length of training, batch sizes and the evaluation / checkpoint cadence."""
-
-    steps: int = option(1000, "Optimizer steps to train.")
-    global_batch_size: int = option(32, "Sequences per optimizer step, over all processes.")
-    micro_batch_size: int = option(8, "Sequences per forward pass on one process.")
-    seed: int = option(1234, "Seed of initialisation, dropout and masking.")
-    eval_every: int = option(
-        200, "Evaluate every this many steps (and at the end); 0 = only at the end."
-    )
-    eval_batches: int = option(8, "Validation micro-batches per objective per evaluation.")
-    save_every: int = option(500, "Checkpoint every this many steps (and at the end).")
-    stop_at: int = option(
-        0,
-        "Checkpoint and stop after this step (0 = run all steps); the schedule still spans steps.",
-    )
-    samples: int = option(2, "Sampled generations shown at each evaluation.")
-    sample_tokens: int = option(48, "Tokens generated per sample.")
-    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available.")
-
-    def validate(self, prefix: str = "train") -> None:
-        """Reject non-positive sizes, naming the key."""
-        for key in ("steps", "global_batch_size", "micro_batch_size", "save_every"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{prefix}.{key}: must be positive, got {getattr(self, key)}")
-        if self.eval_every < 0 or self.eval_batches <= 0:
-            raise ConfigError(f"{prefix}.eval_every must be >= 0 and eval_batches > 0")
-
-
-@dataclass
-class PretrainConfig:
-    """The whole pretraining run."""
+class PretrainConfig(StageConfig):
+    """The whole pretraining run: the common stage sections plus model, tokenizer, data."""
 
     run_dir: str = option("runs/pretrain", "Directory for checkpoints, metrics and the config.")
-    resume: str = option(
-        "auto", "auto = continue from run_dir/latest if present; never; or a checkpoint path."
-    )
-    init_from: str = option("", "Start from these weights (checkpoint or HF Llama directory).")
     model: ModelConfig = option(default_factory=ModelConfig, doc="Architecture (or a preset).")
     tokenizer: TokenizerConfig = option(default_factory=TokenizerConfig, doc="Tokenizer.")
     data: DataConfig = option(default_factory=DataConfig, doc="Corpus and packing.")
     objective: ObjectiveConfig = option(default_factory=ObjectiveConfig, doc="Objectives.")
-    optim: OptimConfig = option(default_factory=OptimConfig, doc="Optimizer and schedule.")
-    loss: LossConfig = option(default_factory=LossConfig, doc="Cross-entropy options.")
-    engine: EngineConfig = option(default_factory=EngineConfig, doc="DeepSpeed.")
-    train: TrainConfig = option(default_factory=TrainConfig, doc="Steps, batches, cadence.")
-    tracking: TrackingConfig = option(default_factory=TrackingConfig, doc="Logging.")
 
     def validate(self, prefix: str = "") -> None:
         """Checks that span sections."""
+        super().validate(prefix)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len="
                 f"{self.model.max_seq_len}; shorten the sequences or raise the limit"
             )
-        if self.resume not in ("auto", "never") and not Path(self.resume).exists():
-            raise ConfigError(f"resume: {self.resume} does not exist; use auto, never or a path")
 
 
 @dataclass
@@ -122,30 +89,6 @@ class Run:
     tracker: Tracker
     mask_id: int
     special_ids: torch.Tensor
-
-
-def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def _resume_point(cfg: PretrainConfig) -> Path | None:
-    run_dir = Path(cfg.run_dir)
-    if cfg.resume == "never":
-        if (run_dir / "latest").exists():
-            raise ConfigError(
-                f"run_dir: {run_dir} already holds checkpoints; use resume: auto to continue "
-                "or choose a new run_dir"
-            )
-        return None
-    if cfg.resume == "auto":
-        return resolve_checkpoint(run_dir) if (run_dir / "latest").exists() else None
-    return resolve_checkpoint(cfg.resume)
-
-
-def _to(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 @torch.no_grad()
@@ -170,7 +113,7 @@ def evaluate(ctx: Run, step: int) -> dict[str, float]:
                 generators=sample_generators(cfg.train.seed + 1, idx),
             )
             count = (inputs["labels"] != IGNORE_INDEX).sum().item()
-            loss = engine(**_to(inputs, ctx.device)).float().item()
+            loss = engine(**to_device(inputs, ctx.device)).float().item()
             total += torch.tensor([loss * count, count], dtype=torch.float64)
         total = all_mean(total, ctx.info.world) * ctx.info.world
         value = (total[0] / total[1].clamp(min=1)).item()
@@ -202,23 +145,12 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) pretraining; returns the final metrics."""
     info = dist_info()
     init_distributed(info, cfg.engine.backend)
-    device = _device(cfg.train, info.local_rank)
+    device = stage_device(cfg.train, info.local_rank)
     run_dir = Path(cfg.run_dir)
-    resume_from = _resume_point(cfg)
-    if resume_from is not None:
-        done = read_json(resume_from / "lmforge.json")
-        if int(done.get("step", 0)) >= cfg.train.steps:
-            if info.is_main:
-                print(
-                    f"pretrain: {run_dir} already trained to step {done['step']} "
-                    f"(train.steps={cfg.train.steps}); checkpoint {resume_from}; metrics "
-                    + ", ".join(
-                        f"{k} {v:.4f}"
-                        for k, v in done.get("metrics", {}).items()
-                        if k.startswith("eval/") and k.endswith("loss")
-                    )
-                )
-            return dict(done.get("metrics", {}))
+    resume_from = resume_point(run_dir, cfg.resume)
+    done = finished_run(resume_from, cfg.train.steps, info, "pretrain")
+    if done is not None:
+        return done
     if resume_from is not None or cfg.init_from:
         source = resume_from or Path(cfg.init_from)
         if (resolve_checkpoint(source) / "tokenizer.json").exists() and not cfg.tokenizer.path:
@@ -309,8 +241,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     stop = StopFlag()
     engine.train(True)
     last_metrics: dict[str, Any] = {}
-    window_t, window_steps, window_loss = time.perf_counter(), 0, torch.zeros(1)
-    per_objective: dict[str, list[float]] = {}
+    window = StepWindow()
     started = time.perf_counter()
     while step < cfg.train.steps:
         name = choose_objective(cfg.objective, step, cfg.train.seed)
@@ -328,34 +259,21 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 special_ids=special,
                 generators=sample_generators(cfg.train.seed, list(range(start, start + len(idx)))),
             )
-            loss = engine(**_to(inputs, device))
+            loss = engine(**to_device(inputs, device))
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach().float().item() / accum
         step += 1
         cursor += cfg.train.global_batch_size
         tokens_seen += cfg.train.global_batch_size * seq
-        window_steps += 1
-        window_loss += step_loss
-        per_objective.setdefault(name, []).append(step_loss)
+        window.add(loss=step_loss, **{f"loss/{name}": step_loss})
+        window.close_step()
         if step % cfg.tracking.log_every == 0 or step == cfg.train.steps:
-            elapsed = time.perf_counter() - window_t
-            loss_mean = all_mean(window_loss / window_steps, info.world).item()
-            metrics: dict[str, Any] = {
-                "loss": loss_mean,
-                "lr": engine.lr,
-                "grad_norm": engine.grad_norm(),
-                "tokens": tokens_seen,
-                "epoch": cursor / len(dataset),
-                **tracker.throughput(window_steps * cfg.train.global_batch_size * seq, elapsed),
-            }
-            for obj, values in per_objective.items():
-                metrics[f"loss/{obj}"] = sum(values) / len(values)
+            metrics = window.flush(tracker, engine, info.world, cfg.train.global_batch_size * seq)
+            metrics.update(tokens=tokens_seen, epoch=cursor / len(dataset))
             tracker.log(step, metrics)
-            tracker.progress(step, metrics, elapsed / window_steps)
+            tracker.progress(step, metrics, metrics["step_seconds"])
             last_metrics.update(metrics)
-            window_t, window_steps, window_loss = time.perf_counter(), 0, torch.zeros(1)
-            per_objective = {}
         last = step == cfg.train.steps
         if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
             eval_metrics = evaluate(ctx, step)

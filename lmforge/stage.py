@@ -1,0 +1,126 @@
+"""What every training stage shares: the common config sections, where to resume from, the
+device, and the window of step metrics that becomes one log line."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.checkpoint import read_json, resolve_checkpoint
+from lmforge.config import option
+from lmforge.distributed import DistInfo
+from lmforge.engine import EngineConfig
+from lmforge.errors import ConfigError
+from lmforge.loss import LossConfig
+from lmforge.optim import OptimConfig
+from lmforge.runtime import TrainConfig, all_mean
+from lmforge.tracking import Tracker, TrackingConfig
+
+
+@dataclass
+class StageConfig:
+    """Sections every stage has; a stage's config adds its own (model, data, ...)."""
+
+    run_dir: str = option("runs/stage", "Directory for checkpoints, metrics and the config.")
+    resume: str = option(
+        "auto", "auto = continue from run_dir/latest if present; never; or a checkpoint path."
+    )
+    init_from: str = option("", "Start from these weights (checkpoint or HF Llama directory).")
+    optim: OptimConfig = option(default_factory=OptimConfig, doc="Optimizer and schedule.")
+    loss: LossConfig = option(default_factory=LossConfig, doc="Cross-entropy options.")
+    engine: EngineConfig = option(default_factory=EngineConfig, doc="DeepSpeed.")
+    train: TrainConfig = option(default_factory=TrainConfig, doc="Steps, batches, cadence.")
+    tracking: TrackingConfig = option(default_factory=TrackingConfig, doc="Logging.")
+
+    def validate(self, prefix: str = "") -> None:
+        """Checks that span sections."""
+        if self.resume not in ("auto", "never") and not Path(self.resume).exists():
+            raise ConfigError(f"resume: {self.resume} does not exist; use auto, never or a path")
+
+
+def resume_point(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: run_dir's latest (auto), none (never), or a path."""
+    if resume == "never":
+        if (run_dir / "latest").exists():
+            raise ConfigError(
+                f"run_dir: {run_dir} already holds checkpoints; use resume: auto to continue "
+                "or choose a new run_dir"
+            )
+        return None
+    if resume == "auto":
+        return resolve_checkpoint(run_dir) if (run_dir / "latest").exists() else None
+    return resolve_checkpoint(resume)
+
+
+def finished_run(resume_from: Path | None, steps: int, info: DistInfo, stage: str) -> dict | None:
+    """If the run already reached `steps`, report it (rank 0) and return its metrics."""
+    if resume_from is None:
+        return None
+    meta = read_json(resume_from / "lmforge.json")
+    if int(meta.get("step", 0)) < steps:
+        return None
+    metrics = dict(meta.get("metrics", {}))
+    if info.is_main:
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval/") and v is not None
+        )
+        print(
+            f"{stage}: {resume_from.parent} already trained to step {meta['step']} "
+            f"(train.steps={steps}); checkpoint {resume_from}; {shown}"
+        )
+    return metrics
+
+
+def stage_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    """cuda:<local rank> when asked or available (auto), else cpu."""
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the tensors of a batch dict to `device`."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+class StepWindow:
+    """Step metrics since the last log line: averaged over steps, then over ranks."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self.t0 = time.perf_counter()
+        self.steps = 0
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, **values: float) -> None:
+        """Record one step's values (e.g. loss=..., accuracy=...)."""
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def close_step(self) -> None:
+        """Mark the end of an optimizer step."""
+        self.steps += 1
+
+    def flush(
+        self, tracker: Tracker, engine: Any, world: int, tokens_per_step: int
+    ) -> dict[str, Any]:
+        """The window's metrics (means over steps and ranks, lr, grad norm, throughput); resets."""
+        elapsed = time.perf_counter() - self.t0
+        keys = sorted(self.sums)
+        means = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64)
+        means = all_mean(means, world) if keys else means
+        metrics: dict[str, Any] = dict(zip(keys, means.tolist(), strict=True))
+        metrics.update(lr=engine.lr, grad_norm=engine.grad_norm())
+        metrics.update(tracker.throughput(tokens_per_step * self.steps, elapsed))
+        metrics["step_seconds"] = elapsed / max(self.steps, 1)
+        self.reset()
+        return metrics
