@@ -4,7 +4,6 @@ RNG state, stop signals, small collectives, and the collective checkpoint save."
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
@@ -20,9 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lmforge.checkpoint import commit, partial_dir, write_model_files
 from lmforge.config import dumps, load_config, option
-from lmforge.distributed import DistInfo
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.model import ModelConfig, num_params
 
@@ -124,37 +121,6 @@ class StopFlag:
                 flag = flag.cuda()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
-
-
-def save_training_checkpoint(
-    engine: Any,
-    path: Path,
-    *,
-    model_cfg: ModelConfig,
-    tokenizer: Any,
-    info: DistInfo,
-    meta: dict[str, Any],
-) -> Path:
-    """Collective save: every rank writes its engine shard and RNG state into the partial
-    directory, rank 0 writes the consolidated weights and tokenizer, then renames it into place
-    and points `latest` at it."""
-    tmp = partial_dir(path)
-    if info.is_main:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    barrier()
-    engine.save_state(tmp / "deepspeed", client_state={"step": meta.get("step")})
-    save_rng(tmp / "deepspeed", info.rank)
-    state = engine.full_state_dict()
-    barrier()
-    if info.is_main:
-        write_model_files(tmp, model_cfg, state, tokenizer)
-        commit(tmp, path, {"model": dataclasses.asdict(model_cfg), **meta}, update_latest=True)
-    barrier()
-    return path
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:

@@ -3,6 +3,8 @@ device, and the window of step metrics that becomes one log line."""
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,14 +12,14 @@ from typing import Any
 
 import torch
 
-from lmforge.checkpoint import read_json, resolve_checkpoint
+from lmforge.checkpoint import commit, partial_dir, read_json, resolve_checkpoint, write_model_files
 from lmforge.config import option
 from lmforge.distributed import DistInfo
 from lmforge.engine import EngineConfig
 from lmforge.errors import ConfigError
 from lmforge.loss import LossConfig
 from lmforge.optim import OptimConfig
-from lmforge.runtime import TrainConfig, all_mean
+from lmforge.runtime import TrainConfig, all_mean, barrier, save_rng
 from lmforge.tracking import Tracker, TrackingConfig
 
 
@@ -124,3 +126,54 @@ class StepWindow:
         metrics["step_seconds"] = elapsed / max(self.steps, 1)
         self.reset()
         return metrics
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """Fold LoRA adapters into their base weights in a gathered state dict:
+    W = W0 + scaling·B·A (Hu et al. 2021), keys back to the plain model's names."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        if ".base_layer." in key:
+            prefix, _, leaf = key.partition(".base_layer.")
+            if leaf == "weight":
+                a = state[f"{prefix}.lora_A.default.weight"].float()  # (r, in)
+                b = state[f"{prefix}.lora_B.default.weight"].float()  # (out, r)
+                value = (value.float() + scaling * (b @ a)).to(value.dtype)  # (out, in)
+            key = f"{prefix}.{leaf}"
+        out[key] = value
+    return out
+
+
+def save_stage_checkpoint(
+    engine: Any,
+    path: Path,
+    *,
+    tokenizer: Any,
+    info: DistInfo,
+    meta: dict[str, Any],
+    lora_scaling: float | None = None,
+) -> Path:
+    """Collective save: every rank writes its engine shard and RNG state into the partial
+    directory; rank 0 writes the consolidated weights (LoRA merged when lora_scaling is given)
+    and the tokenizer, renames the directory into place and points `latest` at it."""
+    tmp = partial_dir(path)
+    if info.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_state(tmp / "deepspeed", client_state={"step": meta.get("step")})
+    save_rng(tmp / "deepspeed", info.rank)
+    state = engine.full_state_dict()
+    barrier()
+    if info.is_main:
+        assert state is not None
+        if lora_scaling is not None:
+            state = merge_lora_state(state, lora_scaling)
+        model_cfg = engine.module.cfg
+        write_model_files(tmp, model_cfg, state, tokenizer)
+        commit(tmp, path, {"model": dataclasses.asdict(model_cfg), **meta}, update_latest=True)
+    barrier()
+    return path

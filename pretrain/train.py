@@ -35,7 +35,6 @@ from lmforge.runtime import (
     barrier,
     load_rng,
     run_entry,
-    save_training_checkpoint,
     set_seed,
 )
 from lmforge.stage import (
@@ -43,6 +42,7 @@ from lmforge.stage import (
     StepWindow,
     finished_run,
     resume_point,
+    save_stage_checkpoint,
     stage_device,
     to_device,
 )
@@ -286,10 +286,9 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             last_metrics.update(eval_metrics)
         stopping = stop.requested() or step == cfg.train.stop_at
         if last or stopping or step % cfg.train.save_every == 0:
-            path = save_training_checkpoint(
+            path = save_stage_checkpoint(
                 engine,
                 run_dir / f"step-{step:06d}",
-                model_cfg=cfg.model,
                 tokenizer=tok,
                 info=info,
                 meta={
