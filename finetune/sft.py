@@ -33,15 +33,16 @@ from lmforge.generate import GenerateConfig, generate
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.loss import IGNORE_INDEX
 from lmforge.model import num_params
-from lmforge.runtime import StopFlag, all_mean, run_entry, set_seed
+from lmforge.runtime import all_mean, run_entry, set_seed
 from lmforge.stage import (
     StageConfig,
-    StepWindow,
+    check_batch_sizes,
     finished_run,
     resume_point,
     save_stage_checkpoint,
     stage_device,
     to_device,
+    training_loop,
 )
 from lmforge.tracking import Tracker, format_duration
 
@@ -100,7 +101,6 @@ def heldout_loss(
 def evaluate(ctx: dict[str, Any]) -> dict[str, float]:
     """Held-out loss and exact-match accuracy."""
     engine = ctx["engine"]
-    engine.train(False)
     metrics = {
         "eval/loss": heldout_loss(engine, ctx["heldout"], ctx["info"], ctx["micro"], ctx["device"])
     }
@@ -108,7 +108,6 @@ def evaluate(ctx: dict[str, Any]) -> dict[str, float]:
     metrics.update(
         {f"eval/accuracy/{k}" if k != "all" else "eval/accuracy": v for k, v in scores.items()}
     )
-    engine.train(True)
     return metrics
 
 
@@ -141,13 +140,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     prompts = PromptDataset(heldout_records, tok, cfg.data.seq_len)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
-    per_step = cfg.train.micro_batch_size * info.world
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size: {cfg.train.global_batch_size} is not a multiple of "
-            f"micro_batch_size × processes = {per_step}"
-        )
-    accum = cfg.train.global_batch_size // per_step
+    accum = check_batch_sizes(cfg.train, info.world)
     engine = build_engine(
         model,
         cfg.engine,
@@ -164,7 +157,6 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         engine.load_state(resume_from / "deepspeed")
         load_rng(resume_from / "deepspeed", info.rank)
         step, cursor = int(meta["step"]), int(meta["data_cursor"])
-    base_cfg = engine.module.cfg if hasattr(engine.module, "cfg") else model.cfg
     tracker = Tracker(
         run_dir,
         cfg.tracking,
@@ -190,12 +182,13 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         dump_config(cfg, run_dir / "config.yaml")
         trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
         tracker.message(
-            f"sft: from {source}; {num_params(base_cfg) / 1e6:.2f}M parameters "
+            f"sft: from {source}; {num_params(model.cfg) / 1e6:.2f}M parameters "
             f"({trainable / 1e6:.3f}M trainable); {train_data.summary()}; "
             f"{prompts.summary()}; ZeRO-{engine.zero_stage}, {info.world} process(es)"
         )
     last: dict[str, Any] = {}
     if step == 0:
+        engine.train(False)
         before = evaluate(ctx)
         last.update({k.replace("eval/", "eval_before/"): v for k, v in before.items()})
         tracker.log(0, before)
@@ -204,59 +197,46 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
             f"exact match {before['eval/accuracy']:.3f}"
         )
     sampler = GlobalSampler(len(train_data), cfg.data.seed)
-    window, stop, started = StepWindow(), StopFlag(), time.perf_counter()
-    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-    while step < cfg.train.steps:
-        step_loss = 0.0
-        for micro in range(accum):
-            start = cursor + (info.rank * accum + micro) * cfg.train.micro_batch_size
-            batch = train_data.get_batch(sampler.indices(start, cfg.train.micro_batch_size))
-            loss = engine(**to_device(batch, device))
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.detach().float().item() / accum
-        step += 1
-        cursor += cfg.train.global_batch_size
-        window.add(loss=step_loss)
-        window.close_step()
-        if step % cfg.tracking.log_every == 0 or step == cfg.train.steps:
-            metrics = window.flush(tracker, engine, info.world, tokens_per_step)
-            metrics["epoch"] = cursor / len(train_data)
-            tracker.log(step, metrics)
-            tracker.progress(step, metrics, metrics["step_seconds"])
-            last.update(metrics)
-        final = step == cfg.train.steps
-        if final or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-            result = evaluate(ctx)
-            tracker.log(step, result)
-            tracker.message(
-                f"eval step {step}: held-out loss {result['eval/loss']:.4f}, "
-                f"exact match {result['eval/accuracy']:.3f}"
-            )
-            last.update(result)
-        stopping = stop.requested() or step == cfg.train.stop_at
-        if final or stopping or step % cfg.train.save_every == 0:
-            path = save_stage_checkpoint(
-                engine,
-                run_dir / f"step-{step:06d}",
-                tokenizer=tok,
-                info=info,
-                lora_scaling=cfg.lora.alpha / cfg.lora.rank if cfg.lora.enabled else None,
-                meta={
-                    "stage": "sft",
-                    "step": step,
-                    "data_cursor": cursor,
-                    "seed": cfg.train.seed,
-                    "world_size": info.world,
-                    "config": dataclasses.asdict(cfg),
-                    "parent": str(source),
-                    "metrics": {k: v for k, v in last.items() if v is not None},
-                    "wandb_run_id": tracker.run_id,
-                },
-            )
-            tracker.message(f"saved {path}")
-        if stopping:
-            break
+
+    def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = train_data.get_batch(sampler.indices(start, count))
+        return engine(**to_device(batch, device)), {}
+
+    def save(step: int, cursor: int, metrics: dict[str, Any]) -> Path:
+        return save_stage_checkpoint(
+            engine,
+            run_dir / f"step-{step:06d}",
+            tokenizer=tok,
+            info=info,
+            lora_scaling=cfg.lora.alpha / cfg.lora.rank if cfg.lora.enabled else None,
+            meta={
+                "stage": "sft",
+                "step": step,
+                "data_cursor": cursor,
+                "seed": cfg.train.seed,
+                "world_size": info.world,
+                "config": dataclasses.asdict(cfg),
+                "parent": str(source),
+                "wandb_run_id": tracker.run_id,
+                "metrics": {k: v for k, v in {**last, **metrics}.items() if v is not None},
+            },
+        )
+
+    started = time.perf_counter()
+    step, cursor, final = training_loop(
+        cfg=cfg,
+        engine=engine,
+        info=info,
+        tracker=tracker,
+        num_samples=len(train_data),
+        step=step,
+        cursor=cursor,
+        micro_step=micro_step,
+        evaluate=lambda step: evaluate(ctx),
+        save=save,
+        tokens_per_step=cfg.train.global_batch_size * cfg.data.seq_len,
+    )
+    last.update(final)
     tracker.message(
         f"sft done in {format_duration(time.perf_counter() - started)}: held-out "
         f"exact match {last.get('eval_before/accuracy', float('nan')):.3f} -> "

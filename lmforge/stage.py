@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from lmforge.engine import EngineConfig
 from lmforge.errors import ConfigError
 from lmforge.loss import LossConfig
 from lmforge.optim import OptimConfig
-from lmforge.runtime import TrainConfig, all_mean, barrier, save_rng
+from lmforge.runtime import StopFlag, TrainConfig, all_mean, barrier, save_rng
 from lmforge.tracking import Tracker, TrackingConfig
 
 
@@ -177,3 +178,82 @@ def save_stage_checkpoint(
         commit(tmp, path, {"model": dataclasses.asdict(model_cfg), **meta}, update_latest=True)
     barrier()
     return path
+
+
+MicroStep = Callable[[int, int, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+def training_loop(
+    *,
+    cfg: StageConfig,
+    engine: Any,
+    info: DistInfo,
+    tracker: Tracker,
+    num_samples: int,
+    step: int,
+    cursor: int,
+    micro_step: MicroStep,
+    evaluate: Callable[[int], dict[str, float]],
+    save: Callable[[int, int, dict[str, Any]], Path],
+    tokens_per_step: int,
+) -> tuple[int, int, dict[str, Any]]:
+    """The optimizer-step loop every stage shares.
+
+    micro_step(step, start, count) computes the loss of the `count` samples at global positions
+    start.. (this rank's share of the global batch) and returns (loss, extra metrics); the loop
+    runs backward and the engine step, logs every `log_every` steps, evaluates every
+    `eval_every` (and at the end), and calls save(step, cursor, metrics) every `save_every`, at
+    the end, at `stop_at` and on a stop signal. Returns (step, cursor, last metrics).
+    """
+    train = cfg.train
+    per_step = train.micro_batch_size * info.world
+    accum = train.global_batch_size // per_step
+    window, stop, last = StepWindow(), StopFlag(), {}
+    engine.train(True)
+    while step < train.steps:
+        values: dict[str, float] = {}
+        for micro in range(accum):
+            start = cursor + (info.rank * accum + micro) * train.micro_batch_size
+            loss, extra = micro_step(step, start, train.micro_batch_size)
+            engine.backward(loss)
+            engine.step()
+            for key, value in {"loss": loss.detach().float().item(), **extra}.items():
+                values[key] = values.get(key, 0.0) + float(value) / accum
+        step += 1
+        cursor += train.global_batch_size
+        window.add(**values)
+        window.close_step()
+        if step % cfg.tracking.log_every == 0 or step == train.steps:
+            metrics = window.flush(tracker, engine, info.world, tokens_per_step)
+            metrics["epoch"] = cursor / num_samples
+            tracker.log(step, metrics)
+            tracker.progress(step, metrics, metrics["step_seconds"])
+            last.update(metrics)
+        final = step == train.steps
+        if final or (train.eval_every and step % train.eval_every == 0):
+            engine.train(False)
+            result = evaluate(step)
+            engine.train(True)
+            tracker.log(step, result)
+            tracker.message(
+                f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+            )
+            last.update(result)
+        stopping = stop.requested() or step == train.stop_at
+        if final or stopping or step % train.save_every == 0:
+            tracker.message(f"saved {save(step, cursor, last)}")
+        if stopping:
+            tracker.message(f"stopped at step {step}; resume with resume: auto")
+            break
+    return step, cursor, last
+
+
+def check_batch_sizes(cfg: TrainConfig, world: int) -> int:
+    """Gradient-accumulation steps for the global batch, or a ConfigError naming the key."""
+    per_step = cfg.micro_batch_size * world
+    if cfg.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size: {cfg.global_batch_size} is not a multiple of "
+            f"micro_batch_size × processes = {per_step}"
+        )
+    return cfg.global_batch_size // per_step

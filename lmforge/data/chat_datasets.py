@@ -1,0 +1,343 @@
+"""Tokenised finetuning data: SFT rows (packed or padded), preference pairs, held-out prompts.
+
+Chats are tokenised with `encode_chat`, whose mask is 1 on assistant content and its `<|end|>`.
+A sample of L token ids gives inputs ids[:-1] and labels ids[1:], kept where mask[1:] is 1 and
+-100 elsewhere: the model learns the assistant's tokens and the `<|end|>` that ends its turn,
+never the prompt, the role tokens or padding. A record of more than seq_len + 1 tokens is skipped
+and counted (`.skipped`, `.summary()`), never cut: a cut answer would teach the model to stop
+mid-answer, or not to stop at all. Rows come out as int64 tensors: `ds[i]` -> dict of (T,),
+`ds.get_batch(indices)` -> dict of (B, T).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from lmforge.data.packing import Batch, collate
+from lmforge.data.tasks import check_answer
+from lmforge.errors import DataError
+from lmforge.tokenizer import ASSISTANT, encode_chat
+
+IGNORE = -100  # label of a position that is not learned
+
+
+class _Ragged:
+    """Variable-length int arrays stored back to back: item k is flat[offsets[k]:offsets[k+1]]."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        lengths = np.array([len(p) for p in parts], dtype=np.int64)  # (N,)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])  # (N + 1,)
+        # int32 halves the memory of a large dataset; ids and -100 fit.
+        self.flat = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.flat[self.offsets[k] : self.offsets[k + 1]]
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerFast, messages: Sequence[Mapping[str, str]], i: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) of a chat as (L,) int64 and (L,) bool arrays; errors name record i."""
+    try:
+        ids, mask = encode_chat(tokenizer, messages)
+    except DataError as err:
+        raise DataError(f"record {i}: {err}") from None
+    return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
+
+
+def shift(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) of a sample: (L,) ids and mask -> two (L - 1,) arrays, -100 unlearned."""
+    return ids[:-1], np.where(mask[1:], ids[1:], IGNORE)
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: rows of sample indices whose lengths sum to <= capacity.
+
+    Samples go longest first into the fullest row that still has room (a new row if none has);
+    ties break by index, so the result is deterministic. Rows are at least ~half full on average
+    (FFD/BFD use at most 11/9 of the optimal number of rows plus one; Johnson 1973).
+    """
+    order = sorted(range(len(lengths)), key=lambda k: (-lengths[k], k))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index) of rows with room, sorted
+    for k in order:
+        need = lengths[k]
+        j = bisect.bisect_left(free, (need, -1))  # the row with the least room that fits
+        if j == len(free):
+            rows.append([k])
+            room, row = capacity - need, len(rows) - 1
+        else:
+            room, row = free.pop(j)
+            rows[row].append(k)
+            room -= need
+        if room > 0:
+            bisect.insort(free, (room, row))
+    return rows
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """SFT rows of seq_len tokens: packed (doc_ids, position_ids) or one padded chat per row.
+
+    Keys: input_ids, labels and, packed, doc_ids (one id per sample in the row; padding gets the
+    next id) and position_ids (restarting at 0 at each sample), or, unpacked, attention_mask
+    (1 on real tokens, 0 on padding). Padding has the pad id as input and -100 as label.
+    """
+
+    collate = staticmethod(collate)
+
+    def __init__(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        tokenizer: PreTrainedTokenizerFast,
+        seq_len: int,
+        *,
+        pack: bool = True,
+    ) -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        self.seq_len, self.pack = seq_len, pack
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.num_records = len(records)
+        inputs, labels, kept, longest = [], [], [], 0
+        for i, record in enumerate(records):
+            ids, mask = _encode(tokenizer, record["messages"], i)
+            if not mask.any():
+                raise DataError(
+                    f"SFT record {i}: no assistant message, so no token to learn; "
+                    "add the assistant's reply"
+                )
+            if len(ids) - 1 > seq_len:
+                longest = max(longest, len(ids))
+                continue
+            x, y = shift(ids, mask)
+            inputs.append(x)
+            labels.append(y)
+            kept.append(i)
+        self.skipped = self.num_records - len(kept)
+        if self.num_records and not kept:
+            raise DataError(
+                f"all {self.num_records} SFT records are longer than seq_len + 1 = {seq_len + 1} "
+                f"tokens (up to {longest}); raise data.seq_len"
+            )
+        self.record_ids = kept  # sample k is records[record_ids[k]]
+        self.inputs, self.labels = _Ragged(inputs), _Ragged(labels)
+        lengths = [len(x) for x in inputs]
+        self.rows = pack_rows(lengths, seq_len) if pack else [[k] for k in range(len(kept))]
+        self.num_tokens = sum(lengths)  # real (non-padding) input tokens
+        self.num_label_tokens = int((self.labels.flat != IGNORE).sum())
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sample_spans(self, i: int) -> list[tuple[int, int, int]]:
+        """(record index, start, stop) of each sample in row i, in order; the rest is padding."""
+        spans, start = [], 0
+        for k in self.rows[i]:
+            stop = start + len(self.inputs[k])
+            spans.append((self.record_ids[k], start, stop))
+            start = stop
+        return spans
+
+    def __getitem__(self, i: int) -> Batch:
+        """Row i as (T,) int64 tensors."""
+        return {key: value[0] for key, value in self.get_batch([i]).items()}
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> Batch:
+        """Rows `indices` as (B, T) int64 tensors."""
+        idx = [int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < len(self.rows)]
+        if bad:
+            raise IndexError(f"row {bad[0]} out of range for {len(self.rows)} rows")
+        shape = (len(idx), self.seq_len)  # (B, T)
+        out = {"input_ids": np.full(shape, self.pad_id), "labels": np.full(shape, IGNORE)}
+        extra = ("doc_ids", "position_ids") if self.pack else ("attention_mask",)
+        out.update({key: np.zeros(shape, dtype=np.int64) for key in extra})
+        for b, row in enumerate(idx):
+            start = 0
+            for doc, k in enumerate(self.rows[row]):
+                stop = start + len(self.inputs[k])
+                out["input_ids"][b, start:stop] = self.inputs[k]
+                out["labels"][b, start:stop] = self.labels[k]
+                if self.pack:
+                    out["doc_ids"][b, start:stop] = doc
+                    out["position_ids"][b, start:stop] = np.arange(stop - start)
+                else:
+                    out["attention_mask"][b, start:stop] = 1
+                start = stop
+            if self.pack:  # padding is one more document, with positions of its own
+                out["doc_ids"][b, start:] = len(self.rows[row])
+                out["position_ids"][b, start:] = np.arange(self.seq_len - start)
+        return {key: torch.from_numpy(value.astype(np.int64)) for key, value in out.items()}
+
+    def summary(self) -> str:
+        """One line for the log: samples, rows, fill, and how many records were skipped."""
+        fill = self.num_tokens / max(1, len(self.rows) * self.seq_len)
+        how = "packed" if self.pack else "padded"
+        return (
+            f"SFT data: {len(self.record_ids):,} samples in {len(self.rows):,} {how} rows of "
+            f"{self.seq_len} tokens ({fill:.0%} real tokens, {self.num_label_tokens:,} learned); "
+            f"{self.skipped:,} of {self.num_records:,} records skipped as longer than "
+            f"{self.seq_len + 1} tokens"
+        )
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Preference pairs: the chosen and the rejected chat, each right-padded to seq_len.
+
+    Per side (chosen_*, rejected_*): ids (T,) the inputs, labels (T,) the next tokens on the
+    answer (its content and `<|end|>`; -100 elsewhere, the prompt's earlier assistant turns
+    included), mask (T,) attention 1/0, last () the index of the last real input token: the
+    `<|end|>` that closes the answer, where a reward model reads its score.
+    """
+
+    collate = staticmethod(collate)
+    SIDES = ("chosen", "rejected")
+
+    def __init__(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        tokenizer: PreTrainedTokenizerFast,
+        seq_len: int,
+    ) -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        self.seq_len = seq_len
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.num_records = len(records)
+        assistant_id = tokenizer.convert_tokens_to_ids(ASSISTANT)
+        parts: dict[str, list[np.ndarray]] = {f"{s}_{k}": [] for s in self.SIDES for k in "xy"}
+        kept, longest = [], 0
+        for i, record in enumerate(records):
+            sides = []
+            for side in self.SIDES:
+                chat = [*record["prompt"], {"role": "assistant", "content": record[side]}]
+                ids, mask = _encode(tokenizer, chat, i)
+                # Only the final answer is learned: not the assistant turns inside the prompt.
+                mask[: int(np.flatnonzero(ids == assistant_id)[-1])] = False
+                sides.append(shift(ids, mask))
+            if max(len(x) for x, _ in sides) > seq_len:
+                longest = max([longest, *(len(x) + 1 for x, _ in sides)])
+                continue
+            for side, (x, y) in zip(self.SIDES, sides, strict=True):
+                parts[f"{side}_x"].append(x)
+                parts[f"{side}_y"].append(y)
+            kept.append(i)
+        self.skipped = self.num_records - len(kept)
+        if self.num_records and not kept:
+            raise DataError(
+                f"all {self.num_records} preference pairs are longer than seq_len + 1 = "
+                f"{seq_len + 1} tokens (up to {longest}); raise data.seq_len"
+            )
+        self.record_ids = kept  # pair k is records[record_ids[k]]
+        self.tokens = {key: _Ragged(value) for key, value in parts.items()}
+
+    def __len__(self) -> int:
+        return len(self.record_ids)
+
+    def __getitem__(self, i: int) -> Batch:
+        """Pair i as (T,) int64 tensors (and the () tensors chosen_last, rejected_last)."""
+        return {key: value[0] for key, value in self.get_batch([i]).items()}
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> Batch:
+        """Pairs `indices` as (B, T) int64 tensors, and (B,) chosen_last / rejected_last."""
+        idx = [int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < len(self)]
+        if bad:
+            raise IndexError(f"pair {bad[0]} out of range for {len(self)} pairs")
+        shape = (len(idx), self.seq_len)  # (B, T)
+        out: dict[str, np.ndarray] = {}
+        for side in self.SIDES:
+            ids, labels = np.full(shape, self.pad_id), np.full(shape, IGNORE)
+            mask, last = np.zeros(shape, dtype=np.int64), np.zeros(len(idx), dtype=np.int64)
+            for b, k in enumerate(idx):
+                n = len(self.tokens[f"{side}_x"][k])
+                ids[b, :n] = self.tokens[f"{side}_x"][k]
+                labels[b, :n] = self.tokens[f"{side}_y"][k]
+                mask[b, :n] = 1
+                last[b] = n - 1
+            out[f"{side}_ids"], out[f"{side}_labels"] = ids, labels
+            out[f"{side}_mask"], out[f"{side}_last"] = mask, last
+        return {key: torch.from_numpy(value.astype(np.int64)) for key, value in out.items()}
+
+    def summary(self) -> str:
+        """One line for the log: pairs kept and skipped."""
+        return (
+            f"preference data: {len(self):,} pairs of {self.seq_len} tokens; {self.skipped:,} of "
+            f"{self.num_records:,} skipped as longer than {self.seq_len + 1} tokens"
+        )
+
+
+class PromptDataset:
+    """Prompts to generate from, with reference answers: the exact-match evaluation set.
+
+    From SFT records (the chat up to its last assistant message; the answer is the record's
+    "answer", else that message) or preference records (the prompt; "answer", else chosen).
+    prompt_ids[i] ends with the generation prompt `<|assistant|>\\n`; a prompt of seq_len tokens
+    or more (no room to answer) is skipped and counted.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        tokenizer: PreTrainedTokenizerFast,
+        seq_len: int,
+    ) -> None:
+        self.seq_len = seq_len
+        self.num_records = len(records)
+        self.prompt_ids: list[list[int]] = []
+        self.prompts: list[list[dict[str, str]]] = []
+        self.answers: list[str] = []
+        self.tasks: list[str] = []
+        self.record_ids: list[int] = []
+        for i, record in enumerate(records):
+            if "prompt" in record:
+                prompt, reference = list(record["prompt"]), record["chosen"]
+            else:
+                messages = record["messages"]
+                last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+                prompt, reference = list(messages[:last]), messages[last]["content"]
+            if not prompt:
+                continue  # a chat that opens with the assistant has nothing to prompt with
+            try:
+                ids, _ = encode_chat(tokenizer, prompt, add_generation_prompt=True)
+            except DataError as err:
+                raise DataError(f"record {i}: {err}") from None
+            if len(ids) >= seq_len:
+                continue
+            self.prompt_ids.append(ids)
+            self.prompts.append(prompt)
+            answer = record.get("answer")
+            self.answers.append(reference if answer is None else answer)
+            self.tasks.append(record.get("task") or "custom")
+            self.record_ids.append(i)
+        self.skipped = self.num_records - len(self.record_ids)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """{"prompt_ids": list of ids, "answer": str, "task": str} of prompt i."""
+        return {"prompt_ids": self.prompt_ids[i], "answer": self.answers[i], "task": self.tasks[i]}
+
+    def exact_match(self, completions: Sequence[str]) -> dict[str, float]:
+        """Share of completions equal to their answer (check_answer): "all" and per task."""
+        if len(completions) != len(self):
+            raise ValueError(f"got {len(completions)} completions for {len(self)} prompts")
+        hits: dict[str, list[bool]] = {}
+        for task, completion, answer in zip(self.tasks, completions, self.answers, strict=True):
+            hits.setdefault(task, []).append(check_answer(task, completion, answer))
+        scores = {task: sum(h) / len(h) for task, h in sorted(hits.items())}
+        return {"all": sum(map(sum, hits.values())) / max(1, len(self)), **scores}
+
+    def summary(self) -> str:
+        """One line for the log."""
+        return (
+            f"prompts: {len(self):,} of {self.num_records:,} records ({self.skipped:,} skipped: "
+            f"no room to answer in {self.seq_len} tokens, or no prompt)"
+        )
