@@ -1,0 +1,219 @@
+"""Reward model: parse config, load the SFT checkpoint with a fresh scalar head, build preference
+pairs, wrap in the engine, train the Bradley-Terry loss, save as a sequence classifier.
+
+    python finetune/reward.py --config configs/finetune/reward.yaml --init_from=runs/sft
+
+The head reads the last real token of prompt + answer (the `<|end|>` closing it). The saved
+checkpoint loads with `transformers.AutoModelForSequenceClassification` and gives the same scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmforge.checkpoint import load_reward_model
+from lmforge.config import dump_config, option
+from lmforge.data import GlobalSampler
+from lmforge.data.chat import ChatDataConfig, load_preference_data
+from lmforge.data.chat_datasets import PreferenceDataset
+from lmforge.distributed import DistInfo, dist_info
+from lmforge.engine import build_engine, init_distributed
+from lmforge.errors import ConfigError
+from lmforge.model import num_params
+from lmforge.prefs import bradley_terry_loss
+from lmforge.runtime import all_mean, load_rng, run_entry, set_seed
+from lmforge.stage import (
+    StageConfig,
+    check_batch_sizes,
+    finished_run,
+    resume_point,
+    save_stage_checkpoint,
+    stage_device,
+    to_device,
+    training_loop,
+)
+from lmforge.tracking import Tracker, format_duration
+
+
+@dataclass
+class RewardConfig(StageConfig):
+    """Reward-model training on preference pairs: the common stage sections plus data."""
+
+    run_dir: str = option("runs/reward", "Directory for checkpoints, metrics and the config.")
+    init_from: str = option(
+        "runs/sft", "The checkpoint whose backbone the reward model starts from."
+    )
+    data: ChatDataConfig = option(default_factory=ChatDataConfig, doc="Preference pairs.")
+
+
+def pair_scores(
+    engine: Any, batch: dict[str, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (B,) of the chosen and rejected chats, in one forward pass of 2B rows."""
+    b = batch["chosen_ids"].shape[0]
+    inputs = {
+        "input_ids": torch.cat([batch["chosen_ids"], batch["rejected_ids"]]),  # (2B, T)
+        "last_index": torch.cat([batch["chosen_last"], batch["rejected_last"]]),  # (2B,)
+    }
+    scores = engine(**to_device(inputs, device))  # (2B,): right padding is invisible causally
+    return scores[:b], scores[b:]
+
+
+@torch.no_grad()
+def pair_accuracy(
+    engine: Any, data: PreferenceDataset, info: DistInfo, micro: int, device: torch.device
+) -> dict[str, float]:
+    """Held-out pair accuracy, loss and mean margin, rows split across ranks."""
+    total = torch.zeros(4, dtype=torch.float64)  # (correct, loss sum, margin sum, pairs)
+    rows = list(range(info.rank, len(data), info.world))
+    for start in range(0, len(rows), micro):
+        chosen, rejected = pair_scores(engine, data.get_batch(rows[start : start + micro]), device)
+        loss, accuracy = bradley_terry_loss(chosen, rejected)
+        n = len(chosen)
+        margin = (chosen - rejected).sum().item()
+        total += torch.tensor(
+            [accuracy.item() * n, loss.item() * n, margin, n], dtype=torch.float64
+        )
+    total = all_mean(total, info.world) * info.world
+    n = total[3].clamp(min=1)
+    return {
+        "eval/accuracy": (total[0] / n).item(),
+        "eval/loss": (total[1] / n).item(),
+        "eval/margin": (total[2] / n).item(),
+    }
+
+
+def train(cfg: RewardConfig) -> dict[str, Any]:
+    """Run (or resume) reward-model training; returns the final metrics."""
+    info = dist_info()
+    init_distributed(info, cfg.engine.backend)
+    device = stage_device(cfg.train, info.local_rank)
+    run_dir = Path(cfg.run_dir)
+    resume_from = resume_point(run_dir, cfg.resume)
+    done = finished_run(resume_from, cfg.train.steps, info, "reward")
+    if done is not None:
+        return done
+    source = resume_from or cfg.init_from
+    if not source:
+        raise ConfigError("init_from: the reward model starts from a checkpoint; set init_from")
+    set_seed(cfg.train.seed, info.rank)
+    model, tok, meta = load_reward_model(source, seed=cfg.train.seed)
+    if tok is None:
+        raise ConfigError(f"init_from: {source} has no tokenizer files; the reward model needs it")
+    if cfg.data.seq_len > model.cfg.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len: {cfg.data.seq_len} exceeds the model's max_seq_len="
+            f"{model.cfg.max_seq_len}"
+        )
+    model.train()
+    train_data, heldout = load_preference_data(cfg.data, tok)
+    accum = check_batch_sizes(cfg.train, info.world)
+    engine = build_engine(
+        model,
+        cfg.engine,
+        cfg.optim,
+        micro_batch=cfg.train.micro_batch_size,
+        grad_accum=accum,
+        total_steps=cfg.train.steps,
+        info=info,
+    )
+    step, cursor = 0, 0
+    if resume_from is not None:
+        engine.load_state(resume_from / "deepspeed")
+        load_rng(resume_from / "deepspeed", info.rank)
+        step, cursor = int(meta["step"]), int(meta["data_cursor"])
+    tracker = Tracker(
+        run_dir,
+        cfg.tracking,
+        is_main=info.is_main,
+        config=dataclasses.asdict(cfg),
+        total_steps=cfg.train.steps,
+        flops_per_token=0.0,
+        peak_flops=None,
+        resume_id=meta.get("wandb_run_id") if resume_from else None,
+    )
+    micro = cfg.train.micro_batch_size
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        tracker.message(
+            f"reward: from {source}; {num_params(model.cfg) / 1e6:.2f}M parameters + scalar head; "
+            f"{train_data.summary()}; held-out {heldout.summary()}; "
+            f"ZeRO-{engine.zero_stage}, {info.world} process(es)"
+        )
+    last: dict[str, Any] = {}
+    if step == 0:
+        engine.train(False)
+        before = pair_accuracy(engine, heldout, info, micro, device)
+        last.update({k.replace("eval/", "eval_before/"): v for k, v in before.items()})
+        tracker.log(0, before)
+        tracker.message(f"before training: held-out pair accuracy {before['eval/accuracy']:.3f}")
+    sampler = GlobalSampler(len(train_data), cfg.data.seed)
+
+    def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
+        chosen, rejected = pair_scores(
+            engine, train_data.get_batch(sampler.indices(start, count)), device
+        )
+        loss, accuracy = bradley_terry_loss(chosen, rejected)
+        return loss, {"accuracy": accuracy.item(), "margin": (chosen - rejected).mean().item()}
+
+    def save(step: int, cursor: int, metrics: dict[str, Any]) -> Path:
+        return save_stage_checkpoint(
+            engine,
+            run_dir / f"step-{step:06d}",
+            tokenizer=tok,
+            info=info,
+            meta={
+                "stage": "reward",
+                "step": step,
+                "data_cursor": cursor,
+                "seed": cfg.train.seed,
+                "world_size": info.world,
+                "config": dataclasses.asdict(cfg),
+                "parent": str(source),
+                "wandb_run_id": tracker.run_id,
+                "metrics": {k: v for k, v in {**last, **metrics}.items() if v is not None},
+            },
+        )
+
+    started = time.perf_counter()
+    step, cursor, final = training_loop(
+        cfg=cfg,
+        engine=engine,
+        info=info,
+        tracker=tracker,
+        num_samples=len(train_data),
+        step=step,
+        cursor=cursor,
+        micro_step=micro_step,
+        evaluate=lambda step: pair_accuracy(engine, heldout, info, micro, device),
+        save=save,
+        tokens_per_step=2 * cfg.train.global_batch_size * cfg.data.seq_len,
+    )
+    last.update(final)
+    tracker.message(
+        f"reward done in {format_duration(time.perf_counter() - started)}: held-out pair "
+        f"accuracy {last.get('eval_before/accuracy', float('nan')):.3f} -> "
+        f"{last.get('eval/accuracy', float('nan')):.3f}"
+    )
+    tracker.close()
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: --config FILE, --dry-run, and --section.key=value overrides."""
+    return run_entry(RewardConfig, train, argv, "reward")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
