@@ -5,6 +5,13 @@ A checkpoint is written into a hidden sibling `.NAME.partial/`, listed with size
 is replaced after that. A crash at any moment leaves either the previous checkpoint or the new
 one, never a half-written directory under a real name. Loading never unpickles: weights are
 safetensors, everything else JSON.
+
+Two heads share the format (config.json's `architectures` tells them apart, lmforge.json records
+it as `head`): a language model ("lm", `*ForCausalLM`) and a reward model or critic ("reward",
+`*ForSequenceClassification` with one label): the backbone's weights without any LM head, plus
+`score.weight`. `load_checkpoint` returns the GPT of either; `load_reward_model` returns a
+`RewardModel` from either (from an LM checkpoint with a fresh score head: how reward training
+starts).
 """
 
 from __future__ import annotations
@@ -26,13 +33,16 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.hf import (
+    Head,
     from_hf_config,
     from_llama_key,
+    head_of,
     is_llama_compatible,
     to_hf_config,
     to_llama_key,
 )
 from lmforge.model import GPT, ModelConfig, build_model
+from lmforge.reward import RewardModel, build_reward_model, drop_lm_head
 
 FORMAT_VERSION = 1
 META_FILE = "lmforge.json"
@@ -128,7 +138,16 @@ def write_latest(run_dir: Path, name: str) -> None:
 
 
 def commit(tmp: Path, path: Path, meta: Mapping[str, Any], *, update_latest: bool) -> Path:
-    """Write the manifest into `tmp`, flush everything, rename `tmp` to `path`, update latest."""
+    """Write the manifest into `tmp`, flush everything, rename `tmp` to `path`, update latest.
+
+    The `head` recorded in lmforge.json is read from the config.json in `tmp`, so the two files
+    cannot disagree whoever wrote the weights (save_checkpoint or a collective save).
+    """
+    if (tmp / "config.json").exists():
+        head = head_of(read_json(tmp / "config.json"), str(tmp / "config.json"))
+        if meta.get("head", head) != head:
+            raise ValueError(f"metadata says head={meta['head']!r} but the weights are {head!r}")
+        meta = {**meta, "head": head}
     files: dict[str, dict[str, Any]] = {}
     for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
         rel = file.relative_to(tmp).as_posix()
@@ -159,10 +178,24 @@ def commit(tmp: Path, path: Path, meta: Mapping[str, Any], *, update_latest: boo
     return path
 
 
-def _hf_state_dict(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def state_head(state: Mapping[str, torch.Tensor]) -> Head:
+    """The head of a state dict: "reward" for a RewardModel's (it has `score.weight`), else "lm"."""
+    return "reward" if "score.weight" in state else "lm"
+
+
+def _hf_state_dict(
+    cfg: ModelConfig, state: Mapping[str, torch.Tensor], head: Head
+) -> dict[str, torch.Tensor]:
     llama = is_llama_compatible(cfg)
     out = {}
     for name, tensor in state.items():
+        if head == "reward":
+            if name == "score.weight":
+                out[name] = tensor.detach().contiguous()  # the sequence classifiers' key
+                continue
+            name = name.removeprefix("backbone.")
+            if name == "output.weight":
+                continue  # a sequence classifier has no LM head
         if cfg.tie_embeddings and name == "output.weight":
             continue  # tied: transformers re-ties it from the embedding
         key = to_llama_key(name) if llama else f"model.{name}"
@@ -216,11 +249,24 @@ def write_model_files(
     *,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> None:
-    """config.json, weights, generation_config.json and tokenizer files into `directory`."""
-    tensors = _hf_state_dict(cfg, state)
+    """config.json, weights, generation_config.json and tokenizer files into `directory`.
+
+    `state` is a GPT's state dict, or a RewardModel's (`backbone.*` and `score.weight`), which
+    is written as a one-label sequence classifier.
+    """
+    head = state_head(state)
+    tensors = _hf_state_dict(cfg, state, head)
     dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
     ids = _token_ids(tokenizer)
-    to_hf_config(cfg, dtype=dtype, token_ids=ids).to_json_file(directory / "config.json")
+    if head == "reward" and ids.get("pad_token_id") is None:
+        # transformers scores a batch at each row's last token that is not pad_token_id.
+        raise ValueError("a reward checkpoint needs a tokenizer with a pad token (pad_token_id)")
+    hf_config = to_hf_config(cfg, dtype=dtype, token_ids=ids, head=head)
+    hf_config.to_json_file(directory / "config.json")
+    if head == "reward":  # transformers keeps only id2label; say it plainly for other readers
+        write_json(
+            directory / "config.json", {**read_json(directory / "config.json"), "num_labels": 1}
+        )
     _save_weights(directory, tensors, max_shard_bytes)
     write_json(
         directory / "generation_config.json", {k: v for k, v in ids.items() if v is not None}
@@ -233,7 +279,7 @@ def write_model_files(
 
 def save_checkpoint(
     path: str | Path,
-    model: GPT,
+    model: GPT | RewardModel,
     tokenizer: Any = None,
     *,
     state_dict: Mapping[str, torch.Tensor] | None = None,
@@ -245,7 +291,9 @@ def save_checkpoint(
     """Write `model` (and tokenizer) as a checkpoint directory at `path`, atomically.
 
     `meta` goes into lmforge.json (stage, step, tokens_seen, config, data_cursor, rng, parent,
-    metrics, ...). `state_dict` replaces the model's own (e.g. weights gathered from ZeRO-3).
+    metrics, ...). A RewardModel is written as a one-label sequence classifier (it needs the
+    tokenizer, for pad_token_id) and lmforge.json records `head: reward`. `state_dict` replaces
+    the model's own (e.g. weights gathered from ZeRO-3).
     With update_latest, `path.parent/latest` names this checkpoint once it is complete.
     """
     path = Path(path)
@@ -396,6 +444,52 @@ def _model_config(ckpt: Path, meta: Mapping[str, Any]) -> ModelConfig:
     return ours
 
 
+@dataclasses.dataclass
+class _Stored:
+    """What every loader reads first: the directory, metadata, architecture, head, and the
+    tensors under our names (the score head, if any, as `score.weight`)."""
+
+    ckpt: Path
+    meta: dict[str, Any]
+    cfg: ModelConfig
+    head: Head
+    state: dict[str, torch.Tensor]
+    where: Path
+
+
+def _read_checkpoint(path: str | Path, *, dtype: torch.dtype | None, verify: bool) -> _Stored:
+    ckpt = resolve_checkpoint(path)
+    meta: dict[str, Any] = read_json(ckpt / META_FILE) if (ckpt / META_FILE).exists() else {}
+    if meta and verify:
+        verify_files(ckpt, meta)
+    head = head_of(read_json(ckpt / "config.json"), str(ckpt / "config.json"))
+    if meta.get("head", head) != head:
+        raise CheckpointError(
+            f"{ckpt / 'config.json'}: describes a {head!r} head but {META_FILE} says "
+            f"{meta['head']!r}; the two files disagree: restore the original config.json"
+        )
+    meta["head"] = head
+    cfg = _model_config(ckpt, meta)
+    tensors, where = read_weights(ckpt)
+    state = _our_names(cfg, tensors)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    return _Stored(ckpt, meta, cfg, head, state, where)
+
+
+def _finish(
+    stored: _Stored, model: torch.nn.Module, device: str | torch.device, with_tokenizer: bool
+) -> tuple[Any, Any, dict[str, Any]]:
+    model = model.to(device).eval()  # like from_pretrained; training stages call .train()
+    tokenizer = None
+    if with_tokenizer and (stored.ckpt / "tokenizer.json").exists():
+        from lmforge.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(stored.ckpt)
+    stored.meta["path"] = str(stored.ckpt)
+    return model, tokenizer, stored.meta
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -409,23 +503,56 @@ def load_checkpoint(
     Returns (model, tokenizer or None, metadata). `path` may be a run directory (its `latest`
     checkpoint is used). With verify, every file is checked against the manifest first.
     dtype None keeps the stored precision. The model is returned in eval mode.
-    """
-    ckpt = resolve_checkpoint(path)
-    meta: dict[str, Any] = read_json(ckpt / META_FILE) if (ckpt / META_FILE).exists() else {}
-    if meta and verify:
-        verify_files(ckpt, meta)
-    cfg = _model_config(ckpt, meta)
-    tensors, where = read_weights(ckpt)
-    state = _our_names(cfg, tensors)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    model = build_model(cfg, device="meta")
-    load_state_into(model, state, where)
-    model = model.to(device).eval()  # like from_pretrained; training stages call .train()
-    tokenizer = None
-    if with_tokenizer and (ckpt / "tokenizer.json").exists():
-        from lmforge.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(ckpt)
-    meta["path"] = str(ckpt)
-    return model, tokenizer, meta
+    A reward checkpoint (`meta["head"] == "reward"`) gives its backbone GPT, whose LM head is the
+    tied embedding; an untied one stores no LM head, which is an error (use load_reward_model).
+    """
+    stored = _read_checkpoint(path, dtype=dtype, verify=verify)
+    state = stored.state
+    if stored.head == "reward":
+        state.pop("score.weight", None)
+        if not stored.cfg.tie_embeddings and "output.weight" not in state:
+            raise CheckpointError(
+                f"{stored.where}: a reward model with untied embeddings stores no LM head, so it "
+                "is no language model; load it with lmforge.checkpoint.load_reward_model"
+            )
+    model = build_model(stored.cfg, device="meta")
+    load_state_into(model, state, stored.where)
+    return _finish(stored, model, device, with_tokenizer)
+
+
+def load_reward_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+    with_tokenizer: bool = True,
+    seed: int | None = None,
+) -> tuple[RewardModel, Any, dict[str, Any]]:
+    """Load a RewardModel from a reward checkpoint, or from a language-model checkpoint (an SFT
+    or pretraining one, or a Hugging Face Llama) with a fresh score head initialised from `seed`:
+    how reward training starts. `meta["head"]` says which it was ("reward" or "lm").
+
+    Returns (reward model in eval mode, tokenizer or None, metadata); arguments as in
+    `load_checkpoint`.
+    """
+    stored = _read_checkpoint(path, dtype=dtype, verify=verify)
+    state, where = stored.state, stored.where
+    score = state.pop("score.weight", None)
+    backbone = build_model(stored.cfg, device="meta")
+    if stored.head == "lm":
+        load_state_into(backbone, state, where)
+        return _finish(stored, build_reward_model(backbone, seed=seed), device, with_tokenizer)
+    if score is None:
+        raise CheckpointError(f"{where}: tensor 'score.weight' is missing; the reward head is lost")
+    dim = stored.cfg.dim
+    if tuple(score.shape) != (1, dim):
+        raise CheckpointError(
+            f"{where}: tensor 'score.weight' has shape {list(score.shape)}, expected [1, {dim}]"
+        )
+    state.pop("output.weight", None)  # a Hugging Face classifier may keep one; the score needs none
+    load_state_into(drop_lm_head(backbone), state, where)
+    model = RewardModel(backbone)
+    model.score.weight = torch.nn.Parameter(score)
+    return _finish(stored, model, device, with_tokenizer)

@@ -2,24 +2,36 @@
 
 Llama-compatible variants (RMSNorm, pre-norm, RoPE, SwiGLU) are written as `model_type: llama`
 with Llama key names, so plain `transformers` loads them with nothing of ours imported. The
-other variants are written as `model_type: lmforge`; `import lmforge` registers `LmforgeConfig`
-and `LmforgeForCausalLM` with `AutoConfig` and `AutoModelForCausalLM` so that they load too.
+other variants are written as `model_type: lmforge`; `import lmforge` registers `LmforgeConfig`,
+`LmforgeForCausalLM` and `LmforgeForSequenceClassification` with `AutoConfig`,
+`AutoModelForCausalLM` and `AutoModelForSequenceClassification` so that they load too.
+
+A checkpoint's head is named by config.json's `architectures`: `*ForCausalLM` is an LM head
+("lm"), `*ForSequenceClassification` with one label is a reward model or critic ("reward").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
 from lmforge.errors import CheckpointError
 from lmforge.model import GPT, ModelConfig
+from lmforge.reward import ScoreHead, drop_lm_head, positions_from_mask
+
+Head = Literal["lm", "reward"]
 
 try:  # transformers >= 5
     from transformers import PreTrainedConfig as _HFConfig
@@ -85,10 +97,23 @@ def from_llama_key(key: str) -> str | None:
 
 
 def to_hf_config(
-    cfg: ModelConfig, *, dtype: torch.dtype, token_ids: dict[str, Any] | None = None
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype,
+    token_ids: dict[str, Any] | None = None,
+    head: Head = "lm",
 ) -> _HFConfig:
-    """The `config.json` object for a model: a LlamaConfig when compatible, else ours."""
-    ids = token_ids or {}
+    """The `config.json` object for a model: a LlamaConfig when compatible, else ours.
+
+    head "reward" names the sequence-classification class with one label (a scalar score).
+    """
+    ids = dict(token_ids or {})
+    family = "Llama" if is_llama_compatible(cfg) else "Lmforge"
+    if head == "reward":
+        ids["num_labels"] = 1
+        arch = f"{family}ForSequenceClassification"
+    else:
+        arch = f"{family}ForCausalLM"
     if is_llama_compatible(cfg):
         return transformers.LlamaConfig(
             vocab_size=cfg.vocab_size,
@@ -107,16 +132,31 @@ def to_hf_config(
             attention_dropout=cfg.attn_dropout,
             initializer_range=cfg.init_std,
             hidden_act="silu",
-            architectures=["LlamaForCausalLM"],
+            architectures=[arch],
             dtype=dtype,
             **ids,
         )
     return LmforgeConfig(
         **dataclasses.asdict(cfg),
-        architectures=["LmforgeForCausalLM"],
+        architectures=[arch],
         dtype=dtype,
         **ids,
     )
+
+
+def head_of(hf: dict[str, Any], where: str) -> Head:
+    """The head a `config.json` dict describes: "reward" for a one-label sequence classifier,
+    "lm" otherwise (a causal LM, or a config without architectures)."""
+    archs = hf.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        return "lm"
+    # transformers' rule: num_labels, else the size of id2label, else 2.
+    labels = hf.get("num_labels", len(hf.get("id2label") or {}) or 2)
+    if labels != 1:
+        raise CheckpointError(
+            f"{where}: a sequence classifier with {labels} labels; lmforge reward models have one"
+        )
+    return "reward"
 
 
 def _llama_rope_theta(hf: dict[str, Any], where: str) -> float:
@@ -255,5 +295,64 @@ class LmforgeForCausalLM(PreTrainedModel, GenerationMixin):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+class LmforgeForSequenceClassification(PreTrainedModel):
+    """An lmforge reward model (backbone + one-label score head) behind the transformers
+    interface, for variants that Llama cannot express. Keys: `model.*` and `score.weight`."""
+
+    config_class = LmforgeConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]  # noqa: RUF012
+    _tied_weights_keys = LmforgeForCausalLM._tied_weights_keys
+
+    def __init__(self, config: LmforgeConfig) -> None:
+        super().__init__(config)
+        if config.num_labels != 1:
+            raise ValueError(f"lmforge reward models have one label, not {config.num_labels}")
+        self.model = drop_lm_head(GPT(config.model_config()))
+        self.model.init_weights()
+        self.score = ScoreHead(config.dim)
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Initialisation is done in __init__; loading overwrites it."""
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        """The token embedding."""
+        return self.model.tok_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **_: Any,
+    ) -> SequenceClassifierOutputWithPast:
+        """Scores (B, 1) at each row's last token that is not pad_token_id (transformers' rule,
+        `GenericForSequenceClassification`); with labels (B,), their mean squared error."""
+        if position_ids is None and attention_mask is not None:
+            position_ids = positions_from_mask(attention_mask)  # (B, T)
+        h = self.model.hidden_states(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids
+        )  # (B, T, D)
+        b, t = input_ids.shape
+        pad = self.config.pad_token_id
+        if pad is None:
+            if b != 1:
+                raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+            last = torch.full((b,), t - 1, device=input_ids.device)
+        else:
+            index = torch.arange(t, device=input_ids.device)  # (T,)
+            last = (index * (input_ids != pad)).argmax(-1)  # (B,): rightmost non-pad token
+        scores = self.score(h[torch.arange(b, device=h.device), last])  # (B, 1)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.mse_loss(scores.squeeze(-1), labels.float().view(-1))
+        return SequenceClassifierOutputWithPast(loss=loss, logits=scores)
+
+
 AutoConfig.register("lmforge", LmforgeConfig, exist_ok=True)
 AutoModelForCausalLM.register(LmforgeConfig, LmforgeForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(
+    LmforgeConfig, LmforgeForSequenceClassification, exist_ok=True
+)

@@ -1,0 +1,285 @@
+"""Direct preference optimisation: parse config, load the SFT policy and a frozen reference,
+build preference pairs, wrap the policy in the engine, train DPO / IPO / conservative DPO, save.
+
+    python finetune/dpo.py --config configs/finetune/dpo.yaml --init_from=runs/sft
+
+Sequence log-probs are summed over the answer tokens in fp32. The reference is a frozen copy of
+the starting weights (`reference: model`) or its log-probs computed once before training
+(`reference: precomputed`, no second model in memory while training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmforge.checkpoint import load_checkpoint
+from lmforge.config import dump_config, option
+from lmforge.data import GlobalSampler
+from lmforge.data.chat import ChatDataConfig, load_preference_data
+from lmforge.data.chat_datasets import PreferenceDataset
+from lmforge.distributed import dist_info
+from lmforge.engine import build_engine, init_distributed
+from lmforge.errors import ConfigError
+from lmforge.lora import LoraSettings, apply_lora
+from lmforge.model import GPT, num_params
+from lmforge.prefs import dpo_loss, sequence_logprobs
+from lmforge.runtime import all_mean, load_rng, run_entry, set_seed
+from lmforge.stage import (
+    StageConfig,
+    check_batch_sizes,
+    finished_run,
+    resume_point,
+    save_stage_checkpoint,
+    stage_device,
+    training_loop,
+)
+from lmforge.tracking import Tracker, format_duration
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    """Preference optimisation without a reward model: common sections plus data, loss, LoRA."""
+
+    run_dir: str = option("runs/dpo", "Directory for checkpoints, metrics and the config.")
+    init_from: str = option("runs/sft", "The SFT checkpoint: the policy's start and reference.")
+    data: ChatDataConfig = option(default_factory=ChatDataConfig, doc="Preference pairs.")
+    lora: LoraSettings = option(default_factory=LoraSettings, doc="Low-rank adapters.")
+    beta: float = option(0.1, "β: strength of the KL constraint to the reference (DPO paper).")
+    kind: Literal["sigmoid", "ipo", "cdpo"] = option(
+        "sigmoid", "sigmoid = DPO, ipo = IPO, cdpo = conservative DPO (label_smoothing)."
+    )
+    label_smoothing: float = option(0.0, "cdpo: probability that a preference label is flipped.")
+    reference: Literal["model", "precomputed"] = option(
+        "model", "model = frozen copy in memory; precomputed = its log-probs computed up front."
+    )
+
+    def validate(self, prefix: str = "") -> None:
+        """Checks that span sections."""
+        super().validate(prefix)
+        if self.beta <= 0:
+            raise ConfigError(f"beta: must be positive, got {self.beta}")
+        if self.kind == "cdpo" and not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.kind != "cdpo" and self.label_smoothing:
+            raise ConfigError("label_smoothing: only kind cdpo uses it; set kind: cdpo or 0")
+
+
+def _pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T)
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])  # (2B, T)
+    return ids, labels
+
+
+def logprobs(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Summed fp32 answer log-probs (2B,): chosen rows first, then rejected. Right padding is
+    invisible to earlier tokens under causal attention, so no mask is needed."""
+    ids, labels = _pairs(batch)
+    logits = model(input_ids=ids.to(device))  # (2B, T, V)
+    return sequence_logprobs(logits, labels.to(device))
+
+
+@torch.no_grad()
+def reference_logprobs(
+    reference: GPT, data: PreferenceDataset, micro: int, device: torch.device
+) -> torch.Tensor:
+    """Reference log-probs of every pair: (N, 2) columns chosen, rejected."""
+    out = []
+    for start in range(0, len(data), micro):
+        rows = list(range(start, min(start + micro, len(data))))
+        lp = logprobs(reference, data.get_batch(rows), device).cpu()
+        out.append(torch.stack(lp.chunk(2), dim=1))  # (b, 2)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(ctx: dict[str, Any]) -> dict[str, float]:
+    """Held-out DPO loss, implicit-reward accuracy and margin, and how often the policy alone
+    gives the chosen answer the higher log-prob (rows split across ranks)."""
+    data, info, ref = ctx["heldout"], ctx["info"], ctx["heldout_ref"]
+    totals = torch.zeros(6, dtype=torch.float64)
+    rows = list(range(info.rank, len(data), info.world))
+    for start in range(0, len(rows), ctx["micro"]):
+        idx = rows[start : start + ctx["micro"]]
+        pi_c, pi_r = logprobs(ctx["engine"], data.get_batch(idx), ctx["device"]).cpu().chunk(2)
+        loss, m = dpo_loss(pi_c, pi_r, ref[idx, 0], ref[idx, 1], **ctx["loss_args"])
+        n = len(idx)
+        totals += torch.tensor(
+            [
+                loss.item() * n,
+                m["accuracy"].item() * n,
+                m["margin"].item() * n,
+                (pi_c > pi_r).float().sum().item(),
+                (pi_c - pi_r).sum().item(),
+                n,
+            ],
+            dtype=torch.float64,
+        )
+    totals = all_mean(totals, info.world) * info.world
+    n = totals[5].clamp(min=1)
+    return {
+        "eval/loss": (totals[0] / n).item(),
+        "eval/reward_accuracy": (totals[1] / n).item(),
+        "eval/reward_margin": (totals[2] / n).item(),
+        "eval/prefers_chosen": (totals[3] / n).item(),
+        "eval/logp_margin": (totals[4] / n).item(),
+    }
+
+
+def train(cfg: DPOConfig) -> dict[str, Any]:
+    """Run (or resume) DPO; returns the final metrics."""
+    info = dist_info()
+    init_distributed(info, cfg.engine.backend)
+    device = stage_device(cfg.train, info.local_rank)
+    run_dir = Path(cfg.run_dir)
+    resume_from = resume_point(run_dir, cfg.resume)
+    done = finished_run(resume_from, cfg.train.steps, info, "dpo")
+    if done is not None:
+        return done
+    if not cfg.init_from:
+        raise ConfigError("init_from: DPO starts from an SFT checkpoint; set init_from")
+    set_seed(cfg.train.seed, info.rank)
+    source = resume_from or cfg.init_from
+    policy, tok, meta = load_checkpoint(source)
+    if tok is None:
+        raise ConfigError(f"init_from: {source} has no tokenizer files; DPO needs its tokenizer")
+    reference, _, _ = load_checkpoint(cfg.init_from, with_tokenizer=False, device=device)
+    reference.requires_grad_(False)
+    policy.train()
+    train_data, heldout = load_preference_data(cfg.data, tok)
+    micro = cfg.train.micro_batch_size
+    train_ref = (
+        reference_logprobs(reference, train_data, micro, device)
+        if (cfg.reference == "precomputed")
+        else None
+    )
+    heldout_ref = reference_logprobs(reference, heldout, micro, device)
+    if cfg.reference == "precomputed":
+        del reference  # the frozen copy is not needed while training
+    if cfg.lora.enabled:
+        policy = apply_lora(policy, cfg.lora)
+    accum = check_batch_sizes(cfg.train, info.world)
+    engine = build_engine(
+        policy,
+        cfg.engine,
+        cfg.optim,
+        micro_batch=micro,
+        grad_accum=accum,
+        total_steps=cfg.train.steps,
+        info=info,
+    )
+    step, cursor = 0, 0
+    if resume_from is not None:
+        engine.load_state(resume_from / "deepspeed")
+        load_rng(resume_from / "deepspeed", info.rank)
+        step, cursor = int(meta["step"]), int(meta["data_cursor"])
+    tracker = Tracker(
+        run_dir,
+        cfg.tracking,
+        is_main=info.is_main,
+        config=dataclasses.asdict(cfg),
+        total_steps=cfg.train.steps,
+        flops_per_token=0.0,
+        peak_flops=None,
+        resume_id=meta.get("wandb_run_id") if resume_from else None,
+    )
+    loss_args = {"beta": cfg.beta, "kind": cfg.kind, "label_smoothing": cfg.label_smoothing}
+    ctx = {
+        "engine": engine,
+        "heldout": heldout,
+        "heldout_ref": heldout_ref,
+        "info": info,
+        "micro": micro,
+        "device": device,
+        "loss_args": loss_args,
+    }
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        tracker.message(
+            f"dpo ({cfg.kind}, β={cfg.beta}): from {source}, reference {cfg.init_from} "
+            f"({cfg.reference}); {num_params(policy.cfg) / 1e6:.2f}M parameters; "
+            f"{train_data.summary()}; ZeRO-{engine.zero_stage}, {info.world} process(es)"
+        )
+    last: dict[str, Any] = {}
+    if step == 0:
+        engine.train(False)
+        before = evaluate(ctx)
+        last.update({k.replace("eval/", "eval_before/"): v for k, v in before.items()})
+        tracker.log(0, before)
+        tracker.message(f"before DPO: policy prefers chosen {before['eval/prefers_chosen']:.3f}")
+    sampler = GlobalSampler(len(train_data), cfg.data.seed)
+
+    def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
+        idx = sampler.indices(start, count)
+        batch = train_data.get_batch(idx)
+        pi_c, pi_r = logprobs(engine, batch, device).chunk(2)
+        if train_ref is not None:
+            ref_c, ref_r = train_ref[idx, 0].to(device), train_ref[idx, 1].to(device)
+        else:
+            with torch.no_grad():
+                ref_c, ref_r = logprobs(reference, batch, device).chunk(2)
+        loss, metrics = dpo_loss(pi_c, pi_r, ref_c, ref_r, **loss_args)
+        return loss, {k: v.item() for k, v in metrics.items()}
+
+    def save(step: int, cursor: int, metrics: dict[str, Any]) -> Path:
+        return save_stage_checkpoint(
+            engine,
+            run_dir / f"step-{step:06d}",
+            tokenizer=tok,
+            info=info,
+            lora_scaling=cfg.lora.alpha / cfg.lora.rank if cfg.lora.enabled else None,
+            meta={
+                "stage": "dpo",
+                "step": step,
+                "data_cursor": cursor,
+                "seed": cfg.train.seed,
+                "world_size": info.world,
+                "config": dataclasses.asdict(cfg),
+                "parent": str(cfg.init_from),
+                "wandb_run_id": tracker.run_id,
+                "metrics": {k: v for k, v in {**last, **metrics}.items() if v is not None},
+            },
+        )
+
+    started = time.perf_counter()
+    step, cursor, final = training_loop(
+        cfg=cfg,
+        engine=engine,
+        info=info,
+        tracker=tracker,
+        num_samples=len(train_data),
+        step=step,
+        cursor=cursor,
+        micro_step=micro_step,
+        evaluate=lambda step: evaluate(ctx),
+        save=save,
+        tokens_per_step=2 * cfg.train.global_batch_size * cfg.data.seq_len,
+    )
+    last.update(final)
+    tracker.message(
+        f"dpo done in {format_duration(time.perf_counter() - started)}: held-out implicit-reward "
+        f"accuracy {last.get('eval/reward_accuracy', float('nan')):.3f}; policy prefers chosen "
+        f"{last.get('eval_before/prefers_chosen', float('nan')):.3f} -> "
+        f"{last.get('eval/prefers_chosen', float('nan')):.3f}"
+    )
+    tracker.close()
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: --config FILE, --dry-run, and --section.key=value overrides."""
+    return run_entry(DPOConfig, train, argv, "dpo")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
