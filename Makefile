@@ -21,11 +21,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Pretrain the tiny preset on the embedded corpus (Python's own documentation), then load the
-# checkpoint with plain transformers and sample from it.
+# The pipeline on embedded data: pretrain the tiny preset on Python's own documentation, load it
+# with plain transformers, then SFT -> reward model -> DPO on generated chat tasks, and a table
+# of what each stage measured.
 demo: $(STAMP)
 	$(BIN)/python pretrain/train.py --config configs/pretrain/demo.yaml
 	$(BIN)/python examples/hf_generate.py runs/demo "The import statement"
+	$(BIN)/python finetune/sft.py --config configs/finetune/sft.yaml
+	$(BIN)/python finetune/reward.py --config configs/finetune/reward.yaml
+	$(BIN)/python finetune/dpo.py --config configs/finetune/dpo.yaml
+	$(BIN)/lmforge report runs/demo runs/sft runs/reward runs/dpo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

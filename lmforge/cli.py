@@ -66,19 +66,71 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage(name: str, rest: list[str]) -> int:
-    if name == "pretrain":
-        from pretrain.train import main as stage_main
+# What each stage exists for, as (metric label, key before, key after) read from lmforge.json.
+_REPORT = {
+    "pretrain": [("validation loss", None, "eval/causal/loss")],
+    "sft": [
+        ("held-out exact match", "eval_before/accuracy", "eval/accuracy"),
+        ("held-out loss", "eval_before/loss", "eval/loss"),
+    ],
+    "reward": [("held-out pair accuracy", "eval_before/accuracy", "eval/accuracy")],
+    "dpo": [
+        ("held-out implicit-reward accuracy", None, "eval/reward_accuracy"),
+        ("policy prefers chosen", "eval_before/prefers_chosen", "eval/prefers_chosen"),
+        ("mean log-prob margin", "eval_before/logp_margin", "eval/logp_margin"),
+    ],
+}
 
-        return stage_main(rest)
-    raise LmforgeError(f"unknown stage {name!r}")
+
+def _report(args: argparse.Namespace) -> int:
+    from lmforge.checkpoint import META_FILE, read_json, resolve_checkpoint
+
+    rows = []
+    for run in args.runs:
+        ckpt = resolve_checkpoint(run)
+        meta = read_json(ckpt / META_FILE)
+        stage, metrics = meta.get("stage", "?"), meta.get("metrics", {})
+        for label, before, after in _REPORT.get(stage, []):
+            old = metrics.get(before) if before else None
+            new = metrics.get(after)
+            rows.append(
+                (
+                    stage,
+                    label,
+                    "" if old is None else f"{old:.3f}",
+                    "" if new is None else f"{new:.3f}",
+                    str(ckpt),
+                )
+            )
+    header = ("stage", "measure", "before", "after", "checkpoint")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+_STAGES = {
+    "pretrain": "pretrain.train",
+    "sft": "finetune.sft",
+    "reward": "finetune.reward",
+    "dpo": "finetune.dpo",
+}
+
+
+def _stage(name: str, rest: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(_STAGES[name]).main(rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per tool."""
     parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("pretrain", help="pretrain a GPT (see pretrain/train.py)", add_help=False)
+    for name, module in _STAGES.items():
+        sub.add_parser(name, help=f"run the {name} stage ({module})", add_help=False)
+    report = sub.add_parser("report", help="what each stage measured, as a table")
+    report.add_argument("runs", nargs="+", help="run or checkpoint directories")
     sample = sub.add_parser("sample", help="generate text from a checkpoint")
     sample.add_argument("checkpoint", help="checkpoint directory or run directory")
     sample.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
@@ -102,11 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lmforge` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "pretrain":
+    if argv and argv[0] in _STAGES:
         return _stage(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return {"sample": _sample, "inspect": _inspect}[args.command](args)
+        return {"sample": _sample, "inspect": _inspect, "report": _report}[args.command](args)
     except LmforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -49,18 +49,20 @@ class OptimConfig:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decay for weight matrices; none for norms, biases and embeddings
-    (a tied output matrix is the embedding, so it is not decayed either)."""
+    """AdamW groups: decay for weight matrices; none for norms, biases and embeddings (a tied
+    output matrix is the embedding, so it is not decayed either). Frozen parameters and empty
+    groups are left out."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():  # parameters() yields a shared (tied) tensor once
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]  # LoRA leaves no trainable norm: no empty group
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:

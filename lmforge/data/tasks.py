@@ -144,6 +144,12 @@ def task_examples(
     ]
 
 
+# Share of rejected answers that are near misses (the rest are the right answer badly formatted).
+# Telling 57 from 58 needs the arithmetic itself; a 1M-parameter model trained for a minute
+# learns formats reliably and arithmetic partly, so near misses are the hard minority.
+NEAR_MISS_SHARE = 0.3
+
+
 def _near_miss(task: str, prompt: str, answer: str, rng: random.Random) -> str:
     """A wrong answer in the right format: off by one, the wrong order, one letter off."""
     if task in ("add", "count"):
@@ -178,13 +184,13 @@ def preference_pairs(
     """n preference pairs of `split` over the same prompts as `task_examples(split, n, seed)`.
 
     Each is {"task", "prompt": [user message], "chosen": the correct answer, "rejected", "answer"};
-    rejected is a near miss (half the pairs) or the right answer badly formatted (wrapped in
-    chatter or with trailing punctuation), and never equals chosen.
+    rejected is a near miss (NEAR_MISS_SHARE of the pairs) or the right answer badly formatted
+    (wrapped in chatter or with trailing punctuation), and never equals chosen.
     """
     rng = random.Random(f"lmforge-pairs|{seed}|{split}")
     pairs = []
     for task, prompt, answer in _draw(split, n, seed, tasks):
-        if rng.random() < 0.5:
+        if rng.random() < NEAR_MISS_SHARE:
             rejected = _near_miss(task, prompt, answer, rng)
         else:
             rejected = rng.choice(CHATTER).format(answer)

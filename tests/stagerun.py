@@ -1,0 +1,88 @@
+"""Run a stage script in subprocesses the way users do: plain python, torchrun, deepspeed or
+accelerate launch, on CPU with gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+_port = [29700 + os.getpid() % 1000]
+
+
+def stage_env() -> dict[str, str]:
+    """The environment of a CPU stage run, without any launcher variables of our own."""
+    env = dict(os.environ)
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO),
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def launch_command(launcher: str, nproc: int, script: str, args: list[str]) -> list[str]:
+    """The command line that starts `script` with `nproc` processes under `launcher`."""
+    _port[0] += 1
+    port, path = _port[0], str(REPO / script)
+    if launcher == "python":
+        return [sys.executable, path, *args]
+    if launcher == "torchrun":
+        return [
+            str(BIN / "torchrun"),
+            f"--nproc_per_node={nproc}",
+            f"--master_port={port}",
+            path,
+            *args,
+        ]
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={port}", path, *args]
+    if launcher == "accelerate":
+        return [
+            str(BIN / "accelerate"),
+            "launch",
+            "--cpu",
+            f"--num_processes={nproc}",
+            f"--main_process_port={port}",
+            path,
+            *args,
+        ]
+    raise ValueError(launcher)
+
+
+def run_stage(
+    script: str, args: list[str], *, nproc: int = 1, launcher: str = "python", check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a stage to completion; with check, a failure shows its output."""
+    cmd = launch_command(launcher, nproc, script, args)
+    proc = subprocess.run(
+        cmd, env=stage_env(), capture_output=True, text=True, timeout=900, cwd=REPO
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss by step."""
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def final_metrics(run_dir: Path) -> dict:
+    """The metrics stored in the run's latest checkpoint."""
+    latest = (run_dir / "latest").read_text().strip()
+    return json.loads((run_dir / latest / "lmforge.json").read_text())["metrics"]
