@@ -1,8 +1,9 @@
 """lmforge: train a decoder-only GPT from random weights to an aligned chat model.
 
 Public API: `load_checkpoint(path) -> (model, tokenizer_or_None, meta)`,
-`save_checkpoint(path, model, tokenizer=None, **meta)`, `load_reward_model(path)`, `ModelConfig`, `build_model`, `GPT`
-(`model(input_ids)` returns logits (B, T, V)), and `generate`. Importing lmforge registers its
+`save_checkpoint(path, model, tokenizer=None, **meta)`, `load_reward_model(path)`,
+`ModelConfig`, `build_model`, `GPT` (`model(input_ids)` returns logits (B, T, V)), and
+`generate`. Importing lmforge registers its
 non-Llama model classes with transformers' `AutoConfig` / `AutoModelForCausalLM`.
 """
 
