@@ -191,7 +191,8 @@ def test_dpo_prefers_chosen_answers(root: Path, tuned: Path) -> None:
 @pytest.mark.parametrize("kind", ["ipo", "cdpo"])
 def test_dpo_variants_run(root: Path, sft_run: Path, kind: str) -> None:
     run = root / f"dpo-{kind}"
-    extra = ["--label_smoothing=0.1"] if kind == "cdpo" else []
+    # cDPO also runs with LoRA adapters (merged into the saved weights)
+    extra = ["--label_smoothing=0.1", "--lora.enabled=true"] if kind == "cdpo" else []
     run_stage(
         "finetune/dpo.py",
         [
@@ -205,6 +206,12 @@ def test_dpo_variants_run(root: Path, sft_run: Path, kind: str) -> None:
     )
     curve = losses(run)
     assert curve[6] < curve[1], curve
+    if kind == "cdpo":  # adapters merged: only the adapted matrices moved
+        before, after = _weights(sft_run), _weights(run)
+        assert {k.rsplit(".", 2)[-2] for k in _changed(before, after)} <= set(ADAPTED)
+
+
+ADAPTED = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 def test_lora_sft_trains_only_adapted_layers(root: Path) -> None:

@@ -1,0 +1,323 @@
+"""Reward functions for PPO and GRPO: built-ins for the embedded tasks, or the user's own.
+
+A reward function scores N completions at once; the four lists have one entry per completion::
+
+    fn(prompts: list[str], completions: list[str], answers: list[str], tasks: list[str])
+        -> list[float]  # N finite numbers (a numpy array or 1-D tensor is accepted too)
+
+Built-ins, for the tasks of `lmforge.data.tasks`:
+
+    exact_answer     1.0 if check_answer(task, completion, answer), else 0.0
+    format           1.0 if the stripped completion is one short line shaped like the task's
+                     answers (digits; lowercase letters; digits between single spaces), else 0.0
+    contains:<text>  the number of non-overlapping occurrences of <text> in the completion (a toy
+                     reward with a known optimum, for tests: `contains:a` rewards writing a's)
+
+Any other name is a user function: `package.module:function` (importable: installed, or its
+directory on PYTHONPATH) or `path/to/file.py:function` (relative to the working directory). The
+function part may be dotted (`module:Class.method`).
+
+A config lists `RewardSpec`s ({name, weight}); `build_reward_fn(specs)` loads them once and returns
+a function giving the weighted sum per completion and each function's values for logging. Every
+user-fixable failure is one line naming the function: `ConfigError` when loading, `RewardError`
+when a call raises or returns something that is not N finite numbers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import math
+import numbers
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from lmforge.config import option
+from lmforge.data.tasks import check_answer
+from lmforge.errors import ConfigError, LmforgeError
+
+RewardFn = Callable[[list[str], list[str], list[str], list[str]], Any]
+
+
+class RewardError(LmforgeError):
+    """A reward function raised, or returned something other than one finite number per
+    completion."""
+
+
+class Rewards(NamedTuple):
+    """What a combined reward function returns for N completions."""
+
+    total: list[float]  # (N,) Σ_k weight_k · values_k
+    parts: dict[str, list[float]]  # spec name -> (N,) that function's unweighted values
+
+
+CombinedRewardFn = Callable[[list[str], list[str], list[str], list[str]], Rewards]
+
+
+@dataclass
+class RewardSpec:
+    """One reward function and its weight in the sum."""
+
+    name: str = option(
+        "exact_answer",
+        "exact_answer, format, contains:<text>, or a user 'package.module:function' or "
+        "'path/file.py:function'.",
+    )
+    weight: float = option(1.0, "Multiplier of this function's values; 0 logs it without using it.")
+
+    def validate(self, prefix: str = "") -> None:
+        """The name has a valid form (built-in or `module:function`) and the weight is finite.
+
+        Whether the module imports is checked by `build_reward_fn`, not while reading the config.
+        """
+        at = f"{prefix}." if prefix else ""
+        _check_name(self.name, f"{at}name")
+        if not math.isfinite(self.weight):
+            raise ConfigError(f"{at}weight: must be a finite number, got {self.weight}")
+
+
+# ------------------------------------------------------------------------------- built-ins
+
+
+def exact_answer(
+    prompts: list[str], completions: list[str], answers: list[str], tasks: list[str]
+) -> list[float]:
+    """1.0 where the completion is the answer (the tasks' own metric, `check_answer`), else 0.0."""
+    return [
+        float(check_answer(t, c, a)) for c, a, t in zip(completions, answers, tasks, strict=True)
+    ]
+
+
+# The shape of each task's answers (see lmforge.data.tasks), with room to spare but short: a sum
+# of two numbers below 100 has at most 3 digits, a word at most 6 letters, a sort 5 digits.
+ANSWER_FORMATS: dict[str, re.Pattern[str]] = {
+    "add": re.compile(r"\d{1,4}"),
+    "compare": re.compile(r"\d{1,4}"),
+    "count": re.compile(r"\d{1,4}"),
+    "reverse": re.compile(r"[a-z]{1,16}"),
+    "sort": re.compile(r"\d(?: \d){0,15}"),
+}
+
+
+def answer_format(
+    prompts: list[str], completions: list[str], answers: list[str], tasks: list[str]
+) -> list[float]:
+    """1.0 where the stripped completion is one short line shaped like the task's answers (no
+    chatter, no punctuation, no second line), else 0.0; right or wrong does not matter."""
+    out = []
+    for completion, task in zip(completions, tasks, strict=True):
+        pattern = ANSWER_FORMATS.get(task)
+        if pattern is None:
+            known = ", ".join(sorted(ANSWER_FORMATS))
+            raise ValueError(f"no answer format for task {task!r} (known: {known})")
+        out.append(1.0 if pattern.fullmatch(completion.strip()) else 0.0)
+    return out
+
+
+def contains(text: str) -> RewardFn:
+    """The reward `contains:<text>`: how many times `text` occurs in each completion."""
+
+    def count(
+        prompts: list[str], completions: list[str], answers: list[str], tasks: list[str]
+    ) -> list[float]:
+        return [float(c.count(text)) for c in completions]
+
+    return count
+
+
+BUILTINS: dict[str, RewardFn] = {"exact_answer": exact_answer, "format": answer_format}
+CONTAINS = "contains:"
+
+
+# --------------------------------------------------------------------------------- loading
+
+
+def _check_name(name: str, key: str) -> None:
+    """Raise ConfigError unless `name` is a built-in, `contains:<text>` or `<module>:<function>`."""
+    if name in BUILTINS:
+        return
+    if name.startswith(CONTAINS):
+        if not name[len(CONTAINS) :]:
+            raise ConfigError(f"{key}: 'contains:' needs the text to count, e.g. 'contains:a'")
+        return
+    module, _, function = name.rpartition(":")
+    if module and function:
+        return
+    close = difflib.get_close_matches(name, list(BUILTINS), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(
+        f"{key}: unknown reward function '{name}'; {hint}use exact_answer, format, "
+        "contains:<text>, or 'package.module:function' / 'path/file.py:function'"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    """`Type: first line of the message`, for a one-line error."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _import_file(path: str, key: str, name: str) -> Any:
+    """Execute a .py file as a module (once per process; registered in sys.modules so that
+    pickling and dataclasses inside it work)."""
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise ConfigError(f"{key}: reward function '{name}': file '{path}' not found")
+    digest = hashlib.blake2b(str(file).encode(), digest_size=6).hexdigest()
+    stem = re.sub(r"\W", "_", file.stem)
+    module_name = f"_lmforge_rewards_{stem}_{digest}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{key}: reward function '{name}': cannot load '{path}' as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[module_name]
+        raise ConfigError(
+            f"{key}: reward function '{name}': running '{path}' failed ({_first_line(e)})"
+        ) from e
+    return module
+
+
+def _import_module(module: str, key: str, name: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):
+            raise ConfigError(
+                f"{key}: reward function '{name}': module '{module}' not found; install it, "
+                "add its directory to PYTHONPATH, or name the file ('path/file.py:function')"
+            ) from None
+        raise ConfigError(
+            f"{key}: reward function '{name}': importing '{module}' failed ({_first_line(e)})"
+        ) from e
+    except Exception as e:  # the module itself raised while importing
+        raise ConfigError(
+            f"{key}: reward function '{name}': importing '{module}' failed ({_first_line(e)})"
+        ) from e
+
+
+def load_reward_fn(name: str, key: str = "name") -> RewardFn:
+    """The reward function called `name` (a built-in, `contains:<text>`, `module:function` or
+    `file.py:function`). `key` is the config key named in errors."""
+    _check_name(name, key)
+    if name in BUILTINS:
+        return BUILTINS[name]
+    if name.startswith(CONTAINS):
+        return contains(name[len(CONTAINS) :])
+    module_name, _, attr = name.rpartition(":")
+    if module_name.endswith(".py"):
+        obj = _import_file(module_name, key, name)
+    else:
+        obj = _import_module(module_name, key, name)
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(
+                f"{key}: reward function '{name}': '{module_name}' has no attribute '{attr}'"
+            ) from None
+    if not callable(obj):
+        kind = type(obj).__name__
+        raise ConfigError(f"{key}: reward function '{name}' is a {kind}, not a function")
+    return obj
+
+
+# ---------------------------------------------------------------------------------- calling
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _checked_values(name: str, out: Any, completions: list[str]) -> list[float]:
+    """`out` as N finite floats, or a one-line RewardError naming the function."""
+    n = len(completions)
+    if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):
+        out = out.tolist()  # numpy array or tensor
+    if not isinstance(out, (list, tuple)):
+        raise RewardError(
+            f"reward function '{name}' returned {type(out).__name__}, expected a list of {n} "
+            "numbers (one per completion)"
+        )
+    if len(out) != n:
+        raise RewardError(
+            f"reward function '{name}' returned {len(out)} values for {n} completions"
+        )
+    values = []
+    for i, v in enumerate(out):
+        if not isinstance(v, numbers.Real):
+            raise RewardError(
+                f"reward function '{name}' returned a non-number at index {i}: "
+                f"{type(v).__name__} {_short(repr(v))}"
+            )
+        value = float(v)
+        if not math.isfinite(value):
+            raise RewardError(
+                f"reward function '{name}' returned {value} at index {i} "
+                f"(completion {_short(completions[i])})"
+            )
+        values.append(value)
+    return values
+
+
+def call_reward_fn(
+    name: str,
+    fn: RewardFn,
+    prompts: list[str],
+    completions: list[str],
+    answers: list[str],
+    tasks: list[str],
+) -> list[float]:
+    """fn(prompts, completions, answers, tasks) as N finite floats; any failure of the function
+    becomes a one-line RewardError naming it (the original exception is chained)."""
+    try:  # copies, so the function cannot change the caller's lists
+        out = fn(list(prompts), list(completions), list(answers), list(tasks))
+    except Exception as e:
+        raise RewardError(f"reward function '{name}' raised {_first_line(e)}") from e
+    return _checked_values(name, out, list(completions))
+
+
+def build_reward_fn(specs: Sequence[RewardSpec], key: str = "rewards") -> CombinedRewardFn:
+    """Load every spec's function once and return `reward(prompts, completions, answers, tasks)`
+    -> Rewards(total, parts): total[i] = Σ_k weight_k · value_k[i], parts = {name: values}.
+
+    `key` is where the list sits in the config, for errors (`rewards[1].name: ...`). An empty list
+    or a name listed twice is a ConfigError.
+    """
+    if not specs:
+        raise ConfigError(f"{key}: no reward functions; list one, e.g. [{{name: exact_answer}}]")
+    loaded: list[tuple[str, float, RewardFn]] = []
+    for i, spec in enumerate(specs):
+        at = f"{key}[{i}].name"
+        if any(spec.name == name for name, _, _ in loaded):
+            raise ConfigError(f"{at}: '{spec.name}' is listed twice; give it one entry and weight")
+        loaded.append((spec.name, float(spec.weight), load_reward_fn(spec.name, at)))
+
+    def reward(
+        prompts: list[str], completions: list[str], answers: list[str], tasks: list[str]
+    ) -> Rewards:
+        n = len(completions)
+        if not len(prompts) == len(answers) == len(tasks) == n:
+            sizes = (len(prompts), n, len(answers), len(tasks))
+            raise ValueError(f"prompts, completions, answers, tasks differ in length: {sizes}")
+        parts = {
+            name: call_reward_fn(name, fn, prompts, completions, answers, tasks)
+            for name, _, fn in loaded
+        }
+        total = [0.0] * n
+        for name, weight, _ in loaded:
+            total = [t + weight * v for t, v in zip(total, parts[name], strict=True)]
+        return Rewards(total, parts)
+
+    return reward
