@@ -157,6 +157,11 @@ def _check_name(name: str, key: str) -> None:
     )
 
 
+def _clip(text: str, limit: int = 40) -> str:
+    """`text`, cut to `limit` characters with an ellipsis."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _first_line(e: BaseException) -> str:
     """`Type: first line of the message`, for a one-line error."""
     text = str(e).strip().splitlines()
@@ -228,16 +233,12 @@ def load_reward_fn(name: str, key: str = "name") -> RewardFn:
                 f"{key}: reward function '{name}': '{module_name}' has no attribute '{attr}'"
             ) from None
     if not callable(obj):
-        kind = type(obj).__name__
-        raise ConfigError(f"{key}: reward function '{name}' is a {kind}, not a function")
+        what = f"{type(obj).__name__} {_clip(repr(obj))}"
+        raise ConfigError(f"{key}: reward function '{name}' is not callable ({what})")
     return obj
 
 
 # ---------------------------------------------------------------------------------- calling
-
-
-def _short(text: str, limit: int = 40) -> str:
-    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 def _checked_values(name: str, out: Any, completions: list[str]) -> list[float]:
@@ -259,13 +260,13 @@ def _checked_values(name: str, out: Any, completions: list[str]) -> list[float]:
         if not isinstance(v, numbers.Real):
             raise RewardError(
                 f"reward function '{name}' returned a non-number at index {i}: "
-                f"{type(v).__name__} {_short(repr(v))}"
+                f"{type(v).__name__} {_clip(repr(v))}"
             )
         value = float(v)
         if not math.isfinite(value):
             raise RewardError(
                 f"reward function '{name}' returned {value} at index {i} "
-                f"(completion {_short(completions[i])})"
+                f"(completion {_clip(repr(completions[i]))})"
             )
         values.append(value)
     return values
