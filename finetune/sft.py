@@ -29,7 +29,6 @@ from lmforge.data.chat_datasets import PromptDataset, SFTDataset
 from lmforge.distributed import DistInfo, dist_info
 from lmforge.engine import build_engine, init_distributed
 from lmforge.errors import ConfigError
-from lmforge.generate import GenerateConfig, generate
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.loss import IGNORE_INDEX
 from lmforge.model import num_params
@@ -37,6 +36,7 @@ from lmforge.runtime import all_mean, run_entry, set_seed
 from lmforge.stage import (
     StageConfig,
     check_batch_sizes,
+    exact_match,
     finished_run,
     resume_point,
     save_stage_checkpoint,
@@ -56,30 +56,6 @@ class SFTConfig(StageConfig):
     data: ChatDataConfig = option(default_factory=ChatDataConfig, doc="Chats and packing.")
     lora: LoraSettings = option(default_factory=LoraSettings, doc="Low-rank adapters.")
     answer_tokens: int = option(16, "Most tokens generated per held-out answer.")
-
-
-def _eos_ids(tokenizer: Any) -> list[int]:
-    ids = [tokenizer.eos_token_id]
-    if "<|end|>" in tokenizer.get_vocab():
-        ids.append(tokenizer.convert_tokens_to_ids("<|end|>"))
-    return ids
-
-
-@torch.no_grad()
-def exact_match(
-    module: torch.nn.Module, prompts: PromptDataset, tokenizer: Any, max_new_tokens: int
-) -> dict[str, float]:
-    """Greedy answers to every held-out prompt scored by exact match, overall and per task.
-    Every rank runs every prompt (ZeRO-3 gathers parameters in lockstep)."""
-    completions: list[str] = []
-    cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=0)
-    for start in range(0, len(prompts), 64):
-        batch = prompts.prompt_ids[start : start + 64]
-        out = generate(
-            module, batch, cfg, eos_ids=_eos_ids(tokenizer), pad_id=tokenizer.pad_token_id
-        )
-        completions += out.texts(tokenizer)
-    return prompts.exact_match(completions)
 
 
 @torch.no_grad()
@@ -104,7 +80,15 @@ def evaluate(ctx: dict[str, Any]) -> dict[str, float]:
     metrics = {
         "eval/loss": heldout_loss(engine, ctx["heldout"], ctx["info"], ctx["micro"], ctx["device"])
     }
-    scores = exact_match(engine.module, ctx["prompts"], ctx["tokenizer"], ctx["answer_tokens"])
+    samples = ctx["run_dir"] / "samples.jsonl" if ctx["info"].is_main else None
+    scores = exact_match(
+        engine.inference_model(),
+        ctx["prompts"],
+        ctx["tokenizer"],
+        ctx["answer_tokens"],
+        samples_file=samples,
+        step=ctx["step"],
+    )
     metrics.update(
         {f"eval/accuracy/{k}" if k != "all" else "eval/accuracy": v for k, v in scores.items()}
     )
@@ -176,6 +160,8 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         "micro": cfg.train.micro_batch_size,
         "device": device,
         "answer_tokens": cfg.answer_tokens,
+        "run_dir": run_dir,
+        "step": 0,
     }
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +218,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         step=step,
         cursor=cursor,
         micro_step=micro_step,
-        evaluate=lambda step: evaluate(ctx),
+        evaluate=lambda step: evaluate({**ctx, "step": step}),
         save=save,
         tokens_per_step=cfg.train.global_batch_size * cfg.data.seq_len,
     )

@@ -114,6 +114,7 @@ _STAGES = {
     "sft": "finetune.sft",
     "reward": "finetune.reward",
     "dpo": "finetune.dpo",
+    "grpo": "finetune.grpo",
 }
 
 

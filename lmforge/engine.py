@@ -236,6 +236,7 @@ class Engine:
         self.config = ds_config
         self.info = info
         self.zero_stage = int(ds_config["zero_optimization"]["stage"])
+        self._replica: nn.Module | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -288,6 +289,32 @@ class Engine:
                 if self.info.is_main:
                     state[name] = param.data.detach().to("cpu", copy=True)
         return state if self.info.is_main else None
+
+    @torch.no_grad()
+    def inference_model(self) -> nn.Module:
+        """The model to generate with, in eval mode. Under ZeRO-3, a whole replica on every rank,
+        refreshed by gathering all parameters once per call (once per rollout batch, not once
+        per generated token); otherwise the engine's own module. Collective under ZeRO-3."""
+        module = self.module
+        if self.zero_stage < 3:
+            return module
+        import deepspeed
+
+        from lmforge.model import GPT, build_model
+
+        if not isinstance(module, GPT) or any(".lora_" in n for n, _ in module.named_parameters()):
+            return module.eval()  # adapters: generate through ZeRO-3's per-layer gathering
+        params = dict(module.named_parameters())
+        if self._replica is None:
+            first = next(iter(params.values()))
+            device = first.device
+            self._replica = build_model(module.cfg, device="meta").to_empty(device=device)
+            self._replica.tie_weights()
+            self._replica.to(first.dtype)
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            for name, param in self._replica.named_parameters():
+                param.copy_(params[name].data)
+        return self._replica.eval()
 
     def save_state(self, directory: Path, client_state: dict[str, Any]) -> None:
         """Write optimizer, scheduler and partitioned weights for exact resume. Collective."""

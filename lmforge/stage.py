@@ -4,6 +4,7 @@ device, and the window of step metrics that becomes one log line."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -15,9 +16,11 @@ import torch
 
 from lmforge.checkpoint import commit, partial_dir, read_json, resolve_checkpoint, write_model_files
 from lmforge.config import option
+from lmforge.data.chat_datasets import PromptDataset
 from lmforge.distributed import DistInfo
 from lmforge.engine import EngineConfig
 from lmforge.errors import ConfigError
+from lmforge.generate import GenerateConfig, generate
 from lmforge.loss import LossConfig
 from lmforge.optim import OptimConfig
 from lmforge.runtime import StopFlag, TrainConfig, all_mean, barrier, save_rng
@@ -257,3 +260,43 @@ def check_batch_sizes(cfg: TrainConfig, world: int) -> int:
             f"micro_batch_size × processes = {per_step}"
         )
     return cfg.global_batch_size // per_step
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end a generated answer: EOS and, for chat tokenizers, <|end|>."""
+    ids = [tokenizer.eos_token_id]
+    if "<|end|>" in tokenizer.get_vocab():
+        ids.append(tokenizer.convert_tokens_to_ids("<|end|>"))
+    return ids
+
+
+@torch.no_grad()
+def exact_match(
+    module: torch.nn.Module,
+    prompts: PromptDataset,
+    tokenizer: Any,
+    max_new_tokens: int,
+    *,
+    samples_file: Path | None = None,
+    step: int = 0,
+) -> dict[str, float]:
+    """Greedy answers to every held-out prompt scored by exact match, overall and per task.
+    Every rank runs every prompt (ZeRO-3 gathers parameters in lockstep). With samples_file,
+    each (prompt, completion, answer) is appended to it as a JSON line tagged with the step."""
+    completions: list[str] = []
+    cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=0)
+    for start in range(0, len(prompts), 64):
+        batch = prompts.prompt_ids[start : start + 64]
+        out = generate(
+            module, batch, cfg, eos_ids=stop_ids(tokenizer), pad_id=tokenizer.pad_token_id
+        )
+        completions += out.texts(tokenizer)
+    if samples_file is not None:
+        samples_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(samples_file, "a") as f:
+            for prompt, completion, answer in zip(
+                prompts.prompts, completions, prompts.answers, strict=True
+            ):
+                record = {"step": step, "prompt": prompt[-1]["content"], "answer": answer}
+                f.write(json.dumps({**record, "completion": completion}) + "\n")
+    return prompts.exact_match(completions)

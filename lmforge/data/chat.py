@@ -405,10 +405,11 @@ def split_records(
     ]
 
 
-def _records(
+def chat_records(
     cfg: ChatDataConfig, kind: Literal["sft", "preference"]
 ) -> tuple[list[Record], list[Record]]:
-    """(train, held-out) normalised records of cfg for an SFT or preference stage."""
+    """(train, held-out) normalised records of cfg for an SFT or preference stage (GRPO and PPO
+    take their prompts and reference answers from the SFT kind)."""
     cfg.validate("data")
     tasks = cfg.tasks or TASKS
     make = task_examples if kind == "sft" else preference_pairs
@@ -437,7 +438,7 @@ def load_sft_data(
     cfg: ChatDataConfig, tokenizer: PreTrainedTokenizerFast
 ) -> tuple[SFTDataset, list[Record]]:
     """The SFT stage's data: the training rows, and the held-out records (for loss and accuracy)."""
-    train_records, heldout = _records(cfg, "sft")
+    train_records, heldout = chat_records(cfg, "sft")
     train = SFTDataset(train_records, tokenizer, cfg.seq_len, pack=cfg.pack)
     log.info("%s; %d held-out records", train.summary(), len(heldout))
     return train, heldout
@@ -447,7 +448,7 @@ def load_preference_data(
     cfg: ChatDataConfig, tokenizer: PreTrainedTokenizerFast
 ) -> tuple[PreferenceDataset, PreferenceDataset]:
     """The reward / DPO stages' data: training pairs and held-out pairs, as padded rows."""
-    train_records, heldout_records = _records(cfg, "preference")
+    train_records, heldout_records = chat_records(cfg, "preference")
     train = PreferenceDataset(train_records, tokenizer, cfg.seq_len)
     heldout = PreferenceDataset(heldout_records, tokenizer, cfg.seq_len)
     log.info("%s; held-out: %s", train.summary(), heldout.summary())
