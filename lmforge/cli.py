@@ -79,6 +79,10 @@ _REPORT = {
         ("policy prefers chosen", "eval_before/prefers_chosen", "eval/prefers_chosen"),
         ("mean log-prob margin", "eval_before/logp_margin", "eval/logp_margin"),
     ],
+    "grpo": [
+        ("held-out exact match", "eval_before/accuracy", "eval/accuracy"),
+        ("mean rollout reward", None, "reward"),
+    ],
 }
 
 
