@@ -10,7 +10,6 @@ the starting weights (`reference: model`) or its log-probs computed once before 
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -23,27 +22,27 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.checkpoint import load_checkpoint
-from lmforge.config import dump_config, option
+from lmforge.config import option
 from lmforge.data import GlobalSampler
 from lmforge.data.chat import ChatDataConfig, load_preference_data
 from lmforge.data.chat_datasets import PreferenceDataset
-from lmforge.distributed import dist_info
-from lmforge.engine import build_engine, init_distributed
+from lmforge.engine import build_engine
 from lmforge.errors import ConfigError
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.model import GPT, num_params
 from lmforge.prefs import dpo_loss, sequence_logprobs
-from lmforge.runtime import all_mean, load_rng, run_entry, set_seed
+from lmforge.runtime import all_mean, run_entry, set_seed
 from lmforge.stage import (
     StageConfig,
     check_batch_sizes,
-    finished_run,
-    resume_point,
+    checkpoint_meta,
+    launch,
+    open_tracker,
+    restore,
     save_stage_checkpoint,
-    stage_device,
     training_loop,
 )
-from lmforge.tracking import Tracker, format_duration
+from lmforge.tracking import format_duration
 
 
 @dataclass
@@ -137,14 +136,10 @@ def evaluate(ctx: dict[str, Any]) -> dict[str, float]:
 
 def train(cfg: DPOConfig) -> dict[str, Any]:
     """Run (or resume) DPO; returns the final metrics."""
-    info = dist_info()
-    init_distributed(info, cfg.engine.backend)
-    device = stage_device(cfg.train, info.local_rank)
-    run_dir = Path(cfg.run_dir)
-    resume_from = resume_point(run_dir, cfg.resume)
-    done = finished_run(resume_from, cfg.train.steps, info, "dpo")
+    place, done = launch(cfg, "dpo")
     if done is not None:
         return done
+    info, device, run_dir, resume_from = place.info, place.device, place.run_dir, place.resume_from
     if not cfg.init_from:
         raise ConfigError("init_from: DPO starts from an SFT checkpoint; set init_from")
     set_seed(cfg.train.seed, info.rank)
@@ -177,21 +172,8 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         total_steps=cfg.train.steps,
         info=info,
     )
-    step, cursor = 0, 0
-    if resume_from is not None:
-        engine.load_state(resume_from / "deepspeed")
-        load_rng(resume_from / "deepspeed", info.rank)
-        step, cursor = int(meta["step"]), int(meta["data_cursor"])
-    tracker = Tracker(
-        run_dir,
-        cfg.tracking,
-        is_main=info.is_main,
-        config=dataclasses.asdict(cfg),
-        total_steps=cfg.train.steps,
-        flops_per_token=0.0,
-        peak_flops=None,
-        resume_id=meta.get("wandb_run_id") if resume_from else None,
-    )
+    step, cursor = restore(engine, place, meta)
+    tracker = open_tracker(cfg, place, meta)
     loss_args = {"beta": cfg.beta, "kind": cfg.kind, "label_smoothing": cfg.label_smoothing}
     ctx = {
         "engine": engine,
@@ -203,8 +185,6 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         "loss_args": loss_args,
     }
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
         tracker.message(
             f"dpo ({cfg.kind}, β={cfg.beta}): from {source}, reference {cfg.init_from} "
             f"({cfg.reference}); {num_params(policy.cfg) / 1e6:.2f}M parameters; "
@@ -238,17 +218,16 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
             tokenizer=tok,
             info=info,
             lora_scaling=cfg.lora.alpha / cfg.lora.rank if cfg.lora.enabled else None,
-            meta={
-                "stage": "dpo",
-                "step": step,
-                "data_cursor": cursor,
-                "seed": cfg.train.seed,
-                "world_size": info.world,
-                "config": dataclasses.asdict(cfg),
-                "parent": str(cfg.init_from),
-                "wandb_run_id": tracker.run_id,
-                "metrics": {k: v for k, v in {**last, **metrics}.items() if v is not None},
-            },
+            meta=checkpoint_meta(
+                "dpo",
+                cfg,
+                place,
+                tracker,
+                step=step,
+                cursor=cursor,
+                parent=cfg.init_from,
+                metrics={**last, **metrics},
+            ),
         )
 
     started = time.perf_counter()

@@ -11,7 +11,6 @@ is gathered once per rollout into a replica that generates (not once per token).
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -25,28 +24,28 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from finetune.rewards import RewardSpec, build_reward_fn
 from lmforge.checkpoint import load_checkpoint
-from lmforge.config import dump_config, option
+from lmforge.config import option
 from lmforge.data import GlobalSampler
 from lmforge.data.chat import ChatDataConfig, chat_records
 from lmforge.data.chat_datasets import PromptDataset
-from lmforge.distributed import dist_info
-from lmforge.engine import build_engine, init_distributed
+from lmforge.engine import build_engine
 from lmforge.errors import ConfigError
 from lmforge.generate import GenerateConfig, generate
 from lmforge.loss import IGNORE_INDEX
 from lmforge.rl import group_advantages, grpo_loss, masked_mean
-from lmforge.runtime import StopFlag, load_rng, run_entry, set_seed
+from lmforge.runtime import StopFlag, run_entry, set_seed
 from lmforge.stage import (
     StageConfig,
     StepWindow,
+    checkpoint_meta,
     exact_match,
-    finished_run,
-    resume_point,
+    launch,
+    open_tracker,
+    restore,
     save_stage_checkpoint,
-    stage_device,
     stop_ids,
 )
-from lmforge.tracking import Tracker, format_duration
+from lmforge.tracking import format_duration
 
 
 @dataclass
@@ -113,14 +112,10 @@ def token_logprobs(
 
 def train(cfg: GRPOConfig) -> dict[str, Any]:
     """Run (or resume) GRPO; returns the final metrics."""
-    info = dist_info()
-    init_distributed(info, cfg.engine.backend)
-    device = stage_device(cfg.train, info.local_rank)
-    run_dir = Path(cfg.run_dir)
-    resume_from = resume_point(run_dir, cfg.resume)
-    done = finished_run(resume_from, cfg.train.steps, info, "grpo")
+    place, done = launch(cfg, "grpo")
     if done is not None:
         return done
+    info, device, run_dir, resume_from = place.info, place.device, place.run_dir, place.resume_from
     if not cfg.init_from:
         raise ConfigError("init_from: GRPO starts from an SFT checkpoint; set init_from")
     groups = cfg.train.global_batch_size // cfg.group_size
@@ -159,21 +154,8 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         total_steps=cfg.train.steps * cfg.epochs,
         info=info,
     )
-    step, cursor = 0, 0
-    if resume_from is not None:
-        engine.load_state(resume_from / "deepspeed")
-        load_rng(resume_from / "deepspeed", info.rank)
-        step, cursor = int(meta["step"]), int(meta["data_cursor"])
-    tracker = Tracker(
-        run_dir,
-        cfg.tracking,
-        is_main=info.is_main,
-        config=dataclasses.asdict(cfg),
-        total_steps=cfg.train.steps,
-        flops_per_token=0.0,
-        peak_flops=None,
-        resume_id=meta.get("wandb_run_id") if resume_from else None,
-    )
+    step, cursor = restore(engine, place, meta)
+    tracker = open_tracker(cfg, place, meta)
 
     def evaluate(step: int) -> dict[str, float]:
         engine.train(False)
@@ -192,8 +174,6 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         }
 
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
         tracker.message(
             f"grpo: from {source}; {len(prompts)} prompts, {groups} per step × G={cfg.group_size}"
             f"; rewards {[r.name for r in cfg.rewards]}; β={cfg.beta}; "
@@ -302,17 +282,16 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
                 run_dir / f"step-{step:06d}",
                 tokenizer=tok,
                 info=info,
-                meta={
-                    "stage": "grpo",
-                    "step": step,
-                    "data_cursor": cursor,
-                    "seed": cfg.train.seed,
-                    "world_size": info.world,
-                    "config": dataclasses.asdict(cfg),
-                    "parent": str(cfg.init_from),
-                    "wandb_run_id": tracker.run_id,
-                    "metrics": {k: v for k, v in last.items() if v is not None},
-                },
+                meta=checkpoint_meta(
+                    "grpo",
+                    cfg,
+                    place,
+                    tracker,
+                    step=step,
+                    cursor=cursor,
+                    parent=cfg.init_from,
+                    metrics=last,
+                ),
             )
             tracker.message(f"saved {path}")
         if stopping:

@@ -9,7 +9,6 @@ checkpoint loads with `transformers.AutoModelForSequenceClassification` and give
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -22,27 +21,28 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.checkpoint import load_reward_model
-from lmforge.config import dump_config, option
+from lmforge.config import option
 from lmforge.data import GlobalSampler
 from lmforge.data.chat import ChatDataConfig, load_preference_data
 from lmforge.data.chat_datasets import PreferenceDataset
-from lmforge.distributed import DistInfo, dist_info
-from lmforge.engine import build_engine, init_distributed
+from lmforge.distributed import DistInfo
+from lmforge.engine import build_engine
 from lmforge.errors import ConfigError
 from lmforge.model import num_params
 from lmforge.prefs import bradley_terry_loss
-from lmforge.runtime import all_mean, load_rng, run_entry, set_seed
+from lmforge.runtime import all_mean, run_entry, set_seed
 from lmforge.stage import (
     StageConfig,
     check_batch_sizes,
-    finished_run,
-    resume_point,
+    checkpoint_meta,
+    launch,
+    open_tracker,
+    restore,
     save_stage_checkpoint,
-    stage_device,
     to_device,
     training_loop,
 )
-from lmforge.tracking import Tracker, format_duration
+from lmforge.tracking import format_duration
 
 
 @dataclass
@@ -95,15 +95,11 @@ def pair_accuracy(
 
 def train(cfg: RewardConfig) -> dict[str, Any]:
     """Run (or resume) reward-model training; returns the final metrics."""
-    info = dist_info()
-    init_distributed(info, cfg.engine.backend)
-    device = stage_device(cfg.train, info.local_rank)
-    run_dir = Path(cfg.run_dir)
-    resume_from = resume_point(run_dir, cfg.resume)
-    done = finished_run(resume_from, cfg.train.steps, info, "reward")
+    place, done = launch(cfg, "reward")
     if done is not None:
         return done
-    source = resume_from or cfg.init_from
+    info, device = place.info, place.device
+    source = place.resume_from or cfg.init_from
     if not source:
         raise ConfigError("init_from: the reward model starts from a checkpoint; set init_from")
     set_seed(cfg.train.seed, info.rank)
@@ -118,39 +114,23 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
     model.train()
     train_data, heldout = load_preference_data(cfg.data, tok)
     accum = check_batch_sizes(cfg.train, info.world)
+    micro = cfg.train.micro_batch_size
     engine = build_engine(
         model,
         cfg.engine,
         cfg.optim,
-        micro_batch=cfg.train.micro_batch_size,
+        micro_batch=micro,
         grad_accum=accum,
         total_steps=cfg.train.steps,
         info=info,
     )
-    step, cursor = 0, 0
-    if resume_from is not None:
-        engine.load_state(resume_from / "deepspeed")
-        load_rng(resume_from / "deepspeed", info.rank)
-        step, cursor = int(meta["step"]), int(meta["data_cursor"])
-    tracker = Tracker(
-        run_dir,
-        cfg.tracking,
-        is_main=info.is_main,
-        config=dataclasses.asdict(cfg),
-        total_steps=cfg.train.steps,
-        flops_per_token=0.0,
-        peak_flops=None,
-        resume_id=meta.get("wandb_run_id") if resume_from else None,
+    step, cursor = restore(engine, place, meta)
+    tracker = open_tracker(cfg, place, meta)
+    tracker.message(
+        f"reward: from {source}; {num_params(model.cfg) / 1e6:.2f}M parameters + scalar head; "
+        f"{train_data.summary()}; held-out {heldout.summary()}; "
+        f"ZeRO-{engine.zero_stage}, {info.world} process(es)"
     )
-    micro = cfg.train.micro_batch_size
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        tracker.message(
-            f"reward: from {source}; {num_params(model.cfg) / 1e6:.2f}M parameters + scalar head; "
-            f"{train_data.summary()}; held-out {heldout.summary()}; "
-            f"ZeRO-{engine.zero_stage}, {info.world} process(es)"
-        )
     last: dict[str, Any] = {}
     if step == 0:
         engine.train(False)
@@ -161,29 +141,24 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
     sampler = GlobalSampler(len(train_data), cfg.data.seed)
 
     def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
-        chosen, rejected = pair_scores(
-            engine, train_data.get_batch(sampler.indices(start, count)), device
-        )
+        batch = train_data.get_batch(sampler.indices(start, count))
+        chosen, rejected = pair_scores(engine, batch, device)
         loss, accuracy = bradley_terry_loss(chosen, rejected)
         return loss, {"accuracy": accuracy.item(), "margin": (chosen - rejected).mean().item()}
 
     def save(step: int, cursor: int, metrics: dict[str, Any]) -> Path:
+        meta = checkpoint_meta(
+            "reward",
+            cfg,
+            place,
+            tracker,
+            step=step,
+            cursor=cursor,
+            parent=source,
+            metrics={**last, **metrics},
+        )
         return save_stage_checkpoint(
-            engine,
-            run_dir / f"step-{step:06d}",
-            tokenizer=tok,
-            info=info,
-            meta={
-                "stage": "reward",
-                "step": step,
-                "data_cursor": cursor,
-                "seed": cfg.train.seed,
-                "world_size": info.world,
-                "config": dataclasses.asdict(cfg),
-                "parent": str(source),
-                "wandb_run_id": tracker.run_id,
-                "metrics": {k: v for k, v in {**last, **metrics}.items() if v is not None},
-            },
+            engine, place.run_dir / f"step-{step:06d}", tokenizer=tok, info=info, meta=meta
         )
 
     started = time.perf_counter()
@@ -196,8 +171,8 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
         step=step,
         cursor=cursor,
         micro_step=micro_step,
-        evaluate=lambda step: pair_accuracy(engine, heldout, info, micro, device),
         save=save,
+        evaluate=lambda step: pair_accuracy(engine, heldout, info, micro, device),
         tokens_per_step=2 * cfg.train.global_batch_size * cfg.data.seq_len,
     )
     last.update(final)

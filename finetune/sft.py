@@ -9,7 +9,6 @@ prompts; it runs before the first step too, so the log shows what SFT changed.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -22,12 +21,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.checkpoint import load_checkpoint
-from lmforge.config import dump_config, option
+from lmforge.config import option
 from lmforge.data import GlobalSampler
 from lmforge.data.chat import ChatDataConfig, load_sft_data
 from lmforge.data.chat_datasets import PromptDataset, SFTDataset
-from lmforge.distributed import DistInfo, dist_info
-from lmforge.engine import build_engine, init_distributed
+from lmforge.distributed import DistInfo
+from lmforge.engine import build_engine
 from lmforge.errors import ConfigError
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.loss import IGNORE_INDEX
@@ -36,15 +35,16 @@ from lmforge.runtime import all_mean, run_entry, set_seed
 from lmforge.stage import (
     StageConfig,
     check_batch_sizes,
+    checkpoint_meta,
     exact_match,
-    finished_run,
-    resume_point,
+    launch,
+    open_tracker,
+    restore,
     save_stage_checkpoint,
-    stage_device,
     to_device,
     training_loop,
 )
-from lmforge.tracking import Tracker, format_duration
+from lmforge.tracking import format_duration
 
 
 @dataclass
@@ -97,14 +97,10 @@ def evaluate(ctx: dict[str, Any]) -> dict[str, float]:
 
 def train(cfg: SFTConfig) -> dict[str, Any]:
     """Run (or resume) supervised finetuning; returns the final metrics."""
-    info = dist_info()
-    init_distributed(info, cfg.engine.backend)
-    device = stage_device(cfg.train, info.local_rank)
-    run_dir = Path(cfg.run_dir)
-    resume_from = resume_point(run_dir, cfg.resume)
-    done = finished_run(resume_from, cfg.train.steps, info, "sft")
+    place, done = launch(cfg, "sft")
     if done is not None:
         return done
+    info, device, run_dir, resume_from = place.info, place.device, place.run_dir, place.resume_from
     source = resume_from or cfg.init_from
     if not source:
         raise ConfigError("init_from: SFT starts from a pretrained checkpoint; set init_from")
@@ -134,23 +130,8 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         total_steps=cfg.train.steps,
         info=info,
     )
-    step, cursor = 0, 0
-    if resume_from is not None:
-        from lmforge.runtime import load_rng
-
-        engine.load_state(resume_from / "deepspeed")
-        load_rng(resume_from / "deepspeed", info.rank)
-        step, cursor = int(meta["step"]), int(meta["data_cursor"])
-    tracker = Tracker(
-        run_dir,
-        cfg.tracking,
-        is_main=info.is_main,
-        config=dataclasses.asdict(cfg),
-        total_steps=cfg.train.steps,
-        flops_per_token=0.0,
-        peak_flops=None,
-        resume_id=meta.get("wandb_run_id") if resume_from else None,
-    )
+    step, cursor = restore(engine, place, meta)
+    tracker = open_tracker(cfg, place, meta)
     ctx = {
         "engine": engine,
         "heldout": heldout,
@@ -163,15 +144,12 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         "run_dir": run_dir,
         "step": 0,
     }
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
-        tracker.message(
-            f"sft: from {source}; {num_params(model.cfg) / 1e6:.2f}M parameters "
-            f"({trainable / 1e6:.3f}M trainable); {train_data.summary()}; "
-            f"{prompts.summary()}; ZeRO-{engine.zero_stage}, {info.world} process(es)"
-        )
+    trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    tracker.message(
+        f"sft: from {source}; {num_params(model.cfg) / 1e6:.2f}M parameters "
+        f"({trainable / 1e6:.3f}M trainable); {train_data.summary()}; "
+        f"{prompts.summary()}; ZeRO-{engine.zero_stage}, {info.world} process(es)"
+    )
     last: dict[str, Any] = {}
     if step == 0:
         engine.train(False)
@@ -189,23 +167,24 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         return engine(**to_device(batch, device)), {}
 
     def save(step: int, cursor: int, metrics: dict[str, Any]) -> Path:
+        meta = checkpoint_meta(
+            "sft",
+            cfg,
+            place,
+            tracker,
+            step=step,
+            cursor=cursor,
+            parent=source,
+            metrics={**last, **metrics},
+        )
+        scaling = cfg.lora.alpha / cfg.lora.rank if cfg.lora.enabled else None
         return save_stage_checkpoint(
             engine,
             run_dir / f"step-{step:06d}",
             tokenizer=tok,
             info=info,
-            lora_scaling=cfg.lora.alpha / cfg.lora.rank if cfg.lora.enabled else None,
-            meta={
-                "stage": "sft",
-                "step": step,
-                "data_cursor": cursor,
-                "seed": cfg.train.seed,
-                "world_size": info.world,
-                "config": dataclasses.asdict(cfg),
-                "parent": str(source),
-                "wandb_run_id": tracker.run_id,
-                "metrics": {k: v for k, v in {**last, **metrics}.items() if v is not None},
-            },
+            meta=meta,
+            lora_scaling=scaling,
         )
 
     started = time.perf_counter()

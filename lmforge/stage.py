@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lmforge.checkpoint import commit, partial_dir, read_json, resolve_checkpoint, write_model_files
-from lmforge.config import option
+from lmforge.config import dump_config, option
 from lmforge.data.chat_datasets import PromptDataset
 from lmforge.distributed import DistInfo
 from lmforge.engine import EngineConfig
@@ -23,7 +23,7 @@ from lmforge.errors import ConfigError
 from lmforge.generate import GenerateConfig, generate
 from lmforge.loss import LossConfig
 from lmforge.optim import OptimConfig
-from lmforge.runtime import StopFlag, TrainConfig, all_mean, barrier, save_rng
+from lmforge.runtime import StopFlag, TrainConfig, all_mean, barrier, load_rng, save_rng
 from lmforge.tracking import Tracker, TrackingConfig
 
 
@@ -300,3 +300,90 @@ def exact_match(
                 record = {"step": step, "prompt": prompt[-1]["content"], "answer": answer}
                 f.write(json.dumps({**record, "completion": completion}) + "\n")
     return prompts.exact_match(completions)
+
+
+@dataclass
+class Launch:
+    """Where a stage runs and what it resumes from."""
+
+    info: DistInfo
+    device: torch.device
+    run_dir: Path
+    resume_from: Path | None
+
+
+def launch(cfg: StageConfig, stage: str) -> tuple[Launch, dict[str, Any] | None]:
+    """Start the process group and find the resume point. The second value is the finished
+    run's metrics when run_dir already reached train.steps (the stage then just returns them)."""
+    from lmforge.distributed import dist_info
+    from lmforge.engine import init_distributed
+
+    info = dist_info()
+    init_distributed(info, cfg.engine.backend)
+    run_dir = Path(cfg.run_dir)
+    resume_from = resume_point(run_dir, cfg.resume)
+    place = Launch(info, stage_device(cfg.train, info.local_rank), run_dir, resume_from)
+    return place, finished_run(resume_from, cfg.train.steps, info, stage)
+
+
+def restore(engine: Any, place: Launch, meta: dict[str, Any]) -> tuple[int, int]:
+    """Load the engine state and this rank's RNG of the resume checkpoint (if any, and if its
+    deepspeed/ directory is there); returns (step, data cursor) to continue from."""
+    if place.resume_from is None:
+        return 0, 0
+    if (place.resume_from / "deepspeed").is_dir():
+        engine.load_state(place.resume_from / "deepspeed")
+        load_rng(place.resume_from / "deepspeed", place.info.rank)
+    return int(meta["step"]), int(meta["data_cursor"])
+
+
+def open_tracker(
+    cfg: StageConfig,
+    place: Launch,
+    meta: dict[str, Any],
+    *,
+    flops_per_token: float = 0.0,
+    peak_flops: float | None = None,
+) -> Tracker:
+    """The run's tracker; rank 0 also creates run_dir and writes the resolved config.yaml. A
+    resumed run continues its W&B run."""
+    if place.info.is_main:
+        place.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, place.run_dir / "config.yaml")
+    return Tracker(
+        place.run_dir,
+        cfg.tracking,
+        is_main=place.info.is_main,
+        config=dataclasses.asdict(cfg),
+        total_steps=cfg.train.steps,
+        flops_per_token=flops_per_token,
+        peak_flops=peak_flops,
+        resume_id=meta.get("wandb_run_id") if place.resume_from else None,
+    )
+
+
+def checkpoint_meta(
+    stage: str,
+    cfg: StageConfig,
+    place: Launch,
+    tracker: Tracker,
+    *,
+    step: int,
+    cursor: int,
+    parent: str | Path,
+    metrics: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The lmforge.json record of a stage checkpoint."""
+    return {
+        "stage": stage,
+        "step": step,
+        "data_cursor": cursor,
+        "seed": cfg.train.seed,
+        "world_size": place.info.world,
+        "config": dataclasses.asdict(cfg),
+        "parent": str(parent) or None,
+        "wandb_run_id": tracker.run_id,
+        "metrics": {k: v for k, v in metrics.items() if v is not None},
+        **extra,
+    }

@@ -7,7 +7,6 @@ loop, save. Runs the same under `deepspeed pretrain/train.py --config ...`, `tor
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
@@ -21,10 +20,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.checkpoint import load_checkpoint, resolve_checkpoint
-from lmforge.config import dump_config, option
+from lmforge.config import option
 from lmforge.data import DataConfig, GlobalSampler, PackedDataset, prepare_data
-from lmforge.distributed import DistInfo, dist_info
-from lmforge.engine import build_engine, init_distributed
+from lmforge.distributed import DistInfo
+from lmforge.engine import build_engine
 from lmforge.errors import ConfigError
 from lmforge.generate import GenerateConfig, generate
 from lmforge.loss import IGNORE_INDEX
@@ -33,17 +32,17 @@ from lmforge.runtime import (
     StopFlag,
     all_mean,
     barrier,
-    load_rng,
     run_entry,
     set_seed,
 )
 from lmforge.stage import (
     StageConfig,
     StepWindow,
-    finished_run,
-    resume_point,
+    checkpoint_meta,
+    launch,
+    open_tracker,
+    restore,
     save_stage_checkpoint,
-    stage_device,
     to_device,
 )
 from lmforge.tokenizer import TokenizerConfig
@@ -143,14 +142,10 @@ def show_samples(ctx: Run) -> list[str]:
 
 def train(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) pretraining; returns the final metrics."""
-    info = dist_info()
-    init_distributed(info, cfg.engine.backend)
-    device = stage_device(cfg.train, info.local_rank)
-    run_dir = Path(cfg.run_dir)
-    resume_from = resume_point(run_dir, cfg.resume)
-    done = finished_run(resume_from, cfg.train.steps, info, "pretrain")
+    place, done = launch(cfg, "pretrain")
     if done is not None:
         return done
+    info, device, run_dir, resume_from = place.info, place.device, place.run_dir, place.resume_from
     if resume_from is not None or cfg.init_from:
         source = resume_from or Path(cfg.init_from)
         if (resolve_checkpoint(source) / "tokenizer.json").exists() and not cfg.tokenizer.path:
@@ -188,13 +183,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         total_steps=cfg.train.steps,
         info=info,
     )
-    step, cursor, tokens_seen, wandb_id = 0, 0, 0, None
-    if resume_from is not None:
-        if (resume_from / "deepspeed").is_dir():
-            engine.load_state(resume_from / "deepspeed")
-            load_rng(resume_from / "deepspeed", info.rank)
-        step, cursor = int(meta["step"]), int(meta["data_cursor"])
-        tokens_seen, wandb_id = int(meta.get("tokens_seen", 0)), meta.get("wandb_run_id")
+    step, cursor = restore(engine, place, meta)
+    tokens_seen = int(meta.get("tokens_seen", 0)) if resume_from else 0
     seq = cfg.data.seq_len
     dataset = PackedDataset(
         data.train,
@@ -217,21 +207,12 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         )
     sampler = GlobalSampler(len(dataset), cfg.data.seed)
     fpt = flops_per_token(cfg.model, seq)
-    tracker = Tracker(
-        run_dir,
-        cfg.tracking,
-        is_main=info.is_main,
-        config=dataclasses.asdict(cfg),
-        total_steps=cfg.train.steps,
-        flops_per_token=fpt,
-        peak_flops=measure_peak_flops(device),
-        resume_id=wandb_id,
+    tracker = open_tracker(
+        cfg, place, meta, flops_per_token=fpt, peak_flops=measure_peak_flops(device)
     )
     special = torch.tensor([tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens])
     ctx = Run(cfg, engine, val, info, device, tok, tracker, tok.mask_token_id, special)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
         what = "resuming from " + str(resume_from) if resume_from else "starting"
         tracker.message(
             f"pretrain: {what}; {num_params(cfg.model) / 1e6:.2f}M parameters, "
@@ -291,18 +272,17 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 run_dir / f"step-{step:06d}",
                 tokenizer=tok,
                 info=info,
-                meta={
-                    "stage": "pretrain",
-                    "step": step,
-                    "tokens_seen": tokens_seen,
-                    "data_cursor": cursor,
-                    "seed": cfg.train.seed,
-                    "world_size": info.world,
-                    "config": dataclasses.asdict(cfg),
-                    "parent": str(resume_from or cfg.init_from or "") or None,
-                    "metrics": {k: v for k, v in last_metrics.items() if v is not None},
-                    "wandb_run_id": tracker.run_id,
-                },
+                meta=checkpoint_meta(
+                    "pretrain",
+                    cfg,
+                    place,
+                    tracker,
+                    step=step,
+                    cursor=cursor,
+                    parent=resume_from or cfg.init_from,
+                    metrics=last_metrics,
+                    tokens_seen=tokens_seen,
+                ),
             )
             tracker.message(f"saved {path}")
         if stopping:
