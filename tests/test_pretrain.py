@@ -4,68 +4,20 @@ exact resume, gradient accumulation, launchers, the objective mixture, and user 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from stagerun import launch_command, stage_env
 
 from lmforge.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "pretrain" / "train.py")
-BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(REPO),
-        HF_DATASETS_OFFLINE="1",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def _launch(launcher: str, nproc: int, args: list[str], port: int) -> list[str]:
-    if launcher == "python":
-        return [sys.executable, TRAIN, *args]
-    if launcher == "torchrun":
-        return [
-            str(BIN / "torchrun"),
-            f"--nproc_per_node={nproc}",
-            f"--master_port={port}",
-            TRAIN,
-            *args,
-        ]
-    if launcher == "deepspeed":
-        return [
-            str(BIN / "deepspeed"),
-            f"--num_gpus={nproc}",
-            f"--master_port={port}",
-            TRAIN,
-            *args,
-        ]
-    if launcher == "accelerate":
-        return [
-            str(BIN / "accelerate"),
-            "launch",
-            "--cpu",
-            f"--num_processes={nproc}",
-            f"--main_process_port={port}",
-            TRAIN,
-            *args,
-        ]
-    raise ValueError(launcher)
 
 
 class Runs:
@@ -74,7 +26,6 @@ class Runs:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.cache = root / "cache"
-        self.port = 29600
 
     def base(self, run_dir: Path) -> list[str]:
         return [
@@ -101,10 +52,9 @@ class Runs:
         self, name: str, *extra: str, nproc: int = 1, launcher: str = "python", check: bool = True
     ) -> Path:
         run_dir = self.root / name
-        self.port += 1
-        cmd = _launch(launcher, nproc, [*self.base(run_dir), *extra], self.port)
+        cmd = launch_command(launcher, nproc, "pretrain/train.py", [*self.base(run_dir), *extra])
         proc = subprocess.run(
-            cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO
+            cmd, env=stage_env(), capture_output=True, text=True, timeout=600, cwd=REPO
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -233,7 +183,9 @@ def test_objective_mixture_in_bf16_logs_and_evaluates_each(runs: Runs) -> None:
 
 def _errors(runs: Runs, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, TRAIN, *runs.base(runs.root / name), *extra]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    return subprocess.run(
+        cmd, env=stage_env(), capture_output=True, text=True, timeout=300, cwd=REPO
+    )
 
 
 @pytest.mark.parametrize(
