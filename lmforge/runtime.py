@@ -165,6 +165,8 @@ def run_entry(
     parser.add_argument("--config", help="YAML run config")
     parser.add_argument("--dry-run", action="store_true", help="print the config and exit")
     known, overrides = parser.parse_known_args(args)
+    if not torch.cuda.is_available():  # say it before DeepSpeed guesses (and warns about it)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     quiet_libraries()
     try:
         cfg = load_config(config_cls, known.config, overrides)
