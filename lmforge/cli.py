@@ -83,6 +83,11 @@ _REPORT = {
         ("held-out exact match", "eval_before/accuracy", "eval/accuracy"),
         ("mean rollout reward", None, "reward"),
     ],
+    "ppo": [
+        ("held-out exact match", "eval_before/accuracy", "eval/accuracy"),
+        ("mean rollout reward", None, "reward"),
+        ("KL to the start", None, "kl"),
+    ],
 }
 
 
@@ -119,6 +124,7 @@ _STAGES = {
     "reward": "finetune.reward",
     "dpo": "finetune.dpo",
     "grpo": "finetune.grpo",
+    "ppo": "finetune.ppo",
 }
 
 
