@@ -8,11 +8,8 @@ from pathlib import Path
 import pytest
 from stagerun import metrics, run_stage
 
-from lmforge.checkpoint import load_checkpoint, load_reward_model, save_checkpoint
-from lmforge.data.tasks import task_examples
-from lmforge.model import ModelConfig, build_model
+from lmforge.checkpoint import load_checkpoint, load_reward_model
 from lmforge.reward import RewardModel
-from lmforge.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -33,38 +30,9 @@ COMMON = [
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A short SFT run on the tasks: a policy that answers in the tasks' format."""
-    root = tmp_path_factory.mktemp("ppo")
-    texts = [m["content"] for ex in task_examples("train", 2000, 1) for m in ex["messages"]]
-    tok = train_tokenizer(texts, vocab_size=400)
-    cfg = ModelConfig(vocab_size=400, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
-    save_checkpoint(
-        root / "base" / "step-000000",
-        build_model(cfg, seed=0),
-        tok,
-        update_latest=True,
-        stage="pretrain",
-        step=0,
-    )
-    run_stage(
-        "finetune/sft.py",
-        [
-            f"--init_from={root / 'base'}",
-            f"--run_dir={root / 'sft'}",
-            "--data.num_train=1000",
-            "--data.num_heldout=12",
-            "--data.seq_len=64",
-            "--train.steps=60",
-            "--train.global_batch_size=16",
-            "--train.micro_batch_size=16",
-            "--train.eval_every=0",
-            "--train.save_every=1000",
-            "--optim.lr=5e-3",
-            "--optim.warmup_steps=5",
-        ],
-    )
-    return root / "sft"
+def policy(task_policy: Path) -> Path:
+    """The shared short-SFT policy (tests/conftest.py)."""
+    return task_policy
 
 
 def _toy(policy: Path, run: Path, *extra: str) -> list[str]:
