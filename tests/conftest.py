@@ -36,41 +36,50 @@ def _seed() -> None:
 
 
 @pytest.fixture(scope="session")
-def task_policy(tmp_path_factory: pytest.TempPathFactory):
-    """A random-weight model with a tokenizer trained on the chat tasks, tuned by 60 SFT steps:
-    a policy that answers in the tasks' format (the start of the RL stage tests)."""
-    from stagerun import run_stage
-
+def task_base(tmp_path_factory: pytest.TempPathFactory):
+    """A random-weight 'pretrained' run directory whose tokenizer is trained on the chat tasks."""
     from lmforge.checkpoint import save_checkpoint
     from lmforge.data.tasks import task_examples
     from lmforge.model import build_model
     from lmforge.tokenizer import train_tokenizer
 
-    root = tmp_path_factory.mktemp("policy")
+    base = tmp_path_factory.mktemp("task_base")
     texts = [m["content"] for ex in task_examples("train", 2000, 1) for m in ex["messages"]]
     tok = train_tokenizer(texts, vocab_size=400)
     cfg = ModelConfig(vocab_size=400, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
     save_checkpoint(
-        root / "base" / "step-000000",
+        base / "step-000000",
         build_model(cfg, seed=0),
         tok,
         update_latest=True,
         stage="pretrain",
         step=0,
     )
-    args = [
-        f"--init_from={root / 'base'}",
-        f"--run_dir={root / 'sft'}",
-        "--data.num_train=1000",
-        "--data.num_heldout=12",
-        "--data.seq_len=64",
-        "--train.steps=60",
-        "--train.global_batch_size=16",
-        "--train.micro_batch_size=16",
-        "--train.eval_every=0",
-        "--train.save_every=1000",
-        "--optim.lr=5e-3",
-        "--optim.warmup_steps=5",
-    ]
-    run_stage("finetune/sft.py", args)
-    return root / "sft"
+    return base
+
+
+@pytest.fixture(scope="session")
+def task_policy(task_base, tmp_path_factory: pytest.TempPathFactory):
+    """task_base tuned by 60 SFT steps: a policy that answers in the tasks' format (the start of
+    the RL stage tests)."""
+    from stagerun import run_stage
+
+    run = tmp_path_factory.mktemp("policy") / "sft"
+    run_stage(
+        "finetune/sft.py",
+        [
+            f"--init_from={task_base}",
+            f"--run_dir={run}",
+            "--data.num_train=1000",
+            "--data.num_heldout=12",
+            "--data.seq_len=64",
+            "--train.steps=60",
+            "--train.global_batch_size=16",
+            "--train.micro_batch_size=16",
+            "--train.eval_every=0",
+            "--train.save_every=1000",
+            "--optim.lr=5e-3",
+            "--optim.warmup_steps=5",
+        ],
+    )
+    return run

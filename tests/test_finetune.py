@@ -9,10 +9,7 @@ import pytest
 import torch
 from stagerun import final_metrics, losses, metrics, run_stage
 
-from lmforge.checkpoint import load_checkpoint, load_reward_model, save_checkpoint
-from lmforge.data.tasks import task_examples
-from lmforge.model import ModelConfig, build_model
-from lmforge.tokenizer import train_tokenizer
+from lmforge.checkpoint import load_checkpoint, load_reward_model
 
 pytestmark = pytest.mark.slow
 
@@ -43,20 +40,10 @@ LONG = [
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-weight 'pretrained' checkpoint with a tokenizer trained on the task text."""
+def root(tmp_path_factory: pytest.TempPathFactory, task_base: Path) -> Path:
+    """A directory for the runs, with the shared random-weight task model as `base`."""
     root = tmp_path_factory.mktemp("finetune")
-    texts = [m["content"] for ex in task_examples("train", 2000, 1) for m in ex["messages"]]
-    tok = train_tokenizer(texts, vocab_size=400)
-    cfg = ModelConfig(vocab_size=400, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
-    save_checkpoint(
-        root / "base" / "step-000000",
-        build_model(cfg, seed=0),
-        tok,
-        update_latest=True,
-        stage="pretrain",
-        step=0,
-    )
+    (root / "base").symlink_to(task_base, target_is_directory=True)
     return root
 
 
