@@ -30,7 +30,7 @@ from lmforge.data.chat import ChatDataConfig, chat_records
 from lmforge.data.chat_datasets import PromptDataset
 from lmforge.engine import build_engine
 from lmforge.errors import ConfigError
-from lmforge.generate import GenerateConfig, generate
+from lmforge.generate import GenerateConfig, Generation, generate
 from lmforge.loss import IGNORE_INDEX
 from lmforge.rl import group_advantages, grpo_loss, masked_mean
 from lmforge.runtime import StopFlag, run_entry, set_seed
@@ -110,6 +110,50 @@ def token_logprobs(
     return picked * (labels != IGNORE_INDEX)
 
 
+def heldout_accuracy(
+    engine: Any,
+    heldout: PromptDataset,
+    tok: Any,
+    max_new_tokens: int,
+    run_dir: Path,
+    is_main: bool,
+    step: int,
+) -> dict[str, float]:
+    """Greedy held-out exact match (overall and per task) of the policy; rank 0 appends the
+    answers to run_dir/samples.jsonl. Collective under ZeRO-3."""
+    engine.train(False)
+    samples = run_dir / "samples.jsonl" if is_main else None
+    scores = exact_match(
+        engine.inference_model(), heldout, tok, max_new_tokens, samples_file=samples, step=step
+    )
+    engine.train(True)
+    return {("eval/accuracy" if k == "all" else f"eval/accuracy/{k}"): v for k, v in scores.items()}
+
+
+def sample_completions(
+    engine: Any,
+    prompts: list[list[int]],
+    tok: Any,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    step: int,
+    rank: int,
+) -> Generation:
+    """Sampled completions of `prompts` from the policy (eval mode, seeded by step and rank, so
+    a resumed run samples what the uninterrupted one would)."""
+    engine.train(False)
+    cfg = GenerateConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed * 1_000_003 + step * 1009 + rank,
+    )
+    return generate(
+        engine.inference_model(), prompts, cfg, eos_ids=stop_ids(tok), pad_id=tok.pad_token_id
+    )
+
+
 def train(cfg: GRPOConfig) -> dict[str, Any]:
     """Run (or resume) GRPO; returns the final metrics."""
     place, done = launch(cfg, "grpo")
@@ -158,20 +202,9 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     tracker = open_tracker(cfg, place, meta)
 
     def evaluate(step: int) -> dict[str, float]:
-        engine.train(False)
-        samples = run_dir / "samples.jsonl" if info.is_main else None
-        scores = exact_match(
-            engine.inference_model(),
-            heldout,
-            tok,
-            cfg.max_new_tokens,
-            samples_file=samples,
-            step=step,
+        return heldout_accuracy(
+            engine, heldout, tok, cfg.max_new_tokens, run_dir, info.is_main, step
         )
-        engine.train(True)
-        return {
-            ("eval/accuracy" if k == "all" else f"eval/accuracy/{k}"): v for k, v in scores.items()
-        }
 
     if info.is_main:
         tracker.message(
@@ -193,18 +226,15 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         idx = sampler.indices(cursor + info.rank * prompts_per_rank, prompts_per_rank)
         batch_prompts = [prompts.prompt_ids[i] for i in idx for _ in range(cfg.group_size)]
-        gen_cfg = GenerateConfig(
+        out = sample_completions(
+            engine,
+            batch_prompts,
+            tok,
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
-            seed=cfg.train.seed * 1_000_003 + step * 1009 + info.rank,
-        )
-        engine.train(False)
-        out = generate(
-            engine.inference_model(),
-            batch_prompts,
-            gen_cfg,
-            eos_ids=stop_ids(tok),
-            pad_id=tok.pad_token_id,
+            seed=cfg.train.seed,
+            step=step,
+            rank=info.rank,
         )
         completions = out.texts(tok)
         rewards = reward_fn(

@@ -25,7 +25,7 @@ import torch.distributed as dist
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.grpo import build_sequences, token_logprobs
+from finetune.grpo import build_sequences, heldout_accuracy, sample_completions, token_logprobs
 from finetune.rewards import RewardSpec, build_reward_fn
 from lmforge.checkpoint import load_checkpoint, load_reward_model
 from lmforge.config import option
@@ -34,7 +34,6 @@ from lmforge.data.chat import ChatDataConfig, chat_records
 from lmforge.data.chat_datasets import PromptDataset
 from lmforge.engine import build_engine
 from lmforge.errors import ConfigError
-from lmforge.generate import GenerateConfig, generate
 from lmforge.loss import IGNORE_INDEX
 from lmforge.rl import (
     AdaptiveKLController,
@@ -54,12 +53,10 @@ from lmforge.stage import (
     StageConfig,
     StepWindow,
     checkpoint_meta,
-    exact_match,
     launch,
     open_tracker,
     restore,
     save_stage_checkpoint,
-    stop_ids,
 )
 from lmforge.tracking import format_duration
 
@@ -208,20 +205,9 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     tracker = open_tracker(cfg, place, meta)
 
     def evaluate(step: int) -> dict[str, float]:
-        engine.train(False)
-        samples = run_dir / "samples.jsonl" if info.is_main else None
-        scores = exact_match(
-            engine.inference_model(),
-            heldout,
-            tok,
-            cfg.max_new_tokens,
-            samples_file=samples,
-            step=step,
+        return heldout_accuracy(
+            engine, heldout, tok, cfg.max_new_tokens, run_dir, info.is_main, step
         )
-        engine.train(True)
-        return {
-            ("eval/accuracy" if k == "all" else f"eval/accuracy/{k}"): v for k, v in scores.items()
-        }
 
     def score(batch_prompts: list[list[int]], idx: list[int], out: Any, seqs: dict) -> torch.Tensor:
         """Sequence scores (N,) of this rank's completions."""
@@ -261,19 +247,16 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         idx = sampler.indices(cursor + info.rank * per_rank, per_rank)
         batch_prompts = [prompts.prompt_ids[i] for i in idx]
-        gen_cfg = GenerateConfig(
+        critic_engine.train(False)
+        out = sample_completions(
+            engine,
+            batch_prompts,
+            tok,
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
-            seed=cfg.train.seed * 1_000_003 + step * 1009 + info.rank,
-        )
-        engine.train(False)
-        critic_engine.train(False)
-        out = generate(
-            engine.inference_model(),
-            batch_prompts,
-            gen_cfg,
-            eos_ids=stop_ids(tok),
-            pad_id=tok.pad_token_id,
+            seed=cfg.train.seed,
+            step=step,
+            rank=info.rank,
         )
         seqs = build_sequences(batch_prompts, out.tokens.cpu(), out.lengths.cpu(), tok.pad_token_id)
         mask = (seqs["labels"] != IGNORE_INDEX).float()  # (N, L)
