@@ -3,16 +3,22 @@
 lmforge pretrain --config configs/pretrain/demo.yaml [--section.key=value ...]
 lmforge sample runs/demo --prompt "The import statement" [--max-new-tokens 64]
 lmforge inspect runs/demo
+lmforge export runs/sft hf/sft [--max-shard-size 2GB] [--dtype bf16]
+lmforge plot runs/demo [-o curves.png]
+lmforge estimate --model 7b --gpus 8
+lmforge config-reference [--check]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from pathlib import Path
 from typing import Any
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -118,6 +124,172 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_DTYPES = {
+    "auto": None,
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in '2GB' (10^9, as Hugging Face counts), '500MiB' (2^20) or '1000000'."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in _SIZE_UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(
+            f"--max-shard-size: cannot read {text!r}; write a size such as 2GB, 500MB or 10GiB"
+        )
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmforge.checkpoint import (
+        load_checkpoint,
+        load_reward_model,
+        read_json,
+        resolve_checkpoint,
+        save_checkpoint,
+    )
+    from lmforge.hf import head_of, is_llama_compatible
+
+    src = resolve_checkpoint(args.checkpoint)
+    out = Path(args.out)
+    max_shard = parse_size(args.max_shard_size)
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"{out}: exists and is not a directory; choose a directory to export to")
+    if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+        raise LmforgeError(f"{out}: holds the checkpoint being exported; choose another directory")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise LmforgeError(
+            f"{out}: not empty; choose a new directory or pass --force to replace it"
+        )
+    dtype = _DTYPES[args.dtype]
+    head = head_of(read_json(src / "config.json"), str(src / "config.json"))
+    loader = load_reward_model if head == "reward" else load_checkpoint
+    model, tokenizer, meta = loader(src, dtype=getattr(torch, dtype) if dtype else None)
+    keep = ("stage", "step", "tokens_seen", "metrics", "config", "wandb_run_id")
+    record = {k: meta[k] for k in keep if k in meta}
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty target: the export's rename puts the real one in its place
+    # Written into .OUT.partial/ and renamed into place (a replaced OUT is removed only after).
+    save_checkpoint(
+        out,
+        model,
+        tokenizer,
+        overwrite=True,
+        max_shard_bytes=max_shard,
+        parent=str(src),
+        **record,
+    )
+    files = sorted(p.name for p in out.iterdir())
+    shards = sum(name.endswith(".safetensors") for name in files)
+    kind = read_json(out / "config.json")
+    print(
+        f"exported {src} -> {out}: {kind.get('model_type')} {kind.get('architectures', ['?'])[0]}, "
+        f"{kind.get('dtype') or kind.get('torch_dtype')}, {shards} safetensors file(s)"
+    )
+    if tokenizer is None:
+        print(f"note: {src} has no tokenizer files; none were exported", file=sys.stderr)
+    if not is_llama_compatible(model.cfg):
+        print(
+            "note: this architecture is not Llama's: transformers loads it only after "
+            "`import lmforge` (which registers it)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from lmforge.plot import save_plot
+
+    print(f"wrote {save_plot(args.run_dir, args.output)}")
+    return 0
+
+
+def _stage_from_file(path: str, overrides: list[str]) -> tuple[str, Any]:
+    """(stage, config) for a YAML whose stage is not given: the stage named like the file, else
+    the first stage whose config accepts it; if none does, the closest one's error."""
+    from lmforge.config import load_config
+    from lmforge.config_reference import STAGES, stage_config_class
+
+    stem = Path(path).stem
+    order = sorted(STAGES, key=lambda name: name != stem)
+    first_error: LmforgeError | None = None
+    for name in order:
+        try:
+            return name, load_config(stage_config_class(name), path, overrides)
+        except LmforgeError as e:
+            if "config file" in str(e):
+                raise  # the file itself is unreadable: no other stage will do better
+            first_error = first_error or e
+    assert first_error is not None
+    raise ConfigError(f"{first_error} (pass --stage to say which stage the config is for)")
+
+
+def _estimate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lmforge.config import load_config
+    from lmforge.config_reference import stage_config_class
+    from lmforge.estimate import (
+        configured_layout,
+        estimate,
+        format_estimate,
+        stage_model,
+        stage_seq_len,
+    )
+
+    if args.config is None and args.model is None:
+        raise ConfigError("estimate: give --config FILE or --model PRESET")
+    if args.model is not None:
+        overrides = [f"--model={args.model}", *overrides]
+    if args.config is not None and args.stage is None:
+        stage, cfg = _stage_from_file(args.config, overrides)
+    else:
+        stage = args.stage or "pretrain"
+        cfg = load_config(stage_config_class(stage), args.config, overrides)
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus: must be at least 1, got {args.gpus}")
+    model = stage_model(cfg)
+    layout = configured_layout(cfg, args.gpus) if args.config is not None else None
+    seq_len = args.seq_len or (
+        stage_seq_len(cfg, model) if args.config is not None else model.max_seq_len
+    )
+    micro = args.micro_batch or (cfg.train.micro_batch_size if args.config is not None else 1)
+    precision = args.precision or (layout.precision if layout else "bf16")
+    est = estimate(model, seq_len=seq_len, micro_batch=micro, gpus=args.gpus, precision=precision)
+    print(f"{stage}: {args.config or f'model preset {args.model}'}")
+    print(format_estimate(est, layout=layout))
+    if stage in ("dpo", "grpo", "ppo"):
+        print(
+            f"note: {stage} also holds frozen copies (reference, reward model) and, for ppo, a "
+            "trained critic: not counted above"
+        )
+    return 0
+
+
+def _config_reference(rest: list[str]) -> int:
+    from lmforge.config_reference import main as reference_main
+
+    return reference_main(rest)
+
+
 _STAGES = {
     "pretrain": "pretrain.train",
     "sft": "finetune.sft",
@@ -136,10 +308,87 @@ def _stage(name: str, rest: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per tool."""
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description=__doc__.split("\n")[0],
+        epilog="`lmforge COMMAND --help` describes each command.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in _STAGES.items():
-        sub.add_parser(name, help=f"run the {name} stage ({module})", add_help=False)
+        sub.add_parser(
+            name, help=f"run the {name} stage ({module}; --dry-run to check)", add_help=False
+        )
+    sub.add_parser(
+        "config-reference",
+        help="write docs/config.md, the reference of every config key",
+        add_help=False,
+    )
+    export = sub.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face model directory",
+        description="Write CKPT as a directory that transformers' from_pretrained loads "
+        "(config.json, safetensors shards with an index when large, tokenizer files, "
+        "generation_config.json). Written into a hidden sibling and renamed when complete.",
+    )
+    export.add_argument("checkpoint", help="checkpoint directory or run directory (its latest)")
+    export.add_argument("out", help="directory to create")
+    export.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest safetensors file, e.g. 2GB (10^9 bytes) or 500MiB (default 5GB)",
+    )
+    export.add_argument(
+        "--dtype",
+        choices=list(_DTYPES),
+        default="auto",
+        help="weight precision of the export (default auto: as stored)",
+    )
+    export.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    plot = sub.add_parser(
+        "plot",
+        help="draw a run's loss, learning-rate and throughput curves",
+        description="Draw loss (per objective, evaluation losses as markers), learning rate "
+        "and tokens/s against step from RUN_DIR/metrics.jsonl into a PNG.",
+    )
+    plot.add_argument("run_dir", help="run directory holding metrics.jsonl")
+    plot.add_argument(
+        "-o", "--output", help="image file (.png, .svg, .pdf; default RUN_DIR/curves.png)"
+    )
+    est = sub.add_parser(
+        "estimate",
+        help="parameters, FLOPs per token and memory per GPU for every ZeRO stage",
+        description="Size and memory of a training run before it runs: parameters, "
+        "FLOPs per token (6N + 12·L·H·E·T), model-state memory per GPU for ZeRO stages 0-3 "
+        "with and without offload (GPU and CPU bytes), and activation memory. Extra "
+        "--section.key=value arguments override the config.",
+        epilog="examples:\n  lmforge estimate --model 7b --gpus 8 --seq-len 4096\n"
+        "  lmforge estimate --config configs/pretrain/demo.yaml --model.n_layers=8",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    est.add_argument("--config", help="a stage's YAML config")
+    est.add_argument("--model", help="a model preset (configs/model/NAME.yaml) or YAML file")
+    est.add_argument(
+        "--stage",
+        choices=list(_STAGES),
+        help="the config's stage (default: guessed from the file)",
+    )
+    est.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (default 1)")
+    est.add_argument(
+        "--seq-len",
+        type=int,
+        help="tokens per sequence (default: data.seq_len, or the model's max_seq_len)",
+    )
+    est.add_argument(
+        "--micro-batch",
+        type=int,
+        help="sequences per GPU per forward (default: train.micro_batch_size, or 1)",
+    )
+    est.add_argument(
+        "--precision",
+        choices=["bf16", "fp16", "fp32"],
+        help="training precision (default: the config's, bf16 for auto)",
+    )
     report = sub.add_parser("report", help="what each stage measured, as a table")
     report.add_argument("runs", nargs="+", help="run or checkpoint directories")
     sample = sub.add_parser("sample", help="generate text from a checkpoint")
@@ -167,9 +416,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _STAGES:
         return _stage(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
+    if argv and argv[0] == "config-reference":
+        return _config_reference(argv[1:])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "estimate":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return {"sample": _sample, "inspect": _inspect, "report": _report}[args.command](args)
+        if args.command == "estimate":
+            return _estimate(args, extra)
+        tools = {
+            "sample": _sample,
+            "inspect": _inspect,
+            "report": _report,
+            "export": _export,
+            "plot": _plot,
+        }
+        return tools[args.command](args)
     except LmforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from lmforge.config import dumps, load_config, option
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.model import ModelConfig, num_params
 
 T = TypeVar("T")
 
@@ -153,6 +152,23 @@ def quiet_libraries() -> None:
         pass
 
 
+def _first_line(cls: type) -> str:
+    return (cls.__doc__ or "").strip().split("\n")[0]
+
+
+def _stage_epilog(config_cls: type) -> str:
+    """The help text after the options: how overrides are written and the config's sections."""
+    from lmforge.config import describe
+
+    top = [key for key, *_ in describe(config_cls) if "." not in key]
+    return (
+        "Any config key is set on the command line as --section.key=value (a YAML value), e.g.\n"
+        "  --train.steps=100 --optim.lr=3e-4 --engine.zero_stage=3\n"
+        f"top-level keys: {', '.join(top)}\n"
+        "every key, its type, default and meaning: docs/config.md (lmforge config-reference)"
+    )
+
+
 def run_entry(
     config_cls: type[T], body: Callable[[T], Any], argv: list[str] | None, stage: str
 ) -> int:
@@ -161,9 +177,18 @@ def run_entry(
     A user error (LmforgeError) prints one line `error: ...` and returns its exit code.
     """
     args = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
-    parser = argparse.ArgumentParser(prog=stage, description=f"lmforge {stage} stage")
-    parser.add_argument("--config", help="YAML run config")
-    parser.add_argument("--dry-run", action="store_true", help="print the config and exit")
+    parser = argparse.ArgumentParser(
+        prog=f"lmforge {stage}",
+        description=f"Run (or resume) the lmforge {stage} stage. {_first_line(config_cls)}",
+        epilog=_stage_epilog(config_cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML run config (command line > YAML > defaults)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, parameter count and memory estimate; train nothing",
+    )
     known, overrides = parser.parse_known_args(args)
     if not torch.cuda.is_available():  # say it before DeepSpeed guesses (and warns about it)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -171,10 +196,10 @@ def run_entry(
     try:
         cfg = load_config(config_cls, known.config, overrides)
         if known.dry_run:
+            from lmforge.estimate import dry_run_report
+
             print(dumps(cfg), end="")
-            model_cfg = getattr(cfg, "model", None)
-            if isinstance(model_cfg, ModelConfig):
-                print(f"# parameters: {num_params(model_cfg):,}")
+            print(dry_run_report(cfg))
             return 0
         body(cfg)
     except LmforgeError as e:

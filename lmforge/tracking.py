@@ -1,8 +1,9 @@
 """Console progress, the metrics log and Weights & Biases: rank 0 only.
 
 Every logged record goes to `metrics.jsonl` in the run directory (one JSON object a line, the
-source of the loss curves) and, when enabled, to W&B. The console gets one line every
-`log_every` steps with loss, tokens/s, MFU (on GPUs) and ETA.
+source of the loss curves and of `lmforge plot`) and, when enabled, to W&B. The console gets
+one line every `log_every` steps with step/total, loss, tokens/s, MFU (on GPUs), memory and ETA.
+The W&B API key is never read here: wandb finds it itself (WANDB_API_KEY or `wandb login`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from lmforge.config import option
+from lmforge.errors import ConfigError
 
 
 @dataclass
@@ -70,8 +72,35 @@ def format_duration(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def memory_metrics() -> dict[str, float]:
+    """Memory of this process in GiB: peak allocated CUDA memory on a GPU, else resident RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"memory/gpu_peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    try:
+        import psutil
+
+        return {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
+    except ImportError:  # pragma: no cover - psutil comes with deepspeed
+        import resource
+
+        return {"memory/rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _scrub(text: str) -> str:
+    """`text` without the W&B API key, should a library message quote it."""
+    key = os.environ.get("WANDB_API_KEY", "")
+    return text.replace(key, "***") if len(key) >= 8 else text
+
+
 class Tracker:
-    """Metrics sink of one run. Create it on every rank; only rank 0 writes anything."""
+    """Metrics sink of one run. Create it on every rank; only rank 0 writes anything.
+
+    With W&B on, the run is created with the resolved config, every `log` record goes to it,
+    and each evaluation's generations (the rows `log_samples` gets, and the rows a stage appended
+    to `run_dir/samples.jsonl` since the last evaluation) become a `samples` table. `run_id`
+    goes into checkpoint metadata; a resumed run passes it back as `resume_id` and continues
+    the same W&B run.
+    """
 
     def __init__(
         self,
@@ -91,58 +120,126 @@ class Tracker:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.path = run_dir / "metrics.jsonl"
+        self.samples_path = run_dir / "samples.jsonl"
         self.wandb: Any = None
         self.run_id: str | None = resume_id
+        self.step = 0  # the last step logged
+        self._anchor: tuple[int, float] | None = None  # (step, time) of the first progress line
+        # Rows already in samples.jsonl (a resumed run) were logged by the earlier job.
+        self._samples_seen = self.samples_path.stat().st_size if self.samples_path.exists() else 0
         if is_main and cfg.wandb.mode != "disabled":
-            os.environ.setdefault("WANDB_SILENT", "true")  # no banners on the console
-            import wandb
+            self._start_wandb(run_dir, config, resume_id)
 
+    def _start_wandb(self, run_dir: Path, config: dict[str, Any], resume_id: str | None) -> None:
+        os.environ.setdefault("WANDB_SILENT", "true")  # no banners on the console
+        import wandb
+
+        w = self.cfg.wandb
+        try:
             self.wandb = wandb.init(
-                project=cfg.wandb.project,
-                entity=cfg.wandb.entity or None,
-                name=cfg.wandb.name or run_dir.name,
-                group=cfg.wandb.group or None,
-                tags=cfg.wandb.tags or None,
-                mode=cfg.wandb.mode,
+                project=w.project,
+                entity=w.entity or None,
+                name=w.name or run_dir.name,
+                group=w.group or None,
+                tags=w.tags or None,
+                mode=w.mode,
                 dir=str(run_dir),
                 config=config,
                 id=resume_id,
                 resume="allow" if resume_id else None,
             )
-            self.run_id = self.wandb.id
-        self._t0 = time.perf_counter()
-        self._steps_timed = 0
+        except (wandb.errors.Error, OSError) as e:
+            first = _scrub(str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"tracking.wandb.mode={w.mode}: W&B did not start ({first}); run `wandb login` "
+                "or set WANDB_API_KEY, or use tracking.wandb.mode=offline"
+            ) from None
+        self.run_id = self.wandb.id
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Append a record to metrics.jsonl and W&B."""
+        """Append a record to metrics.jsonl and W&B; an evaluation record (eval/* keys) also
+        sends the generations the stage appended to samples.jsonl as a W&B table."""
         if not self.is_main:
             return
+        self.step = step
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+            if any(k.startswith("eval") for k in metrics):
+                self.log_samples(self._new_sample_rows(), step=step)
+
+    def _new_sample_rows(self) -> list[dict[str, Any]]:
+        """Complete rows appended to samples.jsonl since the last call."""
+        if not self.samples_path.exists():
+            return []
+        with open(self.samples_path, "rb") as f:
+            f.seek(self._samples_seen)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
+        self._samples_seen += end
+        rows = []
+        for line in data[:end].decode("utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int | None = None) -> None:
+        """Generations of one evaluation (dicts such as prompt/completion/answer) as the W&B
+        table `samples` at `step` (default: the last logged step)."""
+        if not self.is_main or self.wandb is None or not rows:
+            return
+        import wandb
+
+        columns: list[str] = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        data = [[_table_value(row.get(c)) for c in columns] for row in rows]
+        table = wandb.Table(columns=columns, data=data)
+        self.wandb.log({"samples": table}, step=self.step if step is None else step)
 
     def throughput(self, tokens: int, seconds: float) -> dict[str, float]:
-        """tokens/s and, on a GPU, model FLOPs utilisation for `tokens` trained in `seconds`."""
+        """tokens/s, model FLOPs utilisation on a GPU (when the peak is known) and memory, for
+        `tokens` trained in `seconds`."""
         rate = tokens / max(seconds, 1e-9)
         out = {"tokens_per_s": rate}
-        if self.peak_flops:
+        if self.peak_flops and self.flops_per_token:
             out["mfu"] = rate * self.flops_per_token / self.peak_flops
+        out.update(memory_metrics())
         return out
 
     def progress(self, step: int, metrics: dict[str, Any], step_seconds: float) -> None:
-        """One console line: step, loss, lr, tokens/s, MFU, ETA."""
+        """One console line: step/total and percent, loss, lr, grad norm, tokens/s, MFU,
+        memory and ETA (from the wall time since the first line, evaluations included)."""
         if not self.is_main:
             return
-        eta = format_duration((self.total_steps - step) * step_seconds)
-        parts = [f"step {step}/{self.total_steps}", f"loss {metrics['loss']:.4f}"]
-        parts.append(f"lr {metrics['lr']:.2e}")
+        now = time.perf_counter()
+        if self._anchor is None or step <= self._anchor[0]:
+            self._anchor = (step, now)
+            per_step = step_seconds
+        else:
+            per_step = (now - self._anchor[1]) / (step - self._anchor[0])
+        eta = format_duration(max(self.total_steps - step, 0) * per_step)
+        percent = 100 * step / max(self.total_steps, 1)
+        parts = [f"step {step}/{self.total_steps} ({percent:.0f}%)"]
+        if metrics.get("loss") is not None:
+            parts.append(f"loss {metrics['loss']:.4f}")
+        if metrics.get("lr") is not None:
+            parts.append(f"lr {metrics['lr']:.2e}")
         if metrics.get("grad_norm") is not None:
             parts.append(f"gnorm {metrics['grad_norm']:.2f}")
-        parts.append(f"{metrics['tokens_per_s'] / 1e3:.1f}k tok/s")
+        if metrics.get("tokens_per_s") is not None:
+            parts.append(f"{metrics['tokens_per_s'] / 1e3:.1f}k tok/s")
         if "mfu" in metrics:
             parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+        memory = metrics.get("memory/gpu_peak_gb", metrics.get("memory/rss_gb"))
+        if memory is not None:
+            parts.append(f"mem {memory:.2f}G")
         parts.append(f"ETA {eta}")
         print(" | ".join(parts), flush=True)
 
@@ -155,3 +252,11 @@ class Tracker:
         """Finish the W&B run."""
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None
+
+
+def _table_value(value: Any) -> Any:
+    """A W&B table cell: scalars as they are, anything else as JSON text."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return json.dumps(value)

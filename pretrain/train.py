@@ -134,9 +134,11 @@ def show_samples(ctx: Run) -> list[str]:
     room = cfg.model.max_seq_len - 16
     gen_cfg = GenerateConfig(max_new_tokens=min(cfg.train.sample_tokens, room), temperature=0)
     out = generate(ctx.engine.module, prompts, gen_cfg, eos_ids=[tok.eos_token_id])
-    texts = [tok.decode(p) + " ⟶ " + t for p, t in zip(prompts, out.texts(tok), strict=True)]
+    pairs = list(zip([tok.decode(p) for p in prompts], out.texts(tok), strict=True))
+    texts = [p + " ⟶ " + t for p, t in pairs]
     for text in texts:
         ctx.tracker.message("  sample: " + text.replace("\n", " ")[:300])
+    ctx.tracker.log_samples([{"prompt": p, "completion": t} for p, t in pairs])  # W&B table
     return texts
 
 
