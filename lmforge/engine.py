@@ -219,7 +219,12 @@ def init_distributed(info: DistInfo, backend: str = "") -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    import contextlib
+    import io
+
+    # DeepSpeed's CPU backend prints a notice that its shared-memory op was built, on every rank.
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 def quiet_deepspeed() -> None:
