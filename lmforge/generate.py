@@ -10,7 +10,8 @@ Shapes: B prompts, P padded prompt length, N new tokens, V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,12 @@ class GenerateConfig:
         default_factory=list, doc="Stop a row once its generated text contains one of these."
     )
     seed: int = option(0, "Seed of the sampling generator (same seed, same tokens).")
+    static_cache: bool = option(
+        False, "Decode with fixed shapes over the whole preallocated cache (same tokens)."
+    )
+    compile: bool = option(
+        False, "torch.compile the one-token decode step (static cache; CUDA graphs on GPUs)."
+    )
 
     def validate(self, prefix: str = "generate") -> None:
         """Reject values outside their range, naming the key."""
@@ -108,6 +115,41 @@ def _hit_stop_string(
     return any(s in text for s in stops)
 
 
+# A row's EOS is looked for on the device every step; whether every row has stopped is read
+# back every this many steps (a host sync), and the output is trimmed to the longest row, so the
+# result is the same as checking every step.
+_FINISHED_EVERY = 8
+# Static caches are rounded up to a multiple of this, so prompts of nearby lengths share a
+# compiled decode step.
+_STATIC_ROUND = 64
+
+
+def _decode_step(
+    model: GPT, token: torch.Tensor, position: torch.Tensor, cache: KVCache
+) -> torch.Tensor:
+    """One token per row (B, 1) at `position` (B, 1) through a static cache -> logits (B, 1, V)."""
+    return model(token, position_ids=position, cache=cache, last_only=True)
+
+
+_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def _compiled_decode(device: torch.device) -> Callable[..., torch.Tensor]:
+    """`_decode_step` under torch.compile, one per device type (its guards tell models and
+    shapes apart): CUDA graphs (mode reduce-overhead) on a GPU, inductor's default on CPU."""
+    if device.type not in _COMPILED:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _COMPILED[device.type] = torch.compile(_decode_step, mode=mode, dynamic=False)
+    return _COMPILED[device.type]
+
+
+def _eager() -> AbstractContextManager[object]:
+    """Run a torch.compile'd model eagerly (an engine may have compiled it for training): the
+    dynamic cache changes shape every step and would only recompile."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else nullcontext()
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -122,7 +164,8 @@ def generate(
     """Continue each prompt (a list of token ids) until EOS, a stop string or max_new_tokens.
 
     Stop strings need the tokenizer. use_cache=False recomputes the whole sequence every step
-    (the reference the cache is tested against).
+    (the reference the cache is tested against); cfg.static_cache / cfg.compile decode through
+    fixed shapes (the same tokens).
     """
     cfg = cfg or GenerateConfig()
     cfg.validate("generate")
@@ -138,6 +181,7 @@ def generate(
             f"generate.max_new_tokens: prompt of {p} tokens + {cfg.max_new_tokens} new tokens "
             f"exceeds model.max_seq_len={limit}"
         )
+    static = use_cache and (cfg.static_cache or cfg.compile)
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -151,47 +195,70 @@ def generate(
     cache = None
     if use_cache:
         dtype = next(model.parameters()).dtype
-        cache = KVCache(model.cfg, b, p + cfg.max_new_tokens, dtype=dtype, device=device)
+        size = p + cfg.max_new_tokens
+        if static:
+            size = min(limit, -(-size // _STATIC_ROUND) * _STATIC_ROUND)
+        cache = KVCache(model.cfg, b, size, dtype=dtype, device=device)
     seq, seq_mask, seq_pos = ids, mask, positions
-    logits = model(ids, attention_mask=mask, position_ids=positions, cache=cache, last_only=True)
-    steps = 0
+    with _eager():
+        logits = model(
+            ids, attention_mask=mask, position_ids=positions, cache=cache, last_only=True
+        )
+    step_fn: Callable[..., torch.Tensor] = _decode_step
+    if cache is not None and static:
+        cache.make_static(compiled=cfg.compile)
+        if cfg.compile:
+            step_fn = _compiled_decode(device)
+    may_stop = len(eos) > 0 or bool(cfg.stop_strings)
     for i in range(cfg.max_new_tokens):
-        steps = i + 1
         scores = logits[:, -1].float()  # (B, V)
         if cfg.temperature > 0:
             scores = scores / cfg.temperature
-        logp = torch.log_softmax(scores, dim=-1)  # (B, V)
         if cfg.temperature == 0:
             token = scores.argmax(dim=-1)  # (B,)
         else:
             probs = torch.softmax(filter_logits(scores, cfg.top_k, cfg.top_p), dim=-1)
             token = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B,)
-        lp = logp.gather(1, token[:, None]).squeeze(1)  # (B,)
+        # log p(token) = score - logsumexp(scores): log_softmax's value, without its (B, V) output
+        lp = scores.gather(1, token[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)  # (B,)
         out[:, i] = torch.where(finished, pad_id, token)
         out_lp[:, i] = torch.where(finished, 0.0, lp)
         lengths += (~finished).long()
-        done = torch.isin(token, eos) if len(eos) else torch.zeros_like(finished)
-        if cfg.stop_strings:
-            for row in (~finished & ~done).nonzero().flatten().tolist():
-                if _hit_stop_string(out, row, i + 1, tokenizer, cfg.stop_strings):
-                    done[row] = True
-        stopped |= done & ~finished
-        finished |= done
-        if bool(finished.all()) or i + 1 == cfg.max_new_tokens:
+        if may_stop:
+            done = torch.isin(token, eos) if len(eos) else torch.zeros_like(finished)
+            if cfg.stop_strings:
+                for row in (~finished & ~done).nonzero().flatten().tolist():
+                    if _hit_stop_string(out, row, i + 1, tokenizer, cfg.stop_strings):
+                        done[row] = True
+            stopped |= done & ~finished
+            finished |= done
+            check = cfg.stop_strings or i % _FINISHED_EVERY == _FINISHED_EVERY - 1
+            if check and bool(finished.all()):
+                break
+        if i + 1 == cfg.max_new_tokens:
             break
         next_pos = seq_pos[:, -1:] + 1  # (B, 1)
         step_ids = token[:, None]  # (B, 1)
-        if cache is not None:
-            logits = model(step_ids, position_ids=next_pos, cache=cache, last_only=True)
+        if cache is not None and static:
+            if cfg.compile and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = step_fn(model, step_ids, next_pos, cache)
+            assert cache.index is not None
+            cache.index += 1
+        elif cache is not None:
+            with _eager():
+                logits = model(step_ids, position_ids=next_pos, cache=cache, last_only=True)
         else:
             seq = torch.cat([seq, step_ids], dim=1)
             seq_mask = torch.cat([seq_mask, torch.ones_like(step_ids)], dim=1)
-            logits = model(
-                seq,
-                attention_mask=seq_mask,
-                position_ids=torch.cat([seq_pos, next_pos], 1),
-                last_only=True,
-            )
+            with _eager():
+                logits = model(
+                    seq,
+                    attention_mask=seq_mask,
+                    position_ids=torch.cat([seq_pos, next_pos], 1),
+                    last_only=True,
+                )
         seq_pos = torch.cat([seq_pos, next_pos], dim=1) if cache is None else next_pos
     model.train(was_training)
+    steps = int(lengths.max())  # the step at which the last row stopped, or max_new_tokens
     return Generation(out[:, :steps], out_lp[:, :steps], lengths, ids, mask, stopped)

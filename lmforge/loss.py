@@ -59,8 +59,37 @@ def _row_losses(
     return loss, lse
 
 
+def _softmax_losses_(
+    logits: torch.Tensor, labels: torch.Tensor, smoothing: float, z_coef: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row loss (C,), log-sum-exp (C,) and softmax (C, V) of fp32 logits (C, V), which it
+    overwrites with the softmax. One exponential pass serves both the loss and its gradient; the
+    arithmetic is `torch.logsumexp`'s (max, exp of the difference, sum, log), so the loss is the
+    plain path's."""
+    target = logits.gather(1, labels[:, None]).squeeze(1)  # (C,)
+    mean = logits.mean(dim=-1) if smoothing else None  # (C,)
+    peak = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+    peak.masked_fill_(peak.abs() == float("inf"), 0.0)
+    probs = logits.sub_(peak).exp_()  # (C, V): exp(z - max), in place
+    sums = probs.sum(dim=-1)  # (C,)
+    lse = sums.log().add_(peak.squeeze(1))  # (C,)
+    probs.div_(sums[:, None])  # (C, V): the softmax
+    loss = lse - target
+    if mean is not None:
+        loss = (1.0 - smoothing) * loss + smoothing * (lse - mean)
+    if z_coef:
+        loss = loss + z_coef * lse.square()
+    return loss, lse, probs
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Sum of per-token losses of (hidden @ weightᵀ); gradients computed during forward."""
+    """Sum of per-token losses of (hidden @ weightᵀ); gradients computed during forward.
+
+    Per chunk: one matmul to fp32 logits, one exponential pass (`_softmax_losses_`), the logit
+    gradient built in place in that buffer, then two matmuls. Ignored rows are zeroed on the
+    (C, D) side (their hidden rows and gradient rows), never by another pass over (C, V), and
+    nothing waits for the device (no `.item()`, no data-dependent branch).
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -75,28 +104,33 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         n, v = hidden.shape[0], weight.shape[0]
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # type: ignore[attr-defined]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.zeros_like(hidden) if want_h else None
+        grad_h = torch.empty_like(hidden) if want_h else None  # every row is written below
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         for s in range(0, n, chunk):
             h, y = hidden[s : s + chunk], labels[s : s + chunk]  # (C, D), (C,)
             valid = y != IGNORE_INDEX  # (C,)
             y = torch.where(valid, y, 0)
             logits = (h @ weight.t()).float()  # (C, V): the only fp32 logits alive
-            loss, lse = _row_losses(logits, y, smoothing, z_coef)
+            loss, lse, g = _softmax_losses_(logits, y, smoothing, z_coef)  # g: softmax (C, V)
             total += loss.masked_fill(~valid, 0.0).sum()
             if not (want_h or want_w):
                 continue
-            # d loss / d logits = softmax·(1 + 2·z·lse) - (1-ε)·onehot - ε/V
-            probs = torch.softmax(logits, dim=-1)
-            g = probs * (1.0 + 2.0 * z_coef * lse)[:, None]
+            # d loss / d logits = softmax·(1 + 2·z·lse) - (1-ε)·onehot - ε/V, built in place
+            if z_coef:
+                g.mul_((1.0 + 2.0 * z_coef * lse)[:, None])
             g[torch.arange(len(y), device=y.device), y] -= 1.0 - smoothing
             if smoothing:
-                g -= smoothing / v
-            g = (g * valid[:, None]).to(weight.dtype)  # (C, V)
+                g.sub_(smoothing / v)
+            g = g.to(weight.dtype)  # (C, V); rows of ignored labels are zeroed below
+            keep = valid[:, None].to(weight.dtype)  # (C, 1)
             if grad_h is not None:
-                grad_h[s : s + chunk] = g @ weight  # (C, D)
+                grad_h[s : s + chunk] = (g @ weight) * keep  # (C, D)
             if grad_w is not None:
-                grad_w += (g.t() @ h).float()  # (V, D)
+                hk = h * keep  # (C, D): an ignored row adds nothing to the weight's gradient
+                if grad_w.dtype == g.dtype:
+                    grad_w.addmm_(g.t(), hk)  # (V, D)
+                else:
+                    grad_w += (g.t() @ hk).float()  # (V, D)
         ctx.save_for_backward(
             grad_h if grad_h is not None else torch.empty(0),
             grad_w if grad_w is not None else torch.empty(0),

@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import option
 from lmforge.errors import ConfigError
@@ -199,7 +200,10 @@ class KVCache:
     """Preallocated keys and values for decoding: (L, B, K, S_max, E) each.
 
     Also keeps which cached positions are real tokens (left padding is not), so attention masks
-    can be rebuilt for every step. One cache serves one batch of sequences.
+    can be rebuilt for every step. One cache serves one batch of sequences. After the prompt,
+    `make_static()` switches it to fixed shapes: each token is written at `index` (a device
+    tensor the caller advances) and attention runs over all S_max slots, unwritten ones masked,
+    so one compiled (CUDA-graph) decode step serves every position.
     """
 
     def __init__(
@@ -217,11 +221,26 @@ class KVCache:
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.max_len = max_len
+        self.padded = False  # some written position is padding (known without a device sync)
+        self.index: torch.Tensor | None = None  # (1,) next slot, once static
+
+    def make_static(self, *, compiled: bool = False) -> None:
+        """Decode with fixed shapes from here on (see the class doc). `compiled` marks the
+        buffers as static addresses, which torch.compile's CUDA graphs need."""
+        self.index = torch.tensor([self.length], device=self.k.device)
+        if compiled:
+            for t in (self.k, self.v, self.valid, self.index):
+                torch._dynamo.mark_static_address(t)
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, K, T, E) at the current length; return all cached (B, K, S, E)."""
+        """Write k, v (B, K, T, E) at the current length; return all cached (B, K, S, E)
+        (static: write at `index`, return all S_max slots)."""
+        if self.index is not None:
+            self.k[layer].index_copy_(2, self.index, k)
+            self.v[layer].index_copy_(2, self.index, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
@@ -294,6 +313,22 @@ def build_attention_mask(
     bias = bias[None].expand(batch, -1, -1, -1)  # (B, H, T, S)
     bias = bias.masked_fill(~allowed[:, None], float("-inf"))
     return AttentionMask(bias.to(dtype), False)
+
+
+def static_decode_mask(cfg: ModelConfig, cache: KVCache, dtype: torch.dtype) -> AttentionMask:
+    """Mask of one query at slot cache.index against all S_max slots of a static cache: the
+    written real tokens (later slots are unwritten, so causality holds), ALiBi biases by
+    distance. Shapes do not depend on the position."""
+    assert cache.index is not None
+    allowed = cache.valid[:, None, None, :]  # (B, 1, 1, S)
+    if cfg.position != "alibi":
+        return AttentionMask(allowed, False)
+    k_idx = torch.arange(cache.max_len, device=cache.valid.device)  # (S,)
+    distance = (cache.index[:, None] - k_idx[None]).abs().float()  # (1, S)
+    slopes = alibi_slopes(cfg.n_heads).to(cache.valid.device)  # (H,)
+    bias = -slopes[:, None, None] * distance[None]  # (H, 1, S)
+    bias = bias[None].expand(cache.valid.shape[0], -1, -1, -1)  # (B, H, 1, S)
+    return AttentionMask(bias.masked_fill(~allowed, float("-inf")).to(dtype), False)
 
 
 # ----------------------------------------------------------------------------- the blocks
@@ -430,6 +465,9 @@ class GPT(nn.Module):
         # Post-norm blocks already end in a norm; pre-norm needs a final one (GPT-2).
         self.norm = build_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.output = LMHead(cfg.dim, cfg.vocab_size)
+        # Recompute each block in backward instead of keeping its activations (training only);
+        # a run setting (engine.activation_checkpointing), not part of the architecture.
+        self.activation_checkpointing = False
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -503,8 +541,11 @@ class GPT(nn.Module):
         """input_ids (B, T) -> final hidden states (B, T, D), after the last norm."""
         cfg = self.cfg
         b, t = input_ids.shape
+        static = cache is not None and cache.index is not None
+        if static and (t != 1 or position_ids is None or attention_mask is not None):
+            raise ValueError("a static cache decodes one token at a time, with position_ids")
         start = cache.length if cache is not None else 0
-        if start + t > cfg.max_seq_len:
+        if not static and start + t > cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {start + t} tokens exceeds model.max_seq_len={cfg.max_seq_len}"
             )
@@ -519,35 +560,43 @@ class GPT(nn.Module):
         x = self.dropout(x)
 
         key_valid = None
-        if cache is not None:
-            new_valid = (
-                torch.ones(b, t, dtype=torch.bool, device=device)
-                if attention_mask is None
-                else attention_mask.bool()
-            )
-            cache.valid[:, start : start + t] = new_valid
-            if not bool(cache.valid[:, : start + t].all()):
+        if static:
+            cache.valid.index_fill_(1, cache.index, True)
+        elif cache is not None:
+            if attention_mask is None:  # new tokens are real: nothing to check on the device
+                cache.valid[:, start : start + t] = True
+            else:
+                cache.valid[:, start : start + t] = attention_mask.bool()
+                cache.padded = cache.padded or not bool(attention_mask.all())
+            if cache.padded:
                 key_valid = cache.valid
         elif attention_mask is not None and not bool(attention_mask.all()):
             key_valid = attention_mask.bool()
-        mask = build_attention_mask(
-            cfg,
-            attention,
-            batch=b,
-            q_len=t,
-            start=start,
-            device=device,
-            dtype=x.dtype,
-            prefix_len=prefix_len,
-            doc_ids=doc_ids,
-            key_valid=key_valid,
-        )
+        if static:
+            mask = static_decode_mask(cfg, cache, x.dtype)
+        else:
+            mask = build_attention_mask(
+                cfg,
+                attention,
+                batch=b,
+                q_len=t,
+                start=start,
+                device=device,
+                dtype=x.dtype,
+                prefix_len=prefix_len,
+                doc_ids=doc_ids,
+                key_valid=key_valid,
+            )
         rope = None
         if cfg.position == "rope":
             rope = rope_cos_sin(position_ids, cfg.head_size, cfg.rope_theta, x.dtype)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, rope, cache, i)
-        if cache is not None:
+            if recompute and cache is None:
+                x = checkpoint(layer, x, mask, rope, None, i, use_reentrant=False)
+            else:
+                x = layer(x, mask, rope, cache, i)
+        if cache is not None and not static:
             cache.length = start + t
         return self.norm(x)
 
@@ -572,6 +621,18 @@ def build_model(
     if dtype is not None:
         model = model.to(dtype)
     return model
+
+
+def checkpoint_layers(model: nn.Module) -> int:
+    """Turn on activation checkpointing in every GPT inside `model` (a GPT, a reward model, a
+    LoRA wrapper); returns how many. Losses and gradients are unchanged (dropout included: the
+    recomputation replays the RNG state)."""
+    gpts = [m for m in model.modules() if isinstance(m, GPT)]
+    if not gpts:
+        raise ConfigError("engine.activation_checkpointing: needs an lmforge GPT inside the model")
+    for gpt in gpts:
+        gpt.activation_checkpointing = True
+    return len(gpts)
 
 
 # ------------------------------------------------------------------------- size and FLOPs

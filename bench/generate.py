@@ -1,0 +1,218 @@
+"""Rollout throughput: lmforge's KV-cached generator against transformers' `generate`.
+
+Both models hold the same weights (the Llama twin of an lmforge GPT), bf16 on a GPU and fp32 on
+CPU. Each side samples (temperature 1, no top-k / top-p) exactly `--new-tokens` tokens for
+`--batch` prompts of `--prompt-len` random tokens (transformers gets `min_new_tokens`, so its
+EOS cannot end a row early). New tokens/s is the median over `--repeats` timed runs after one
+warm-up run, the device synchronised before each timer read. A greedy check first: both sides
+decode a few left-padded prompts greedily in fp32, and the share of equal tokens is printed.
+
+    python bench/generate.py [--model tiny] [--batch 8] [--prompt-len 32] [--new-tokens 64]
+
+Defaults: batch 64, prompt 64, 256 new tokens on a GPU; batch 8, prompt 32, 64 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any
+
+import common
+import torch
+from train import add_common_args
+
+
+def add_generate_args(parser: argparse.ArgumentParser) -> None:
+    """Options of the generation benchmark."""
+    parser.add_argument("--batch", type=int, default=None, help="prompts per batch (64 / 8)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="tokens per prompt (64 / 32)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated (256 / 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side")
+    parser.add_argument("--greedy-prompts", type=int, default=4, help="prompts of the greedy check")
+    parser.add_argument("--greedy-tokens", type=int, default=32, help="tokens per greedy prompt")
+
+
+def _lmforge(
+    model: Any, prompts: list[list[int]], new: int, *, sample: bool, compile: bool
+) -> torch.Tensor:
+    from lmforge.generate import GenerateConfig, generate
+
+    temperature = 1.0 if sample else 0.0
+    cfg = GenerateConfig(max_new_tokens=new, temperature=temperature, top_k=0, compile=compile)
+    return generate(model, prompts, cfg).tokens  # (B, N)
+
+
+def _hf(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, new: int, *, sample: bool, compile: bool
+) -> torch.Tensor:
+    extra: dict[str, Any] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}
+    if compile:  # transformers' own fast path: static cache, forward compiled by generate
+        from transformers import CompileConfig
+
+        cuda = ids.device.type == "cuda"
+        extra["cache_implementation"] = "static"
+        extra["compile_config"] = CompileConfig(mode="reduce-overhead" if cuda else "default")
+        extra["compile_config"]._compile_all_devices = not cuda  # it compiles on GPUs only
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=sample,
+            max_new_tokens=new,
+            min_new_tokens=new,  # its EOS is masked until the last token: exactly `new` tokens
+            pad_token_id=0,
+            **extra,
+        )
+    return out[:, ids.shape[1] :]  # (B, N)
+
+
+def _timed(fn: Any, device: torch.device) -> float:
+    common.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    common.synchronize(device)
+    return time.perf_counter() - start
+
+
+def greedy_check(ours: Any, twin: Any, args: argparse.Namespace, device: torch.device) -> dict:
+    """Greedy tokens of both sides (fp32) for a few left-padded prompts of different lengths:
+    the share of sequences and of tokens (up to each row's first difference) that are equal."""
+    from lmforge.generate import left_pad
+
+    n, p, new = args.greedy_prompts, args.prompt_len, args.greedy_tokens
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    vocab = ours.cfg.vocab_size
+    lengths = [max(1, p - (3 * i) % max(1, p)) for i in range(n)]
+    prompts = [torch.randint(8, vocab, (k,), generator=gen).tolist() for k in lengths]
+    ours.float()
+    twin.float()
+    ids, mask = left_pad(prompts, pad_id=0)  # (B, P) each
+    a = _lmforge(ours, prompts, new, sample=False, compile=False).cpu()
+    b = _hf(twin, ids.to(device), mask.to(device), new, sample=False, compile=False).cpu()
+    agree = 0
+    for row_a, row_b in zip(a.tolist(), b.tolist(), strict=True):
+        same = next((i for i, (x, y) in enumerate(zip(row_a, row_b, strict=True)) if x != y), new)
+        agree += same
+    equal = int((a == b).all(dim=1).sum())
+    return {
+        "prompts": n,
+        "prompt_lengths": lengths,
+        "new_tokens": new,
+        "dtype": "fp32",
+        "sequences_equal": equal,
+        "share_sequences_equal": equal / n,
+        "share_tokens_equal": agree / (n * new),
+        "passed": equal == n,
+    }
+
+
+def run(args: argparse.Namespace, *, show: bool = True) -> dict[str, Any]:
+    """Measure both generators; print their table (with `show`); return the results record."""
+    common.setup()
+    from lmforge.model import build_model, num_params
+
+    device = common.bench_device()
+    common.set_threads(device, args.threads)
+    gpu = device.type == "cuda"
+    preset = args.model or common.default_preset(device)
+    cfg = common.model_config(preset)
+    batch = args.batch or (64 if gpu else 8)
+    prompt = args.prompt_len or (64 if gpu else 32)
+    new = args.new_tokens or (256 if gpu else 64)
+    args.prompt_len = prompt
+    if prompt + new > cfg.max_seq_len:
+        raise SystemExit(f"prompt {prompt} + {new} new tokens exceed max_seq_len {cfg.max_seq_len}")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    ours = build_model(cfg, device=device, seed=args.seed).eval()
+    twin = common.llama_twin(ours).eval()
+    ours.to(dtype)
+    twin.to(dtype)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(8, cfg.vocab_size, (batch, prompt), generator=gen)  # (B, P)
+    prompts = ids.tolist()
+    ids = ids.to(device)
+    mask = torch.ones_like(ids)
+    runs = {
+        "baseline": lambda: _hf(twin, ids, mask, new, sample=True, compile=args.compile),
+        "lmforge": lambda: _lmforge(ours, prompts, new, sample=True, compile=args.compile),
+    }
+    shapes = {name: tuple(fn().shape) for name, fn in runs.items()}  # warm-up run, checked
+    for name, shape in shapes.items():
+        if shape != (batch, new):
+            raise RuntimeError(f"{name} generated {shape}, expected {(batch, new)}")
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(args.repeats):  # alternate which goes first, so both see the same load
+        for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            times[name].append(_timed(runs[name], device))
+    record: dict[str, Any] = {
+        "shape": {
+            "preset": preset,
+            "parameters": num_params(cfg),
+            "batch": batch,
+            "prompt_len": prompt,
+            "new_tokens": new,
+            "sampling": "temperature 1, top-k 0, top-p 1",
+            "dtype": str(dtype).removeprefix("torch."),
+            "compile": args.compile,
+            "repeats": args.repeats,
+            "threads": torch.get_num_threads() if not gpu else None,
+        },
+        "device": common.device_label(device),
+    }
+    for name, t in times.items():
+        stats = common.summary(t)
+        record[name] = {**stats, "new_tokens_per_s": batch * new / stats["median_s"]}
+    record["ratio"] = record["lmforge"]["new_tokens_per_s"] / record["baseline"]["new_tokens_per_s"]
+    rounds = [b / o for b, o in zip(times["baseline"], times["lmforge"], strict=True)]
+    record["ratio_per_round"] = {
+        "median": statistics.median(rounds),
+        "min": min(rounds),
+        "max": max(rounds),
+    }
+    record["greedy_check"] = greedy_check(ours, twin, args, device)
+    if show:
+        print_table(record)
+    return record
+
+
+def print_table(r: dict[str, Any]) -> None:
+    """The generation table: one row per side, then the ratio and the greedy check."""
+    s = r["shape"]
+    threads = f", {s['threads']} thread(s)" if s["threads"] else ""
+    print(
+        f"\ngenerate: {s['preset']}, batch {s['batch']}, prompt {s['prompt_len']}, "
+        f"{s['new_tokens']} new tokens, sampling, {s['dtype']}, "
+        f"{'compiled' if s['compile'] else 'eager'}, {r['device']}{threads}"
+    )
+    print(f"{'':<22}{'run (median)':>14}{'new tokens/s':>14}")
+    for name, label in (("baseline", "baseline (HF generate)"), ("lmforge", "lmforge")):
+        e = r[name]
+        print(f"{label:<22}{e['median_s'] * 1e3:>11.1f} ms{e['new_tokens_per_s']:>14,.0f}")
+    p = r["ratio_per_round"]
+    print(f"ratio lmforge / baseline: {r['ratio']:.2f}x (per-round {p['min']:.2f}-{p['max']:.2f})")
+    g = r["greedy_check"]
+    print(
+        f"greedy check ({g['dtype']}): {g['sequences_equal']}/{g['prompts']} sequences equal, "
+        f"{g['share_tokens_equal']:.1%} of tokens: {'ok' if g['passed'] else 'MISMATCH'}"
+    )
+
+
+def main() -> None:
+    """Parse options, run, store the record under "generate" in the results file."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    add_generate_args(parser)
+    args = parser.parse_args()
+    record = run(args)
+    device = common.bench_device()
+    path = args.out or common.results_path(device, record["shape"]["preset"])
+    common.write_section(common.Path(path), "generate", record)
+    print(f"results: {path}")
+    sys.exit(0 if record["greedy_check"]["passed"] else 1)
+
+
+if __name__ == "__main__":
+    main()

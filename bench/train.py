@@ -1,0 +1,375 @@
+"""Training throughput: lmforge's training path against transformers' Llama, same process.
+
+lmforge: the GPT through `lmforge.engine.build_engine` (DeepSpeed, the configured ZeRO stage,
+bf16 with fp32 master weights on a GPU, fp32 on CPU, the fused chunked loss). Baseline:
+`transformers.LlamaForCausalLM` of the same shape holding the same weights, through
+`deepspeed.initialize` with the same DeepSpeed config, AdamW groups and schedule. Both train on
+the same random-token batches; the first step's losses must agree before any speed means
+anything. Tokens/s is the median over measured steps (warm-up excluded, the device
+synchronised before each timer read); MFU uses PaLM's FLOPs per token, 6·N + 12·L·d·T, against
+the matmul peak measured in this run and, on a known GPU, its datasheet peak.
+
+    python bench/train.py [--model tiny] [--seq-len 256] [--micro-batch 8] [--zero 2]
+                          [--steps 10] [--compile] [--offload] [--order interleaved]
+
+A benchmark, not a test: it fails only when the two first-step losses disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import common
+import torch
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the training and generation benchmarks."""
+    parser.add_argument("--model", default=None, help="preset in configs/model/ (tiny on CPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads; 0 = torch's default")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="results JSON (bench/results/DEVICE-PRESET)")
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    """Options of the training benchmark."""
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (256 / 1024)")
+    parser.add_argument("--micro-batch", type=int, default=8, help="rows per step")
+    parser.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps (10 CPU, 20 GPU)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps run before timing")
+    parser.add_argument("--offload", action="store_true", help="optimizer state in CPU memory")
+    parser.add_argument(
+        "--order",
+        choices=("interleaved", "sequential"),
+        default=None,
+        help="interleaved: alternate one step each (both models in memory; the default on CPU, "
+        "where load drifts); sequential: one model after the other (the default on GPUs)",
+    )
+
+
+@dataclass
+class Side:
+    """One side of the comparison: its step function and how to free it."""
+
+    name: str
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, labels) -> loss
+    close: Callable[[], None]
+
+
+def _settings(args: argparse.Namespace, steps: int) -> tuple[Any, Any]:
+    from lmforge.engine import EngineConfig
+    from lmforge.optim import OptimConfig
+
+    engine = EngineConfig(
+        zero_stage=args.zero, offload_optimizer=args.offload, compile=args.compile
+    )
+    return engine, OptimConfig()
+
+
+def build_lmforge(args: argparse.Namespace, cfg: Any, device: torch.device, steps: int) -> Side:
+    """The GPT in lmforge's engine (the real training path)."""
+    from lmforge.distributed import DistInfo
+    from lmforge.engine import build_engine
+    from lmforge.model import build_model
+
+    engine_cfg, optim = _settings(args, steps)
+    model = build_model(cfg, device=device, seed=args.seed)
+    engine = build_engine(
+        model,
+        engine_cfg,
+        optim,
+        micro_batch=args.micro_batch,
+        grad_accum=1,
+        total_steps=steps,
+        info=DistInfo(),
+    )
+    engine.train(True)
+
+    def step(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = engine(input_ids=ids, labels=labels)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    def close() -> None:
+        engine.ds.destroy()
+
+    return Side("lmforge", step, close)
+
+
+def build_baseline(args: argparse.Namespace, cfg: Any, device: torch.device, steps: int) -> Side:
+    """transformers' LlamaForCausalLM with the GPT's weights, through deepspeed.initialize with
+    what lmforge's engine gives it: the same DeepSpeed dict, AdamW groups and schedule."""
+    import deepspeed
+
+    from lmforge.engine import load_deepspeed_json, resolve_deepspeed_config
+    from lmforge.model import build_model
+    from lmforge.optim import build_scheduler, param_groups
+
+    engine_cfg, optim = _settings(args, steps)
+    twin = common.llama_twin(build_model(cfg, device=device, seed=args.seed))
+    common.free_memory(device)
+    ds_cfg = resolve_deepspeed_config(
+        load_deepspeed_json(engine_cfg.deepspeed),
+        cfg=engine_cfg,
+        optim=optim,
+        micro_batch=args.micro_batch,
+        grad_accum=1,
+        world=1,
+    )
+    groups = param_groups(twin, optim.weight_decay)
+    if "offload_optimizer" in ds_cfg["zero_optimization"]:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(
+            groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, adamw_mode=True
+        )
+    else:
+        optimizer = torch.optim.AdamW(
+            groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=torch.cuda.is_available()
+        )
+    scheduler = build_scheduler(optimizer, optim, steps)
+    ds, _, _, _ = deepspeed.initialize(
+        model=twin, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
+    )
+    if args.compile:
+        ds.compile()
+    ds.train(True)
+
+    def step(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # shift_labels: labels are already aligned with positions, as lmforge's are
+        loss = ds(input_ids=ids, labels=labels, shift_labels=labels).loss
+        ds.backward(loss)
+        ds.step()
+        return loss.detach()
+
+    return Side("baseline", step, ds.destroy)
+
+
+def _batches(
+    vocab: int, batch: int, seq: int, count: int, seed: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        tokens = torch.randint(0, vocab, (batch, seq + 1), generator=gen)  # (B, T+1)
+        out.append((tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)))
+    return out
+
+
+def _timed(side: Side, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> float:
+    common.synchronize(device)
+    start = time.perf_counter()
+    side.step(*batch)
+    common.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _measure(
+    builders: list[Callable[[], Side]],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    interleaved: bool,
+) -> dict[str, dict[str, Any]]:
+    """Per side: first-step loss, measured step times, peak memory. Interleaved runs one step
+    of each side in turn (alternating which goes first), so both see the same machine load."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return batches[i % len(batches)]
+
+    if interleaved:
+        sides = [build() for build in builders]
+        losses: dict[str, list[torch.Tensor]] = {s.name: [] for s in sides}
+        for i in range(warmup):
+            for s in sides:
+                losses[s.name].append(s.step(*batch(i)))
+        times: dict[str, list[float]] = {s.name: [] for s in sides}
+        for r in range(steps):
+            for s in sides if r % 2 == 0 else sides[::-1]:
+                times[s.name].append(_timed(s, batch(warmup + r), device))
+        for s in sides:
+            out[s.name] = {"first_loss": float(losses[s.name][0]), "times": times[s.name]}
+            out[s.name]["peak_memory_bytes"] = common.peak_memory(device)
+            s.close()
+        return out
+    for build in builders:
+        common.reset_peak_memory(device)
+        side = build()
+        warm = [side.step(*batch(i)) for i in range(warmup)]  # read after: no sync per step
+        times_one = [_timed(side, batch(warmup + r), device) for r in range(steps)]
+        out[side.name] = {"first_loss": float(warm[0]), "times": times_one}
+        out[side.name]["peak_memory_bytes"] = common.peak_memory(device)
+        side.close()
+        del side
+        common.free_memory(device)
+    return out
+
+
+def run(args: argparse.Namespace, *, show: bool = True) -> dict[str, Any]:
+    """Measure both sides; print their table (with `show`); return the results record."""
+    common.setup()
+    from lmforge.distributed import DistInfo
+    from lmforge.engine import init_distributed, resolve_precision
+    from lmforge.model import flops_per_token, matmul_params, num_params
+
+    device = common.bench_device()
+    common.set_threads(device, args.threads)
+    preset = args.model or common.default_preset(device)
+    cfg = common.model_config(preset)
+    seq = args.seq_len or min(cfg.max_seq_len, 1024 if device.type == "cuda" else 256)
+    steps = args.steps or (20 if device.type == "cuda" else 10)
+    warmup = max(1, args.warmup)
+    interleaved = (args.order or ("sequential" if device.type == "cuda" else "interleaved")) == (
+        "interleaved"
+    )
+    if args.zero == 0 and args.offload:
+        raise SystemExit("--offload needs --zero 1, 2 or 3")
+    init_distributed(DistInfo())
+    precision = resolve_precision("auto")
+    peak, peak_label = common.matmul_peak(device)
+    sheet = common.datasheet_peak(device)
+    torch.manual_seed(args.seed)
+    batches = _batches(cfg.vocab_size, args.micro_batch, seq, 4, args.seed, device)
+    total = warmup + steps
+    sides = _measure(
+        [
+            lambda: build_baseline(args, cfg, device, total),
+            lambda: build_lmforge(args, cfg, device, total),
+        ],
+        batches,
+        warmup,
+        steps,
+        device,
+        interleaved,
+    )
+    fpt = flops_per_token(cfg, seq)
+    tokens = args.micro_batch * seq
+    record: dict[str, Any] = {
+        "shape": {
+            "preset": preset,
+            "seq_len": seq,
+            "micro_batch": args.micro_batch,
+            "grad_accum": 1,
+            "processes": 1,
+            "zero_stage": args.zero,
+            "offload_optimizer": args.offload,
+            "precision": precision,
+            "compile": args.compile,
+            "order": "interleaved" if interleaved else "sequential",
+            "warmup_steps": warmup,
+            "measured_steps": steps,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "parameters": num_params(cfg),
+            "matmul_parameters": matmul_params(cfg),
+            "flops_per_token": fpt,
+            "tokens_per_step": tokens,
+        },
+        "device": common.device_label(device),
+        "peak_flops": {"measured": peak, "measured_label": peak_label},
+    }
+    if sheet:
+        record["peak_flops"].update(datasheet=sheet[0], datasheet_label=sheet[1])
+    for name, data in sides.items():
+        stats = common.summary(data["times"])
+        rate = tokens / stats["median_s"]
+        entry = {
+            **stats,
+            "tokens_per_s": rate,
+            "mfu_measured": rate * fpt / peak,
+            "first_loss": data["first_loss"],
+            "peak_memory_bytes": data["peak_memory_bytes"],
+        }
+        if sheet:
+            entry["mfu_datasheet"] = rate * fpt / sheet[0]
+        record[name] = entry
+    base, ours = record["baseline"], record["lmforge"]
+    record["ratio"] = ours["tokens_per_s"] / base["tokens_per_s"]
+    if interleaved:  # same-round ratios: the spread the machine's load leaves on the ratio
+        rounds = [b / o for b, o in zip(base["all_s"], ours["all_s"], strict=True)]
+        record["ratio_per_round"] = {
+            "median": statistics.median(rounds),
+            "min": min(rounds),
+            "max": max(rounds),
+        }
+    record["loss_check"] = loss_check(ours["first_loss"], base["first_loss"], precision)
+    if show:
+        print_table(record)
+    return record
+
+
+def loss_check(ours: float, base: float, precision: str) -> dict[str, Any]:
+    """First-step losses (same weights, same batch) must agree: relative 1e-5 in fp32, 1e-2 in
+    bf16/fp16 (different kernels round differently)."""
+    rel = 1e-5 if precision == "fp32" else 1e-2
+    tolerance = rel * max(1.0, abs(base))
+    diff = abs(ours - base)
+    return {
+        "lmforge": ours,
+        "baseline": base,
+        "abs_diff": diff,
+        "tolerance": tolerance,
+        "passed": diff <= tolerance,
+    }
+
+
+def print_table(r: dict[str, Any]) -> None:
+    """The training table: one row per side, then the ratio and the loss check."""
+    s = r["shape"]
+    how = "compiled" if s["compile"] else "eager"
+    threads = f", {s['threads']} thread(s)" if s["threads"] else ""
+    print(
+        f"\ntrain: {s['preset']} ({s['parameters'] / 1e6:.1f}M params), seq {s['seq_len']} x "
+        f"micro-batch {s['micro_batch']}, ZeRO-{s['zero_stage']}"
+        f"{' + optimizer offload' if s['offload_optimizer'] else ''}, {s['precision']}, {how}, "
+        f"{r['device']}{threads}, "
+        f"{s['measured_steps']} measured steps ({s['order']})"
+    )
+    sheet = "datasheet_label" in r["peak_flops"]
+    header = f"{'':<22}{'step (median)':>14}{'tokens/s':>12}{'MFU meas.':>11}"
+    print(header + (f"{'MFU sheet':>11}" if sheet else "") + f"{'first loss':>13}")
+    for name, label in (("baseline", "baseline (HF Llama)"), ("lmforge", "lmforge")):
+        e = r[name]
+        line = f"{label:<22}{e['median_s'] * 1e3:>11.1f} ms{e['tokens_per_s']:>12,.0f}"
+        line += f"{e['mfu_measured']:>10.1%} " + (f"{e['mfu_datasheet']:>10.1%} " if sheet else "")
+        print(line + f"{e['first_loss']:>13.6f}")
+    spread = r.get("ratio_per_round")
+    extra = f" (per-round {spread['min']:.2f}-{spread['max']:.2f})" if spread else ""
+    print(f"ratio lmforge / baseline: {r['ratio']:.2f}x{extra}")
+    p = r["peak_flops"]
+    print(f"MFU against {p['measured']:.3g} FLOP/s ({p['measured_label']})", end="")
+    print(f" and {p['datasheet']:.3g} FLOP/s ({p['datasheet_label']})" if sheet else "")
+    c = r["loss_check"]
+    verdict = "ok" if c["passed"] else "MISMATCH"
+    print(
+        f"first-step loss: lmforge {c['lmforge']:.6f}, baseline {c['baseline']:.6f}, "
+        f"|diff| {c['abs_diff']:.2e} (tolerance {c['tolerance']:.1e}): {verdict}"
+    )
+
+
+def main() -> None:
+    """Parse options, run, store the record under "train" in the results file."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    add_train_args(parser)
+    args = parser.parse_args()
+    record = run(args)
+    device = common.bench_device()
+    path = args.out or common.results_path(device, record["shape"]["preset"])
+    common.write_section(common.Path(path), "train", record)
+    print(f"results: {path}")
+    sys.exit(0 if record["loss_check"]["passed"] else 1)
+
+
+if __name__ == "__main__":
+    main()
