@@ -199,6 +199,8 @@ def _export(args: argparse.Namespace) -> int:
         parent=str(src),
         **record,
     )
+    for file in out.iterdir():  # safetensors writes owner-only files; an export is for sharing
+        file.chmod(file.stat().st_mode | 0o444)
     files = sorted(p.name for p in out.iterdir())
     shards = sum(name.endswith(".safetensors") for name in files)
     kind = read_json(out / "config.json")
@@ -244,6 +246,21 @@ def _stage_from_file(path: str, overrides: list[str]) -> tuple[str, Any]:
     raise ConfigError(f"{first_error} (pass --stage to say which stage the config is for)")
 
 
+def _preset_model(name: str, overrides: list[str]) -> Any:
+    """ModelConfig of preset `name` with `--model.key=value` overrides (no stage config)."""
+    from lmforge.config import from_dict, parse_overrides
+    from lmforge.model import ModelConfig
+
+    other = [arg for arg in overrides if arg.startswith("--") and not arg.startswith("--model.")]
+    if other:
+        raise ConfigError(
+            f"{other[0].split('=')[0]}: without --config only --model.KEY=VALUE overrides "
+            "apply; give --config FILE to estimate a stage config"
+        )
+    parsed = parse_overrides(overrides)
+    return from_dict(ModelConfig, {"preset": name, **parsed.get("model", {})}, prefix="model")
+
+
 def _estimate(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmforge.config import load_config
     from lmforge.config_reference import stage_config_class
@@ -255,28 +272,34 @@ def _estimate(args: argparse.Namespace, overrides: list[str]) -> int:
         stage_seq_len,
     )
 
-    if args.config is None and args.model is None:
-        raise ConfigError("estimate: give --config FILE or --model PRESET")
-    if args.model is not None:
-        overrides = [f"--model={args.model}", *overrides]
-    if args.config is not None and args.stage is None:
-        stage, cfg = _stage_from_file(args.config, overrides)
-    else:
-        stage = args.stage or "pretrain"
-        cfg = load_config(stage_config_class(stage), args.config, overrides)
     if args.gpus < 1:
         raise ConfigError(f"--gpus: must be at least 1, got {args.gpus}")
-    model = stage_model(cfg)
-    layout = configured_layout(cfg, args.gpus) if args.config is not None else None
-    seq_len = args.seq_len or (
-        stage_seq_len(cfg, model) if args.config is not None else model.max_seq_len
+    layout, stage = None, args.stage or "pretrain"
+    if args.config is None:
+        if args.model is None:
+            raise ConfigError("estimate: give --config FILE or --model PRESET")
+        model = _preset_model(args.model, overrides)
+        seq_len, micro = model.max_seq_len, 1
+    else:
+        if args.model is not None:
+            overrides = [f"--model={args.model}", *overrides]
+        if args.stage is None:
+            stage, cfg = _stage_from_file(args.config, overrides)
+        else:
+            cfg = load_config(stage_config_class(stage), args.config, overrides)
+        model = stage_model(cfg)
+        layout = configured_layout(cfg, args.gpus)
+        seq_len, micro = stage_seq_len(cfg, model), cfg.train.micro_batch_size
+    est = estimate(
+        model,
+        seq_len=args.seq_len or seq_len,
+        micro_batch=args.micro_batch or micro,
+        gpus=args.gpus,
+        precision=args.precision or (layout.precision if layout else "bf16"),
     )
-    micro = args.micro_batch or (cfg.train.micro_batch_size if args.config is not None else 1)
-    precision = args.precision or (layout.precision if layout else "bf16")
-    est = estimate(model, seq_len=seq_len, micro_batch=micro, gpus=args.gpus, precision=precision)
-    print(f"{stage}: {args.config or f'model preset {args.model}'}")
+    print(f"{stage}: {args.config}" if args.config else f"model preset {args.model}")
     print(format_estimate(est, layout=layout))
-    if stage in ("dpo", "grpo", "ppo"):
+    if args.config and stage in ("dpo", "grpo", "ppo"):
         print(
             f"note: {stage} also holds frozen copies (reference, reward model) and, for ppo, a "
             "trained critic: not counted above"
@@ -330,8 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(config.json, safetensors shards with an index when large, tokenizer files, "
         "generation_config.json). Written into a hidden sibling and renamed when complete.",
     )
-    export.add_argument("checkpoint", help="checkpoint directory or run directory (its latest)")
-    export.add_argument("out", help="directory to create")
+    export.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint directory or run directory (its latest)"
+    )
+    export.add_argument("out", metavar="OUT", help="directory to create")
     export.add_argument(
         "--max-shard-size",
         default="5GB",
@@ -350,17 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw loss (per objective, evaluation losses as markers), learning rate "
         "and tokens/s against step from RUN_DIR/metrics.jsonl into a PNG.",
     )
-    plot.add_argument("run_dir", help="run directory holding metrics.jsonl")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding metrics.jsonl")
     plot.add_argument(
         "-o", "--output", help="image file (.png, .svg, .pdf; default RUN_DIR/curves.png)"
     )
     est = sub.add_parser(
         "estimate",
         help="parameters, FLOPs per token and memory per GPU for every ZeRO stage",
-        description="Size and memory of a training run before it runs: parameters, "
-        "FLOPs per token (6N + 12·L·H·E·T), model-state memory per GPU for ZeRO stages 0-3 "
-        "with and without offload (GPU and CPU bytes), and activation memory. Extra "
-        "--section.key=value arguments override the config.",
+        description="Size and memory of a training run before it runs: parameters, FLOPs per\n"
+        "token (6N + 12·L·H·E·T), model-state memory per GPU for ZeRO stages 0-3 with and\n"
+        "without offload (GPU and CPU bytes; ZeRO paper accounting, 16 bytes per parameter\n"
+        "for mixed-precision Adam) and activation memory. Extra --section.key=value\n"
+        "arguments override the config (only --model.KEY=VALUE without --config).",
         epilog="examples:\n  lmforge estimate --model 7b --gpus 8 --seq-len 4096\n"
         "  lmforge estimate --config configs/pretrain/demo.yaml --model.n_layers=8",
         formatter_class=argparse.RawDescriptionHelpFormatter,

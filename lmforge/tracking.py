@@ -166,7 +166,7 @@ class Tracker:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=step)
             if any(k.startswith("eval") for k in metrics):
                 self.log_samples(self._new_sample_rows(), step=step)
 
