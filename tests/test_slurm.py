@@ -2,7 +2,8 @@
 temp dir) runs the project's own launch/slurm/pretrain.sbatch. A two-process pretraining job
 completes with a committed checkpoint; a second one is told to stop the way SLURM warns before
 a time limit (USR1 to the batch shell), checkpoints, requeues itself and resumes where it
-stopped. Skipped where slurmctld is not installed (.ci/run installs it)."""
+stopped; the same warning to a run that is already complete does not requeue it. Skipped where
+slurmctld is not installed (.ci/run installs it)."""
 
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ class Cluster:
         """The daemons' logs and the job's output, for failure messages."""
         files = sorted((self.root / "log").iterdir())
         if job_id is not None:
-            files.append(self.root / "out" / f"job-{job_id}.out")
+            files.append(self.root / "out" / f"job-{job_id}.out")  # see output()
         parts = [
             f"==== {f.name}\n{f.read_text(errors='replace')[-6000:]}" for f in files if f.exists()
         ]
@@ -244,16 +245,51 @@ def committed_step(run_dir: Path) -> tuple[int, Path]:
     return int(meta["step"]), ckpt
 
 
-def test_two_process_pretraining_job_completes_with_a_checkpoint(cluster: Cluster) -> None:
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def output(cluster: Cluster, job_id: str) -> str:
+    """The job's output file (every start appends to it)."""
+    file = cluster.root / "out" / f"job-{job_id}.out"
+    return file.read_text(errors="replace") if file.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def finished(cluster: Cluster) -> tuple[str, Path, dict[str, str]]:
+    """A four-step two-process pretraining job, run to the end: job id, run_dir, final state."""
     job_id, run_dir = submit(cluster, "plain", "--train.steps=4")
-    info = cluster.wait(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=150)
+    return job_id, run_dir, cluster.wait(job_id, DONE, timeout=150)
+
+
+def test_two_process_pretraining_job_completes_with_a_checkpoint(
+    cluster: Cluster, finished: tuple[str, Path, dict[str, str]]
+) -> None:
+    job_id, run_dir, info = finished
     assert info["JobState"] == "COMPLETED", cluster.logs(job_id)
     assert info["Restarts"] == "0"
     step, ckpt = committed_step(run_dir)
     assert (step, ckpt.name) == (4, "step-000004")
     assert metric_steps(run_dir) == [1, 2, 3, 4]
-    out = (cluster.root / "out" / f"job-{job_id}.out").read_text()
-    assert "2 process(es)" in out, out
+    assert "2 process(es)" in output(cluster, job_id)
+
+
+def test_a_warning_to_a_finished_run_does_not_requeue(
+    cluster: Cluster, finished: tuple[str, Path, dict[str, str]]
+) -> None:
+    _, run_dir, _ = finished
+    job_id, same_dir = submit(cluster, "plain", "--train.steps=4")
+    assert same_dir == run_dir
+    deadline = time.monotonic() + 60
+    while f"lmforge job {job_id} (restart 0)" not in output(cluster, job_id):  # trap is set
+        assert time.monotonic() < deadline, cluster.logs(job_id)
+        time.sleep(0.2)
+    cluster.cmd("scancel", "--batch", "--signal=USR1", job_id)
+    info = cluster.wait(job_id, DONE, timeout=120)
+    out = output(cluster, job_id)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "0"), cluster.logs(job_id)
+    assert "the run is complete; not requeueing" in out, out
+    assert committed_step(run_dir)[0] == 4
+    assert metric_steps(run_dir) == [1, 2, 3, 4]
 
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster: Cluster) -> None:
@@ -266,8 +302,8 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster: Cluster) -> None:
         time.sleep(0.2)
     # What --signal=B:USR1@SECS does before the time limit: USR1 to the batch shell only.
     cluster.cmd("scancel", "--batch", "--signal=USR1", job_id)
-    info = cluster.wait(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=150)
-    out = (cluster.root / "out" / f"job-{job_id}.out").read_text()
+    info = cluster.wait(job_id, DONE, timeout=150)
+    out = output(cluster, job_id)
     assert info["JobState"] == "COMPLETED", cluster.logs(job_id)
     assert info["Restarts"] == "1", out
     assert "requeueing to resume" in out, out

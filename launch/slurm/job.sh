@@ -28,6 +28,23 @@
 #   MASTER_PORT     rendezvous port (default: 20000 + job id mod 20000)
 set -euo pipefail
 
+preempted=0
+srun_pid=
+# shellcheck disable=SC2317  # run by the trap
+on_usr1() {
+  preempted=1
+  echo "lmforge job $SLURM_JOB_ID: USR1, asking every rank to checkpoint and stop"
+  [[ -n $srun_pid ]] && kill -USR1 "$srun_pid" 2>/dev/null
+  return 0
+}
+# shellcheck disable=SC2317  # run by the trap
+on_term() {
+  [[ -n $srun_pid ]] && kill -TERM "$srun_pid" 2>/dev/null
+  return 0
+}
+trap on_usr1 USR1 # first thing: a warning that comes early is not lost
+trap on_term TERM
+
 : "${STAGE:?set STAGE to a stage script, e.g. pretrain/train.py}"
 if [[ -z ${PYTHON:-} ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
@@ -57,25 +74,11 @@ fi
 echo "lmforge job $SLURM_JOB_ID (restart $restarts): $STAGE on $SLURM_JOB_NUM_NODES node(s)," \
   "rendezvous $MASTER_ADDR:$MASTER_PORT"
 
-preempted=0
-srun_pid=
-# shellcheck disable=SC2317  # run by the trap
-on_usr1() {
-  preempted=1
-  echo "lmforge job $SLURM_JOB_ID: USR1, asking every rank to checkpoint and stop"
-  [[ -n $srun_pid ]] && kill -USR1 "$srun_pid" 2>/dev/null
-  return 0
-}
-# shellcheck disable=SC2317  # run by the trap
-on_term() {
-  [[ -n $srun_pid ]] && kill -TERM "$srun_pid" 2>/dev/null
-  return 0
-}
-trap on_usr1 USR1
-trap on_term TERM
-
 "${step[@]}" "$PYTHON" "$STAGE" "${args[@]}" &
 srun_pid=$!
+if ((preempted)); then # the warning came before srun started
+  kill -USR1 "$srun_pid"
+fi
 # A trapped signal interrupts `wait`; keep waiting until srun itself has exited.
 status=0
 while :; do
@@ -110,7 +113,7 @@ EOF
 if ((preempted)); then
   if run_finished; then
     echo "lmforge job $SLURM_JOB_ID: the run is complete; not requeueing"
-    exit "$status"
+    exit 0
   fi
   echo "lmforge job $SLURM_JOB_ID: stage exited with $status; requeueing to resume"
   scontrol requeue "$SLURM_JOB_ID"
