@@ -15,22 +15,31 @@ parameter offload (stage 3) moves its parameter partition there too. fp32 traini
 weights and gradients and 8 bytes of Adam moments. Communication buckets, ZeRO-3's gathered
 layers and allocator fragmentation are not counted.
 
-Activations (per GPU, independent of N: ZeRO is data parallel) count the tensors autograd keeps
-for the backward pass, after Korthikanti et al. 2022 ("Reducing activation recomputation"),
-adapted to this model: attention through SDPA keeps no T×T score matrix, keys and values have
-K heads, and the feed-forward is SwiGLU or GELU. Per layer and token, with p bytes per value:
+Activations (per GPU, independent of N: ZeRO is data parallel) are the bytes autograd keeps for
+the backward pass, counted as Korthikanti et al. 2022 ("Reducing activation recomputation")
+count them, for this model's own tensors: SDPA keeps no T×T score matrix (flash and
+memory-efficient kernels), keys and values have K heads, the feed-forward is SwiGLU or GELU,
+RMSNorm computes in fp32, and the fused output layer computes its input gradient during the
+forward. Per layer and token, with p bytes per value (2 for bf16/fp16, 4 for fp32):
 
-    A = p · (4·D + 2·H·E + 2·K·E + c·F),  c = 4 (SwiGLU) or 2 (GELU)
+    A = 2·(Nrm + p·D) + p·(2·H·E + 2·K·E + c·F) + 4·H        c = 4 (SwiGLU) or 2 (GELU)
 
-(4·D: the inputs and outputs of the two norms; 2·H·E: the queries and the attention output;
-2·K·E: keys and values; c·F: the feed-forward intermediates), plus one byte per element of each
-residual dropout mask when resid_dropout > 0. The final norm adds 2·D·p per token. With
-activation checkpointing per block, only each block's input (D·p per token) is kept and one
-block's activations are rebuilt at a time:
+(each norm's own tensors Nrm and its output, read by a linear layer; queries and attention
+output, keys and values; c feed-forward intermediates; the fp32 log-sum-exp per head), where
+Nrm = 4·D + p·D + 4 for RMSNorm (its fp32 input, normalised values, 1/rms) and p·D + 2·p for
+LayerNorm (input, mean, 1/std); plus one byte per element of each residual dropout mask when
+resid_dropout > 0. Outside the blocks, per token: the final norm's Nrm (pre-norm), the input
+gradient p·D that the fused loss computes in its forward, the token id (8) and, with RoPE, the
+cos/sin tables 2·E·p; and once per batch the fused loss's fp32 output-weight gradient 4·V·D.
+With activation checkpointing per block only each block's input (D·p per token) is kept and
+one block's activations are rebuilt at a time:
 
-    without: tokens · (L·A + 2·D·p)        with: tokens · (L·D·p + A + 2·D·p)
+    without: tokens · (L·A + outside) + 4·V·D
+    with:    tokens · (L·D·p + A + outside) + 4·V·D
 
-where tokens = micro-batch size × sequence length.
+where tokens = micro-batch size × sequence length. This matches the bytes autograd saves in
+this implementation (tests/test_cli_tools.py measures it); the math SDPA kernel (ALiBi's float
+masks, or a GPU without a fused kernel for the mask) adds a T×T matrix per head, not counted.
 """
 
 from __future__ import annotations
@@ -116,26 +125,36 @@ def zero_memory(
     return ZeroMemory(stage, offload, gpu, cpu)
 
 
-def activation_bytes_per_token(cfg: ModelConfig, precision: str = "bf16") -> tuple[float, float]:
-    """(one block's activation bytes per token, bytes per token outside the blocks)."""
+def activation_terms(cfg: ModelConfig, precision: str = "bf16") -> tuple[float, float, float]:
+    """(bytes per token in one block, bytes per token outside the blocks, bytes per batch): the
+    tensors autograd keeps for backward in this model (see the module doc)."""
     p = 2 if precision in ("bf16", "fp16") else 4
     d, e, h, k, f = cfg.dim, cfg.head_size, cfg.n_heads, cfg.kv_heads, cfg.hidden_dim
     c = 4 if cfg.mlp == "swiglu" else 2
-    block = p * (4 * d + 2 * h * e + 2 * k * e + c * f)
+    # a norm's own saved tensors, without its output (kept by the linear layer that reads it):
+    # RMSNorm its fp32 input, normalised values and 1/rms; LayerNorm its input, mean and 1/std
+    own = 4 * d + p * d + 4 if cfg.norm == "rmsnorm" else p * d + 2 * p
+    block = 2 * (own + p * d) + p * (2 * h * e + 2 * k * e + c * f) + 4 * h
     if cfg.resid_dropout > 0:
         block += 2 * d  # one-byte masks of the two residual dropouts
-    return float(block), float(2 * d * p)
+    # the final norm, the input gradient the fused loss computes in forward, the token id
+    outside = (own if cfg.norm_position == "pre" else 0) + p * d + 8
+    if cfg.position == "rope":
+        outside += 2 * e * p  # cos and sin tables, shared by the layers
+    if cfg.embed_dropout > 0:
+        outside += d
+    return float(block), float(outside), float(4 * cfg.vocab_size * d)  # fp32 output-weight grad
 
 
 def activation_memory(
     cfg: ModelConfig, tokens: int, precision: str = "bf16", *, checkpointing: bool = False
 ) -> float:
     """Activation bytes kept for backward for `tokens` tokens (micro-batch × sequence)."""
-    block, outside = activation_bytes_per_token(cfg, precision)
+    block, outside, fixed = activation_terms(cfg, precision)
     p = 2 if precision in ("bf16", "fp16") else 4
     if checkpointing:
-        return tokens * (cfg.n_layers * cfg.dim * p + block + outside)
-    return tokens * (cfg.n_layers * block + outside)
+        return tokens * (cfg.n_layers * cfg.dim * p + block + outside) + fixed
+    return tokens * (cfg.n_layers * block + outside) + fixed
 
 
 def estimate(

@@ -220,11 +220,39 @@ def test_estimate_counts_by_hand() -> None:
     assert est.params == PSI == num_params(cfg)
     assert est.matmul_params == 2 * (layer - 64) + 97 * 32
     assert est.flops_per_token == 6 * est.matmul_params + 12 * 2 * 4 * 8 * 64
-    # activations, bf16: a block keeps 4D + 2HE + 2KE + 4F values per token, the final norm 2D
-    block, outside, tokens = 2 * (4 * 32 + 2 * 32 + 2 * 16 + 4 * 128), 2 * 2 * 32, 64 * 2
-    assert est.activation_bytes == tokens * (2 * block + outside)
-    assert est.activation_bytes_checkpointed == tokens * (2 * 32 * 2 + block + outside)
-    assert activation_memory(cfg, tokens, "fp32") == 2 * est.activation_bytes
+    # activations in bf16 (p = 2), bytes per token: an RMSNorm keeps 4D + pD + 4 of its own
+    # and pD of output; a block two norms + p(2HE + 2KE + 4F) + 4H; outside: the final norm's
+    # own, the loss's input gradient pD, the token id 8, the RoPE tables 2Ep; per batch 4VD
+    own = 4 * 32 + 2 * 32 + 4
+    block = 2 * (own + 2 * 32) + 2 * (2 * 32 + 2 * 16 + 4 * 128) + 4 * 4
+    outside, fixed, tokens = own + 2 * 32 + 8 + 2 * 8 * 2, 4 * 97 * 32, 64 * 2
+    assert (block, outside) == (1752, 300)
+    assert est.activation_bytes == tokens * (2 * block + outside) + fixed
+    assert est.activation_bytes_checkpointed == tokens * (2 * 32 * 2 + block + outside) + fixed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"mlp": "gelu", "norm": "layernorm", "position": "learned", "n_kv_heads": 4}],
+)
+def test_activation_estimate_matches_what_autograd_saves(dtype, variant) -> None:
+    cfg = small_config(**variant)
+    model = build_model(cfg, seed=0, dtype=dtype).train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()  # views of one tensor count once
+        saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    ids = torch.randint(0, cfg.vocab_size, (2, 64))  # (B, T)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids)
+    measured = sum(n for ptr, n in saved.items() if ptr not in weights)
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    assert measured == pytest.approx(activation_memory(cfg, 2 * 64, precision), rel=0.03)
 
 
 @pytest.mark.parametrize("gpus", [1, 4])
