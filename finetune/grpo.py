@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,53 @@ def heldout_accuracy(
     return {("eval/accuracy" if k == "all" else f"eval/accuracy/{k}"): v for k, v in scores.items()}
 
 
+@torch.no_grad()
+def heldout_reward_kl(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    heldout: PromptDataset,
+    tok: Any,
+    score: Callable[..., torch.Tensor],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> dict[str, float]:
+    """Mean raw reward and mean sequence KL(policy ‖ reference) of one completion sampled at
+    `temperature` for every held-out prompt, with a fixed seed (so evaluations differ only by the
+    weights). `score(prompts, answers, tasks, generation, sequences)` gives rewards (n,). KL is
+    the sum over response tokens of log π − log π_ref (k1), an unbiased estimate under the
+    policy's own samples; without a reference it is left out. Every rank computes the same
+    numbers (every rank runs every prompt)."""
+    device = next(policy.parameters()).device
+    gen = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 1)
+    rewards, kls = [], []
+    for start in range(0, len(heldout), 64):
+        rows = range(start, min(start + 64, len(heldout)))
+        batch = [heldout.prompt_ids[i] for i in rows]
+        out = generate(policy, batch, gen, eos_ids=stop_ids(tok), pad_id=tok.pad_token_id)
+        seqs = build_sequences(batch, out.tokens.cpu(), out.lengths.cpu(), tok.pad_token_id)
+        answers, tasks = [heldout.answers[i] for i in rows], [heldout.tasks[i] for i in rows]
+        rewards.append(score(batch, answers, tasks, out, seqs))
+        if reference is not None:
+            logp = token_logprobs(policy, seqs, temperature, device)  # (n, L)
+            ref = token_logprobs(reference, seqs, temperature, device)  # (n, L)
+            kls.append((logp - ref).sum(-1).cpu())
+    result = {"eval/reward": float(torch.cat(rewards).mean())}
+    if kls:
+        result["eval/kl"] = float(torch.cat(kls).mean())
+    return result
+
+
+def eval_line(result: dict[str, float]) -> str:
+    """One console line of an RL evaluation: greedy exact match, sampled reward, KL."""
+    line = (
+        f"held-out exact match {result['eval/accuracy']:.3f}, "
+        f"sampled reward {result['eval/reward']:.3f}"
+    )
+    return line + (f", KL {result['eval/kl']:.3f}" if "eval/kl" in result else "")
+
+
 def sample_completions(
     engine: Any,
     prompts: list[list[int]],
@@ -201,10 +249,31 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     step, cursor = restore(engine, place, meta)
     tracker = open_tracker(cfg, place, meta)
 
+    def score(
+        b: list[list[int]], answers: list[str], tasks: list[str], out: Any, _: Any
+    ) -> torch.Tensor:
+        texts = [tok.decode(p) for p in b]
+        return torch.tensor(reward_fn(texts, out.texts(tok), answers, tasks).total)
+
     def evaluate(step: int) -> dict[str, float]:
-        return heldout_accuracy(
+        result = heldout_accuracy(
             engine, heldout, tok, cfg.max_new_tokens, run_dir, info.is_main, step
         )
+        engine.train(False)
+        result.update(
+            heldout_reward_kl(
+                engine.inference_model(),
+                reference,
+                heldout,
+                tok,
+                score,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                seed=cfg.train.seed,
+            )
+        )
+        engine.train(True)
+        return result
 
     if info.is_main:
         tracker.message(
@@ -217,7 +286,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         before = evaluate(0)
         last.update({k.replace("eval/", "eval_before/"): v for k, v in before.items()})
         tracker.log(0, before)
-        tracker.message(f"before GRPO: held-out exact match {before['eval/accuracy']:.3f}")
+        tracker.message(f"before GRPO: {eval_line(before)}")
     sampler = GlobalSampler(len(prompts), cfg.data.seed)
     window, stop, started = StepWindow(), StopFlag(), time.perf_counter()
     prompts_per_rank = groups // info.world
@@ -303,7 +372,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         if final or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
             result = evaluate(step)
             tracker.log(step, result)
-            tracker.message(f"eval step {step}: held-out exact match {result['eval/accuracy']:.3f}")
+            tracker.message(f"eval step {step}: {eval_line(result)}")
             last.update(result)
         stopping = stop.requested() or step == cfg.train.stop_at
         if final or stopping or step % cfg.train.save_every == 0:
@@ -326,10 +395,12 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
             tracker.message(f"saved {path}")
         if stopping:
             break
+    nan = float("nan")
     tracker.message(
         f"grpo done in {format_duration(time.perf_counter() - started)}: held-out exact match "
-        f"{last.get('eval_before/accuracy', float('nan')):.3f} -> "
-        f"{last.get('eval/accuracy', float('nan')):.3f}"
+        f"{last.get('eval_before/accuracy', nan):.3f} -> {last.get('eval/accuracy', nan):.3f}, "
+        f"sampled reward {last.get('eval_before/reward', nan):.3f} -> "
+        f"{last.get('eval/reward', nan):.3f}"
     )
     tracker.close()
     return last

@@ -25,7 +25,14 @@ import torch.distributed as dist
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.grpo import build_sequences, heldout_accuracy, sample_completions, token_logprobs
+from finetune.grpo import (
+    build_sequences,
+    eval_line,
+    heldout_accuracy,
+    heldout_reward_kl,
+    sample_completions,
+    token_logprobs,
+)
 from finetune.rewards import RewardSpec, build_reward_fn
 from lmforge.checkpoint import load_checkpoint, load_reward_model
 from lmforge.config import option
@@ -204,20 +211,14 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
         moments.load_state_dict(meta.get("reward_moments", moments.state_dict()))
     tracker = open_tracker(cfg, place, meta)
 
-    def evaluate(step: int) -> dict[str, float]:
-        return heldout_accuracy(
-            engine, heldout, tok, cfg.max_new_tokens, run_dir, info.is_main, step
-        )
-
-    def score(batch_prompts: list[list[int]], idx: list[int], out: Any, seqs: dict) -> torch.Tensor:
-        """Sequence scores (N,) of this rank's completions."""
+    def score(
+        batch_prompts: list[list[int]], answers: list[str], tasks: list[str], out: Any, seqs: dict
+    ) -> torch.Tensor:
+        """Raw sequence scores (N,) of completions to `batch_prompts`."""
         if scorer is None:
             assert reward_fn is not None
             result = reward_fn(
-                [tok.decode(p) for p in batch_prompts],
-                out.texts(tok),
-                [prompts.answers[i] for i in idx],
-                [prompts.tasks[i] for i in idx],
+                [tok.decode(p) for p in batch_prompts], out.texts(tok), answers, tasks
             )
             return torch.tensor(result.total, dtype=torch.float32)
         ends = torch.tensor([len(p) - 1 for p in batch_prompts]) + out.lengths.cpu()  # (N,)
@@ -226,6 +227,26 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
             ids = seqs["input_ids"][s : s + micro].to(device)
             parts.append(scorer(ids, last_index=ends[s : s + micro].to(device)).float().cpu())
         return torch.cat(parts)
+
+    def evaluate(step: int) -> dict[str, float]:
+        result = heldout_accuracy(
+            engine, heldout, tok, cfg.max_new_tokens, run_dir, info.is_main, step
+        )
+        engine.train(False)
+        result.update(
+            heldout_reward_kl(
+                engine.inference_model(),
+                reference,
+                heldout,
+                tok,
+                score,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                seed=cfg.train.seed,
+            )
+        )
+        engine.train(True)
+        return result
 
     if info.is_main:
         source_name = cfg.reward_model or [r.name for r in cfg.rewards]
@@ -240,7 +261,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
         before = evaluate(0)
         last.update({k.replace("eval/", "eval_before/"): v for k, v in before.items()})
         tracker.log(0, before)
-        tracker.message(f"before PPO: held-out exact match {before['eval/accuracy']:.3f}")
+        tracker.message(f"before PPO: {eval_line(before)}")
     sampler = GlobalSampler(len(prompts), cfg.data.seed)
     window, stop, started = StepWindow(), StopFlag(), time.perf_counter()
     while step < cfg.train.steps:
@@ -265,7 +286,8 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
             for s in range(0, per_rank, micro)
         ]
         with torch.no_grad():
-            raw = score(batch_prompts, idx, out, seqs)  # (N,)
+            answers = [prompts.answers[i] for i in idx]
+            raw = score(batch_prompts, answers, [prompts.tasks[i] for i in idx], out, seqs)
             scores = raw
             if cfg.normalise_rewards:
                 moments.update(gather_all(raw, info.world))
@@ -346,7 +368,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
         if final or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
             result = evaluate(step)
             tracker.log(step, result)
-            tracker.message(f"eval step {step}: held-out exact match {result['eval/accuracy']:.3f}")
+            tracker.message(f"eval step {step}: {eval_line(result)}")
             last.update(result)
         stopping = stop.requested() or step == cfg.train.stop_at
         if final or stopping or step % cfg.train.save_every == 0:
@@ -380,10 +402,12 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
             tracker.message(f"saved {path} (critic {run_dir / 'critic' / name})")
         if stopping:
             break
+    nan = float("nan")
     tracker.message(
-        f"ppo done in {format_duration(time.perf_counter() - started)}: held-out exact match "
-        f"{last.get('eval_before/accuracy', float('nan')):.3f} -> "
-        f"{last.get('eval/accuracy', float('nan')):.3f}"
+        f"ppo done in {format_duration(time.perf_counter() - started)}: held-out reward "
+        f"{last.get('eval_before/reward', nan):.3f} -> {last.get('eval/reward', nan):.3f} "
+        f"(KL to the reference {last.get('eval/kl', nan):.3f} nats), exact match "
+        f"{last.get('eval_before/accuracy', nan):.3f} -> {last.get('eval/accuracy', nan):.3f}"
     )
     tracker.close()
     return last

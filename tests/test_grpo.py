@@ -1,5 +1,6 @@
-"""GRPO run for real: a known-answer toy, greedy rollouts equal under ZeRO-3 and ZeRO-0, and
-reward functions that fail are one clear line."""
+"""GRPO run for real: a known-answer toy, held-out accuracy raised on a verifiable task,
+greedy rollouts equal under ZeRO-3 and ZeRO-0, and reward functions that fail are one clear
+line."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from stagerun import metrics, run_stage
+from stagerun import final_metrics, metrics, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +53,36 @@ def test_toy_reward_is_driven_to_its_maximum(policy: Path, tmp_path: Path) -> No
     rewards = [r["reward"] for r in metrics(run) if "reward" in r]
     assert rewards[0] < 2.0
     assert max(rewards[-3:]) >= 0.9 * 8, rewards
+
+
+def test_raises_heldout_accuracy_on_a_verifiable_task(policy: Path, tmp_path: Path) -> None:
+    """GRPO with the exact-answer reward on the counting task: the accuracy of sampled answers
+    (the rollout temperature, a fixed seed) to held-out prompts rises well above the SFT
+    policy's, and greedy accuracy does not fall."""
+    run = tmp_path / "count"
+    run_stage(
+        "finetune/grpo.py",
+        [
+            *COMMON,
+            f"--init_from={policy}",
+            f"--run_dir={run}",
+            "--data.tasks=[count]",
+            "--data.num_train=1000",
+            "--data.num_heldout=100",
+            "--group_size=8",
+            "--train.global_batch_size=64",
+            "--train.micro_batch_size=64",
+            "--train.steps=30",
+            "--tracking.log_every=5",
+            "--beta=0",
+            "--optim.lr=1e-3",
+        ],
+    )
+    end = final_metrics(run)
+    before, after = end["eval_before/reward"], end["eval/reward"]
+    print(f"held-out sampled accuracy {before:.3f} -> {after:.3f}")
+    assert after > before + 0.08, (before, after)
+    assert end["eval/accuracy"] >= end["eval_before/accuracy"] - 0.02
 
 
 def _samples(run: Path) -> list[dict]:
