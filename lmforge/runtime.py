@@ -203,6 +203,9 @@ def run_entry(
             return 0
         body(cfg)
     except LmforgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        where = "" if rank == "0" else f" (rank {rank})"
+        sys.stderr.write(f"error{where}: {e}\n")  # one write: ranks' lines never interleave
+        sys.stderr.flush()
         return e.exit_code
     return 0
