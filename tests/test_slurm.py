@@ -293,7 +293,7 @@ def test_a_warning_to_a_finished_run_does_not_requeue(
 
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster: Cluster) -> None:
-    steps = 100
+    steps = 60
     job_id, run_dir = submit(cluster, "preempted", f"--train.steps={steps}")
     deadline = time.monotonic() + 150
     while not metric_steps(run_dir):
