@@ -294,6 +294,27 @@ def test_estimate_command_prints_the_table(capsys) -> None:
     assert marked[0][:3] == ["*", "3", "none"]
 
 
+def test_estimate_reads_a_finetuning_config_and_its_init_checkpoint(
+    run_dir, tmp_path, capsys
+) -> None:
+    mine = tmp_path / "my_run.yaml"  # not named after a stage: the first stage that accepts it
+    mine.write_text((REPO / "configs" / "finetune" / "sft.yaml").read_text())
+    assert main(["estimate", "--config", str(mine), f"--init_from={run_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"sft: {mine}\n")
+    assert f"parameters: {num_params(small_config(vocab_size=300)):,}" in out
+    assert main(["estimate", "--config", str(mine), f"--init_from={tmp_path / 'nope'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: init_from:") and "nope" in err and "\n" not in err
+
+
+def test_dry_run_without_the_init_checkpoint_still_shows_the_config(tmp_path, capsys) -> None:
+    assert main(["sft", "--dry-run", f"--init_from={tmp_path / 'later'}"]) == 0
+    out = capsys.readouterr().out
+    assert "# parameters: unknown (init_from:" in out and "later" in out
+    assert yaml.safe_load(out)["init_from"] == str(tmp_path / "later")
+
+
 def test_estimate_without_a_model_is_one_line(capsys) -> None:
     assert main(["estimate"]) == 2
     err = capsys.readouterr().err.strip()
