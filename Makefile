@@ -8,8 +8,9 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU   ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+BENCH_ARGS  ?=
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format clean bench
 
 setup: $(STAMP)
 
@@ -34,6 +35,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Training and generation throughput of lmforge against transformers' Llama (same weights, same
+# process): one table, and the figures in bench/results/<device>-<preset>.json. The tiny preset
+# on CPU; BENCH_ARGS passes options (e.g. BENCH_ARGS="--model 1b --zero 3 --compile").
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

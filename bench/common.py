@@ -6,6 +6,7 @@ Not a package: the scripts in bench/ import it as a sibling module.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -13,6 +14,7 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,25 +110,47 @@ def llama_twin(model: torch.nn.Module) -> torch.nn.Module:
     return twin.to(torch.float32)
 
 
-def matmul_peak(device: torch.device) -> tuple[float, str]:
-    """Matmul FLOP/s measured now: bf16 8192³ on a GPU; fp32 2048³ on CPU (with the current
-    number of threads). Returns (FLOP/s, label)."""
-    if device.type == "cuda":
+@contextlib.contextmanager
+def fp32_buffers(model: torch.nn.Module) -> Iterator[None]:
+    """Keep the floating-point buffers of `model` (Llama's RoPE inverse frequencies) in fp32
+    across a cast to bf16 inside the block (`model.to`, DeepSpeed's bf16 setup), as transformers
+    keeps them: bf16 frequencies would turn position 1000 by a wrong angle."""
+    saved = {n: b.detach().clone() for n, b in model.named_buffers() if b.is_floating_point()}
+    yield
+    for name, value in saved.items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        current = module._buffers[leaf]
+        if current is not None and current.dtype != value.dtype:
+            module._buffers[leaf] = value.to(current.device)
+
+
+def matmul_peak(device: torch.device, size: int = 0) -> tuple[float, str]:
+    """Matmul FLOP/s measured now: bf16 8192³ on a GPU (lmforge.tracking's measurement, the one
+    training runs report MFU against); fp32 2048³ on CPU with the current number of threads.
+    `size` overrides the matrix size. Returns (FLOP/s, label): the best of a few runs."""
+    cuda = device.type == "cuda"
+    if cuda and not size:
         from lmforge.tracking import measure_peak_flops
 
         flops = measure_peak_flops(device)
         assert flops is not None
         return flops, "measured bf16 8192³ matmul"
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    n = size or 2048
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
     times = []
     for _ in range(3):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         times.append(time.perf_counter() - start)
-    threads = torch.get_num_threads()
-    return 2 * n**3 / min(times), f"measured fp32 2048³ matmul on CPU, {threads} thread(s)"
+    where = "GPU" if cuda else f"CPU, {torch.get_num_threads()} thread(s)"
+    label = f"measured {'bf16' if cuda else 'fp32'} {n}³ matmul on {where}"
+    return 2 * n**3 / min(times), label
 
 
 def datasheet_peak(device: torch.device) -> tuple[float, str] | None:
@@ -172,6 +196,14 @@ def versions() -> dict[str, str]:
 def results_path(device: torch.device, preset: str) -> Path:
     """bench/results/<device>-<preset>.json."""
     return RESULTS_DIR / f"{device_label(device)}-{preset}.json"
+
+
+def shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def write_section(path: Path, section: str, data: dict[str, Any]) -> None:

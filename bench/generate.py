@@ -30,7 +30,7 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="prompts per batch (64 / 8)")
     parser.add_argument("--prompt-len", type=int, default=None, help="tokens per prompt (64 / 32)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated (256 / 64)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side")
     parser.add_argument("--greedy-prompts", type=int, default=4, help="prompts of the greedy check")
     parser.add_argument("--greedy-tokens", type=int, default=32, help="tokens per greedy prompt")
 
@@ -129,7 +129,8 @@ def run(args: argparse.Namespace, *, show: bool = True) -> dict[str, Any]:
     ours = build_model(cfg, device=device, seed=args.seed).eval()
     twin = common.llama_twin(ours).eval()
     ours.to(dtype)
-    twin.to(dtype)
+    with common.fp32_buffers(twin):
+        twin.to(dtype)
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(8, cfg.vocab_size, (batch, prompt), generator=gen)  # (B, P)
     prompts = ids.tolist()
@@ -210,7 +211,7 @@ def main() -> None:
     device = common.bench_device()
     path = args.out or common.results_path(device, record["shape"]["preset"])
     common.write_section(common.Path(path), "generate", record)
-    print(f"results: {path}")
+    print(f"results: {common.shown(common.Path(path))}")
     sys.exit(0 if record["greedy_check"]["passed"] else 1)
 
 

@@ -81,7 +81,7 @@ def print_table(t: dict[str, Any], g: dict[str, Any], path: Path) -> None:
         f"check: greedy tokens ({q['dtype']}), {q['sequences_equal']}/{q['prompts']} sequences "
         f"equal, {q['share_tokens_equal']:.1%} of tokens: {'ok' if q['passed'] else 'MISMATCH'}"
     )
-    print(f"results: {path}")
+    print(f"results: {common.shown(path)}")
 
 
 def main() -> None:

@@ -210,55 +210,56 @@ def generate(
         if cfg.compile:
             step_fn = _compiled_decode(device)
     may_stop = len(eos) > 0 or bool(cfg.stop_strings)
-    for i in range(cfg.max_new_tokens):
-        scores = logits[:, -1].float()  # (B, V)
-        if cfg.temperature > 0:
-            scores = scores / cfg.temperature
-        if cfg.temperature == 0:
-            token = scores.argmax(dim=-1)  # (B,)
-        else:
-            probs = torch.softmax(filter_logits(scores, cfg.top_k, cfg.top_p), dim=-1)
-            token = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B,)
-        # log p(token) = score - logsumexp(scores): log_softmax's value, without its (B, V) output
-        lp = scores.gather(1, token[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)  # (B,)
-        out[:, i] = torch.where(finished, pad_id, token)
-        out_lp[:, i] = torch.where(finished, 0.0, lp)
-        lengths += (~finished).long()
-        if may_stop:
-            done = torch.isin(token, eos) if len(eos) else torch.zeros_like(finished)
-            if cfg.stop_strings:
-                for row in (~finished & ~done).nonzero().flatten().tolist():
-                    if _hit_stop_string(out, row, i + 1, tokenizer, cfg.stop_strings):
-                        done[row] = True
-            stopped |= done & ~finished
-            finished |= done
-            check = cfg.stop_strings or i % _FINISHED_EVERY == _FINISHED_EVERY - 1
-            if check and bool(finished.all()):
+    # One eager stance around the loop (entering it costs about as much as a small op).
+    with nullcontext() if static and cfg.compile else _eager():
+        for i in range(cfg.max_new_tokens):
+            scores = logits[:, -1].float()  # (B, V)
+            if cfg.temperature > 0 and cfg.temperature != 1.0:
+                scores = scores / cfg.temperature
+            if cfg.temperature == 0:
+                token = scores.argmax(dim=-1)  # (B,)
+            else:
+                probs = torch.softmax(filter_logits(scores, cfg.top_k, cfg.top_p), dim=-1)
+                token = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B,)
+            # log p(token) = score - logsumexp: log_softmax's value without its (B, V) output
+            lse = torch.logsumexp(scores, dim=-1)  # (B,)
+            lp = scores.gather(1, token[:, None]).squeeze(1) - lse  # (B,)
+            out[:, i] = torch.where(finished, pad_id, token)
+            out_lp[:, i] = torch.where(finished, 0.0, lp)
+            lengths += (~finished).long()
+            if may_stop:
+                done = torch.isin(token, eos) if len(eos) else torch.zeros_like(finished)
+                if cfg.stop_strings:
+                    for row in (~finished & ~done).nonzero().flatten().tolist():
+                        if _hit_stop_string(out, row, i + 1, tokenizer, cfg.stop_strings):
+                            done[row] = True
+                stopped |= done & ~finished
+                finished |= done
+                check = cfg.stop_strings or i % _FINISHED_EVERY == _FINISHED_EVERY - 1
+                if check and bool(finished.all()):
+                    break
+            if i + 1 == cfg.max_new_tokens:
                 break
-        if i + 1 == cfg.max_new_tokens:
-            break
-        next_pos = seq_pos[:, -1:] + 1  # (B, 1)
-        step_ids = token[:, None]  # (B, 1)
-        if cache is not None and static:
-            if cfg.compile and device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()
-            logits = step_fn(model, step_ids, next_pos, cache)
-            assert cache.index is not None
-            cache.index += 1
-        elif cache is not None:
-            with _eager():
+            next_pos = seq_pos[:, -1:] + 1  # (B, 1)
+            step_ids = token[:, None]  # (B, 1)
+            if cache is not None and static:
+                if cfg.compile and device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = step_fn(model, step_ids, next_pos, cache)
+                assert cache.index is not None
+                cache.index += 1
+            elif cache is not None:
                 logits = model(step_ids, position_ids=next_pos, cache=cache, last_only=True)
-        else:
-            seq = torch.cat([seq, step_ids], dim=1)
-            seq_mask = torch.cat([seq_mask, torch.ones_like(step_ids)], dim=1)
-            with _eager():
+            else:
+                seq = torch.cat([seq, step_ids], dim=1)
+                seq_mask = torch.cat([seq_mask, torch.ones_like(step_ids)], dim=1)
                 logits = model(
                     seq,
                     attention_mask=seq_mask,
                     position_ids=torch.cat([seq_pos, next_pos], 1),
                     last_only=True,
                 )
-        seq_pos = torch.cat([seq_pos, next_pos], dim=1) if cache is None else next_pos
+            seq_pos = torch.cat([seq_pos, next_pos], dim=1) if cache is None else next_pos
     model.train(was_training)
     steps = int(lengths.max())  # the step at which the last row stopped, or max_new_tokens
     return Generation(out[:, :steps], out_lp[:, :steps], lengths, ids, mask, stopped)

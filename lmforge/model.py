@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -334,6 +335,42 @@ def static_decode_mask(cfg: ModelConfig, cache: KVCache, dtype: torch.dtype) -> 
 # ----------------------------------------------------------------------------- the blocks
 
 
+# Whether a masked GQA call repeats the key/value heads itself, per device type. On CUDA, SDPA's
+# flash kernel (GQA, no mask) and memory-efficient kernel (masks, no GQA) each miss one of the
+# two, so masked GQA would fall back to the math kernel, which holds (B, H, T, S) scores.
+EXPAND_MASKED_KV: dict[str, bool] = defaultdict(bool, cuda=True)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    dropout: float,
+    *,
+    expand_kv: bool = False,
+) -> torch.Tensor:
+    """SDPA of q (B, H, T, E) over k, v (B, K, S, E) -> (B, H, T, E). Unmasked calls pass the K
+    heads as they are (enable_gqa: flash attention takes them); with expand_kv a masked call
+    gets them repeated to H heads first (the same values: enable_gqa is defined that way)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and expand_kv and mask.mask is not None:
+        k, v = (
+            k.repeat_interleave(groups, dim=1),
+            v.repeat_interleave(groups, dim=1),
+        )  # (B, H, S, E)
+        groups = 1
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask.mask,
+        is_causal=mask.is_causal,
+        dropout_p=dropout,
+        enable_gqa=groups > 1,
+    )
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (GQA; MHA and MQA as special cases)."""
 
@@ -364,15 +401,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, E)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask.mask,
-            is_causal=mask.is_causal,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            enable_gqa=self.n_kv != self.n_heads,
-        )  # (B, H, T, E)
+        dropout = self.attn_dropout if self.training else 0.0
+        y = attend(q, k, v, mask, dropout, expand_kv=EXPAND_MASKED_KV[q.device.type])
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head)  # (B, T, H·E)
         return self.resid_dropout(self.wo(y))
 

@@ -15,7 +15,7 @@ from stagerun import REPO, stage_env
 
 from lmforge.errors import ConfigError
 from lmforge.generate import GenerateConfig, generate
-from lmforge.model import build_model, checkpoint_layers
+from lmforge.model import AttentionMask, attend, build_model, checkpoint_layers
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
 
@@ -75,6 +75,25 @@ def test_compiled_decode_decodes_the_same_tokens() -> None:
         plain = generate(model, PROMPTS, GenerateConfig(max_new_tokens=10, temperature=temperature))
         fast = GenerateConfig(max_new_tokens=10, temperature=temperature, compile=True)
         _same_generation(plain, generate(model, PROMPTS, fast))
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_masked_gqa_with_repeated_heads_equals_enable_gqa(kind: str) -> None:
+    q = torch.randn(2, 4, 5, 8, dtype=torch.float64)  # (B, H, T, E)
+    k, v = (
+        torch.randn(2, 2, 7, 8, dtype=torch.float64),
+        torch.randn(2, 2, 7, 8, dtype=torch.float64),
+    )
+    allowed = torch.rand(2, 1, 5, 7) > 0.3
+    allowed[..., 0] = True  # every query sees a key
+    if kind == "bool":
+        mask = AttentionMask(allowed, False)
+    else:  # ALiBi-style additive biases per head
+        bias = torch.randn(2, 4, 5, 7, dtype=torch.float64)
+        mask = AttentionMask(bias.masked_fill(~allowed, float("-inf")), False)
+    grouped = attend(q, k, v, mask, 0.0, expand_kv=False)
+    repeated = attend(q, k, v, mask, 0.0, expand_kv=True)
+    torch.testing.assert_close(grouped, repeated, atol=1e-12, rtol=1e-12)
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients() -> None:
