@@ -18,7 +18,7 @@ import torch
 
 from lmforge.config import option
 from lmforge.errors import ConfigError
-from lmforge.model import GPT, KVCache
+from lmforge.model import GPT, KVCache, ModelConfig
 
 
 @dataclass
@@ -132,6 +132,29 @@ def _decode_step(
 
 
 _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+# Caches of the compiled path, kept between calls: a CUDA graph reads and writes fixed
+# addresses, and a new cache per call would recompile (or re-record) the step every time.
+_STATIC_CACHES: dict[tuple[object, ...], KVCache] = {}
+_MAX_STATIC_CACHES = 4
+
+
+def release_static_caches() -> None:
+    """Free the KV caches that `generate(..., compile=True)` keeps for its next calls."""
+    _STATIC_CACHES.clear()
+
+
+def _static_cache(
+    cfg: ModelConfig, batch: int, size: int, dtype: torch.dtype, device: torch.device
+) -> KVCache:
+    """A kept cache of this shape, emptied; a new one (kept too) when there is none."""
+    key = (cfg.n_layers, cfg.kv_heads, cfg.head_size, batch, size, dtype, str(device))
+    cache = _STATIC_CACHES.get(key)
+    if cache is None:
+        if len(_STATIC_CACHES) >= _MAX_STATIC_CACHES:
+            _STATIC_CACHES.clear()
+        cache = _STATIC_CACHES[key] = KVCache(cfg, batch, size, dtype=dtype, device=device)
+    cache.reset()
+    return cache
 
 
 def _compiled_decode(device: torch.device) -> Callable[..., torch.Tensor]:
@@ -198,7 +221,10 @@ def generate(
         size = p + cfg.max_new_tokens
         if static:
             size = min(limit, -(-size // _STATIC_ROUND) * _STATIC_ROUND)
-        cache = KVCache(model.cfg, b, size, dtype=dtype, device=device)
+        if static and cfg.compile:
+            cache = _static_cache(model.cfg, b, size, dtype, device)
+        else:
+            cache = KVCache(model.cfg, b, size, dtype=dtype, device=device)
     seq, seq_mask, seq_pos = ids, mask, positions
     with _eager():
         logits = model(

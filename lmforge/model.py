@@ -223,22 +223,33 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
         self.padded = False  # some written position is padding (known without a device sync)
-        self.index: torch.Tensor | None = None  # (1,) next slot, once static
+        self.static = False
+        self.index: torch.Tensor | None = None  # (1,) the next slot, once static
 
     def make_static(self, *, compiled: bool = False) -> None:
         """Decode with fixed shapes from here on (see the class doc). `compiled` marks the
         buffers as static addresses, which torch.compile's CUDA graphs need."""
-        self.index = torch.tensor([self.length], device=self.k.device)
-        if compiled:
-            for t in (self.k, self.v, self.valid, self.index):
-                torch._dynamo.mark_static_address(t)
+        if self.index is None:
+            self.index = torch.tensor([self.length], device=self.k.device)
+            if compiled:
+                for t in (self.k, self.v, self.valid, self.index):
+                    torch._dynamo.mark_static_address(t)
+        else:
+            self.index.fill_(self.length)
+        self.static = True
+
+    def reset(self) -> None:
+        """Empty the cache for a new batch, keeping its buffers (and their addresses)."""
+        self.valid.zero_()
+        self.length, self.padded, self.static = 0, False, False
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, K, T, E) at the current length; return all cached (B, K, S, E)
         (static: write at `index`, return all S_max slots)."""
-        if self.index is not None:
+        if self.static:
+            assert self.index is not None
             self.k[layer].index_copy_(2, self.index, k)
             self.v[layer].index_copy_(2, self.index, v)
             return self.k[layer], self.v[layer]
@@ -571,7 +582,7 @@ class GPT(nn.Module):
         """input_ids (B, T) -> final hidden states (B, T, D), after the last norm."""
         cfg = self.cfg
         b, t = input_ids.shape
-        static = cache is not None and cache.index is not None
+        static = cache is not None and cache.static
         if static and (t != 1 or position_ids is None or attention_mask is not None):
             raise ValueError("a static cache decodes one token at a time, with position_ids")
         start = cache.length if cache is not None else 0

@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import small_config
 from stagerun import REPO, stage_env
+from torch._dynamo.utils import counters
 
 from lmforge.errors import ConfigError
-from lmforge.generate import GenerateConfig, generate
+from lmforge.generate import GenerateConfig, generate, release_static_caches
 from lmforge.model import AttentionMask, attend, build_model, checkpoint_layers
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
@@ -75,6 +76,10 @@ def test_compiled_decode_decodes_the_same_tokens() -> None:
         plain = generate(model, PROMPTS, GenerateConfig(max_new_tokens=10, temperature=temperature))
         fast = GenerateConfig(max_new_tokens=10, temperature=temperature, compile=True)
         _same_generation(plain, generate(model, PROMPTS, fast))
+        graphs = counters["stats"]["unique_graphs"]
+        _same_generation(plain, generate(model, PROMPTS, fast))  # the kept cache, same buffers:
+        assert counters["stats"]["unique_graphs"] == graphs  # nothing is compiled again
+    release_static_caches()
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
