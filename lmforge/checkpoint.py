@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -324,14 +324,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
-def verify_files(ckpt: Path, meta: Mapping[str, Any], *, engine: bool = False) -> None:
+def verify_files(
+    ckpt: Path,
+    meta: Mapping[str, Any],
+    *,
+    engine: bool = False,
+    select: Callable[[str], bool] | None = None,
+) -> None:
     """Check every file listed in lmforge.json for presence, size and sha256.
 
-    Files under deepspeed/ are optional (removable without harm) and checked only with engine.
+    Files under deepspeed/ are optional (removable without harm) and checked only with engine;
+    `select` (a predicate on the relative path) limits which of them are checked.
     """
     for rel, info in meta.get("files", {}).items():
         optional = rel.startswith(ENGINE_DIR + "/")
-        if optional and not engine:
+        if optional and (not engine or (select is not None and not select(rel))):
             continue
         file = ckpt / rel
         if not file.exists():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import re
 import tempfile
@@ -253,8 +254,14 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return {_convert(kt, k, key): _convert(vt, v, _join(key, str(k))) for k, v in value.items()}
     if isinstance(value, bool) and tp in (int, float):
         raise _type_error(tp, value, key)  # bool is an int subclass; `true` is no layer count
-    if tp is float and isinstance(value, int):
-        return float(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {_show(value)}")
+        return number
     if origin is None and isinstance(tp, type) and isinstance(value, tp):
         return value
     raise _type_error(tp, value, key)
@@ -398,6 +405,19 @@ def dumps(cfg: Any) -> str:
     return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
+def file_mode() -> int:
+    """The mode a new file gets from open(): 0o666 less the process umask."""
+    try:  # Linux reports the umask without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def dump_config(cfg: Any, path: str | Path) -> None:
     """Write the config as YAML to `path` atomically (a temp file, then os.replace)."""
     path = Path(path)
@@ -408,7 +428,7 @@ def dump_config(cfg: Any, path: str | Path) -> None:
             fh.write(dumps(cfg))
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a config is for reading
+        os.chmod(tmp, file_mode())  # mkstemp makes it private; give it what open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -9,11 +9,15 @@ names both keys.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import json
 import logging
 import os
+import pickle
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +32,7 @@ from lmforge.optim import OptimConfig, build_scheduler, param_groups
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 AUTO = "auto"
+_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
 @dataclass
@@ -239,14 +244,94 @@ def quiet_deepspeed() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class _StepGate:
+    """Wraps the optimizer's step so that a step can be refused: while `skip` is set (or, when
+    `check_grads`, a gradient is not finite) the update is not applied and `blocked` is set.
+
+    DeepSpeed calls this optimizer's step once per ZeRO partition group; without ZeRO (and
+    without a DeepSpeed mixed-precision wrapper) it calls it directly with whole, all-reduced
+    gradients, which is when the gate checks them itself (they are the same on every rank)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, check_grads: bool) -> None:
+        self.skip = False
+        self.blocked = False
+        inner = optimizer.step
+
+        @functools.wraps(inner)  # keeps the scheduler's marker on the wrapped step
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if self.skip or (check_grads and not _grads_finite(optimizer)):
+                self.blocked = True
+                return None
+            return inner(*args, **kwargs)
+
+        optimizer.step = step  # type: ignore[method-assign]
+
+
+def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+
+
+def _ds_safe_globals() -> list[Any]:
+    """DeepSpeed classes its engine-state files may hold, allowed for weights_only loading."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def _weights_only_loads(ds_engine: Any) -> Iterator[None]:
+    """Make the engine's checkpoint reader use torch.load(weights_only=True) meanwhile."""
+    reader = ds_engine.checkpoint_engine
+
+    def load(path: str, map_location: Any = None) -> Any:
+        try:
+            with torch.serialization.safe_globals(_ds_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            from lmforge.errors import CheckpointError
+
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{path}: refused to load: it holds more than tensors and plain values "
+                f"({detail[:200]}); lmforge did not write it this way, so do not resume from it"
+            ) from None
+
+    reader.load = load
+    try:
+        yield
+    finally:
+        del reader.load  # back to the class's method
+
+
 class Engine:
     """A DeepSpeed engine with what the stages need around it: full weights, state files."""
 
-    def __init__(self, ds_engine: Any, ds_config: dict[str, Any], info: DistInfo) -> None:
+    def __init__(
+        self,
+        ds_engine: Any,
+        ds_config: dict[str, Any],
+        info: DistInfo,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         self.ds = ds_engine
         self.config = ds_config
         self.info = info
         self.zero_stage = int(ds_config["zero_optimization"]["stage"])
+        self.precision = next(
+            (k for k in ("bf16", "fp16") if ds_config.get(k, {}).get("enabled")), "fp32"
+        )
+        # The optimizer lmforge built (under ZeRO its parameters are this rank's flat partitions).
+        self.optimizer = optimizer if optimizer is not None else ds_engine.optimizer
+        self._gate = _StepGate(self.optimizer, check_grads=ds_engine.optimizer is self.optimizer)
+        self.last_step_skipped = False
+        # Run state kept beside the engine: restored from the resumed checkpoint's lmforge.json
+        # and written into every checkpoint (the fault monitor's, under "faults").
+        self.run_state: dict[str, Any] = {}
         self._replica: nn.Module | None = None
 
     @property
@@ -262,9 +347,47 @@ class Engine:
         """Backward, scaled for gradient accumulation and loss scaling by DeepSpeed."""
         self.ds.backward(loss)
 
-    def step(self) -> None:
-        """Call after every micro-batch; the optimizer steps at accumulation boundaries."""
-        self.ds.step()
+    def step(self, skip: bool = False) -> None:
+        """Call after every micro-batch; the optimizer steps at accumulation boundaries.
+
+        With skip (at a boundary) the update is not applied: weights and optimizer state stay as
+        they are and the gradients are dropped. A step DeepSpeed refuses by itself (a non-finite
+        gradient norm; fp16 loss-scale overflows aside) counts as skipped too. A skipped step still
+        advances the learning-rate schedule, so the schedule follows the step count.
+        `last_step_skipped` tells what happened at the last boundary.
+        """
+        boundary = bool(self.ds.is_gradient_accumulation_boundary())
+        self._gate.skip, self._gate.blocked = skip and boundary, False
+        try:
+            self.ds.step()
+        finally:
+            self._gate.skip = False
+        if not boundary:
+            return
+        refused = not getattr(self.ds, "_step_applied", True)  # DeepSpeed's overflow check
+        self.last_step_skipped = (
+            skip or self._gate.blocked or (refused and self.precision != "fp16")
+        )
+        if self.last_step_skipped and refused and self.ds.lr_scheduler is not None:
+            self.ds.lr_scheduler.step()  # DeepSpeed does not advance the schedule on overflow
+
+    def skip_step(self) -> None:
+        """Count an optimizer step without computing it (a batch known to be bad): only the
+        learning-rate schedule advances."""
+        if self.ds.lr_scheduler is not None:
+            self.ds.lr_scheduler.step()
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Scale the schedule's peak learning rate by `scale` relative to the configured one
+        (idempotent: it is not cumulative over calls)."""
+        sched = self.ds.lr_scheduler
+        if sched is None:
+            return
+        groups = sched.optimizer.param_groups
+        sched.base_lrs = [g["initial_lr"] * scale for g in groups]
+        for group, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in groups]
 
     def train(self, mode: bool = True) -> None:
         """Switch dropout on (or off)."""
@@ -334,19 +457,147 @@ class Engine:
         )
 
     def load_state(self, directory: Path) -> dict[str, Any]:
-        """Restore what save_state wrote; returns its client_state. Collective."""
-        path, client = self.ds.load_checkpoint(
-            str(directory),
-            tag="state",
-            load_module_strict=True,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        """Restore what save_state wrote; returns its client_state. Collective. The pickled
+        DeepSpeed files are read with torch.load(weights_only=True): tensors, containers and a
+        short list of DeepSpeed's own plain classes, never arbitrary code."""
+        with _weights_only_loads(self.ds):
+            path, client = self.ds.load_checkpoint(
+                str(directory),
+                tag="state",
+                load_module_strict=True,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+        self.ds.optimizer._lmforge_linked = False  # new state tensors: views must be remade
         if path is None:
             from lmforge.errors import CheckpointError
 
             raise CheckpointError(f"{directory}: no DeepSpeed engine state to resume from")
         return client or {}
+
+    # -- whole (process-count independent) training state, for resuming on another topology --
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every trained parameter, in module order."""
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def optimizer_state_ready(self) -> bool:
+        """Whether the optimizer holds state (it does after its first applied step)."""
+        return len(self.optimizer.state) > 0
+
+    def full_tensor(self, param: nn.Parameter, key: str | None = None) -> torch.Tensor:
+        """The whole fp32 master weight (key None) or optimizer state `key` ("exp_avg",
+        "exp_avg_sq") of a parameter, on CPU, on every rank. Collective under ZeRO."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        if key is not None:
+            self._link_optimizer_state()
+        value = (
+            safe_get_full_fp32_param(param)
+            if key is None
+            else safe_get_full_optimizer_state(param, key)
+        )
+        if value is None:  # no ZeRO: a flat master copy (bf16/fp16), or our optimizer's own
+            value = self._master_view(param, key)
+        return value.detach().float().cpu().reshape(getattr(param, "ds_shape", param.shape))
+
+    def _master_view(self, param: nn.Parameter, key: str | None) -> torch.Tensor:
+        """Without ZeRO: the parameter's slice of DeepSpeed's flat fp32 master copy (or of its
+        optimizer state), or with no master copy the parameter itself (or its state)."""
+        wrapper = self.ds.optimizer
+        lows = getattr(wrapper, "fp16_groups", [])
+        for i, group in enumerate(lows):
+            offset = 0
+            for j, p in enumerate(group):
+                if p is not param:
+                    offset += p.numel()
+                    continue
+                if hasattr(wrapper, "fp32_groups_flat"):  # fused: one flat master per group
+                    flat = wrapper.fp32_groups_flat[i]
+                    source = flat if key is None else self.optimizer.state[flat][key]
+                    return source.narrow(0, offset, p.numel()).view(p.shape)
+                master = wrapper.fp32_groups[i][j]  # unfused: one master per parameter
+                return master.data if key is None else self.optimizer.state[master][key]
+        return param.data if key is None else self.optimizer.state[param][key]
+
+    def set_full_tensor(self, param: nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+        """Write this rank's share of a whole master weight or optimizer state (see full_tensor).
+        Call prepare_optimizer_state first. Local: no communication."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if hasattr(param, "ds_id"):  # ZeRO-3: this rank holds a padded slice of the flat tensor
+            zero3 = self.ds.optimizer
+            part, _ = zero3._get_fp32_opt_state_partition(
+                param, release_swap_buffers=False, optim_state_key=key
+            )
+            rank = torch.distributed.get_rank(group=zero3._get_param_partition_group(param))
+            chunk = value.flatten()[rank * part.numel() : (rank + 1) * part.numel()]
+            part.data.zero_()
+            part.data[: chunk.numel()].copy_(chunk)
+        elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2 or a bf16 master copy: a fragment
+            if key is None:
+                safe_set_full_fp32_param(param, value.to(param.device))
+            else:
+                safe_set_full_optimizer_state(param, value.to(param.device), key)
+        else:
+            self._master_view(param, key).copy_(value)
+            if key is None:
+                param.data.copy_(value)  # the low-precision copy the forward pass uses
+
+    def optimizer_step_count(self) -> int:
+        """The optimizer's step counter (the same for every parameter)."""
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                return int(state["step"])
+        return 0
+
+    def prepare_optimizer_state(self, step: int) -> None:
+        """Give a fresh optimizer zero AdamW state at `step` (what its first update would create),
+        so that set_full_tensor can write into it."""
+        cpu_adam = hasattr(self.optimizer, "ds_opt_adam")  # DeepSpeedCPUAdam counts in an int
+        groups = self.optimizer.param_groups
+        on_device = any(g.get("fused") or g.get("capturable") for g in groups)
+        params = [p for g in groups for p in g["params"]]
+        # ZeRO-3 hands its flat partitions to the optimizer only while stepping.
+        params += list(getattr(self.ds.optimizer, "fp32_partitioned_groups_flat", []))
+        for p in params:
+            state = self.optimizer.state[p]
+            if not state:
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            device = p.device if on_device else torch.device("cpu")
+            state["step"] = step if cpu_adam else torch.tensor(float(step), device=device)
+        self._link_optimizer_state(force=True)
+
+    def _link_optimizer_state(self, force: bool = False) -> None:
+        """Point DeepSpeed's per-parameter views (ZeRO-1/2, bf16) at the optimizer's current
+        state tensors; a state loaded or created after they were made leaves them stale."""
+        wrapper = self.ds.optimizer
+        if not hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+            return
+        if force or not getattr(wrapper, "_lmforge_linked", False):
+            wrapper._hp_optimizer_states_linked = False
+            wrapper._lazy_init_hp_params_optimizer_state()
+            wrapper._lmforge_linked = True
+
+    def schedule_state(self) -> dict[str, Any]:
+        """The learning-rate schedule's state and DeepSpeed's step counters, as plain values."""
+        sched = self.ds.lr_scheduler
+        state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"} if sched else {}
+        counters = {k: int(getattr(self.ds, k, 0)) for k in _COUNTERS}
+        return {"scheduler": state, "counters": counters}
+
+    def load_schedule_state(self, state: dict[str, Any]) -> None:
+        """Restore what schedule_state returned."""
+        sched = self.ds.lr_scheduler
+        if sched is not None and state.get("scheduler"):
+            sched.load_state_dict(
+                {**state["scheduler"], "lr_lambdas": sched.state_dict()["lr_lambdas"]}
+            )
+            for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr(), strict=True):
+                group["lr"] = lr
+        for key, value in state.get("counters", {}).items():
+            setattr(self.ds, key, int(value))
 
 
 def build_engine(
@@ -392,4 +643,4 @@ def build_engine(
     )
     if cfg.compile:
         ds_engine.compile()  # compiles the module in place: state-dict names are unchanged
-    return Engine(ds_engine, ds_cfg, info)
+    return Engine(ds_engine, ds_cfg, info, optimizer)

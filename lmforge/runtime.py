@@ -38,6 +38,20 @@ class TrainConfig:
     )
     eval_batches: int = option(8, "Validation micro-batches per objective per evaluation.")
     save_every: int = option(500, "Checkpoint every this many steps (and at the end).")
+    keep_last: int = option(
+        0, "Keep only the newest this many step checkpoints (0 = keep all); see keep_every."
+    )
+    keep_every: int = option(
+        0, "Also keep every checkpoint whose step is a multiple of this (0 = none extra)."
+    )
+    min_free_bytes: int = option(
+        0, "Refuse to start a save that would leave less free disk space than this (bytes)."
+    )
+    elastic_state: bool = option(
+        True,
+        "Also save the whole fp32 weights and optimizer state, so another process count or "
+        "ZeRO stage can resume (a gather to rank 0; about 3x the fp32 weights on disk).",
+    )
     stop_at: int = option(
         0,
         "Checkpoint and stop after this step (0 = run all steps); the schedule still spans steps.",
@@ -53,6 +67,11 @@ class TrainConfig:
                 raise ConfigError(f"{prefix}.{key}: must be positive, got {getattr(self, key)}")
         if self.eval_every < 0 or self.eval_batches <= 0:
             raise ConfigError(f"{prefix}.eval_every must be >= 0 and eval_batches > 0")
+        for key in ("stop_at", "keep_last", "keep_every", "min_free_bytes", "samples"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.sample_tokens <= 0:
+            raise ConfigError(f"{prefix}.sample_tokens: must be positive, got {self.sample_tokens}")
 
 
 def set_seed(seed: int, rank: int) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -13,18 +15,41 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from lmforge.checkpoint import commit, partial_dir, read_json, resolve_checkpoint, write_model_files
+from lmforge.checkpoint import (
+    ENGINE_DIR,
+    META_FILE,
+    commit,
+    partial_dir,
+    read_json,
+    resolve_checkpoint,
+    verify_files,
+    write_latest,
+    write_model_files,
+)
 from lmforge.config import dump_config, option
 from lmforge.data.chat_datasets import PromptDataset
 from lmforge.distributed import DistInfo
+from lmforge.elastic import CONSOLIDATED_DIR, STATE_FILE, load_consolidated, save_consolidated
 from lmforge.engine import EngineConfig
-from lmforge.errors import ConfigError
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.faults import DivergenceError, FaultConfig, FaultMonitor, Verdict
 from lmforge.generate import GenerateConfig, generate
 from lmforge.loss import LossConfig
 from lmforge.optim import OptimConfig
+from lmforge.rundir import (
+    apply_retention,
+    checkpoint_bytes,
+    clean_leftovers,
+    latest_name,
+    rollback_target,
+    space_problem,
+)
 from lmforge.runtime import StopFlag, TrainConfig, all_mean, barrier, load_rng, save_rng
 from lmforge.tracking import Tracker, TrackingConfig
+
+SAVE_PAUSE_ENV = "LMFORGE_TEST_SAVE_PAUSE"  # testing aid: seconds to hold a save before commit
 
 
 @dataclass
@@ -41,11 +66,29 @@ class StageConfig:
     engine: EngineConfig = option(default_factory=EngineConfig, doc="DeepSpeed.")
     train: TrainConfig = option(default_factory=TrainConfig, doc="Steps, batches, cadence.")
     tracking: TrackingConfig = option(default_factory=TrackingConfig, doc="Logging.")
+    faults: FaultConfig = option(
+        default_factory=FaultConfig, doc="Non-finite losses or gradients, loss spikes, rollbacks."
+    )
 
     def validate(self, prefix: str = "") -> None:
-        """Checks that span sections."""
+        """Checks that span sections, including contradictions between the DeepSpeed JSON and
+        this config (found here, before any data is read)."""
         if self.resume not in ("auto", "never") and not Path(self.resume).exists():
             raise ConfigError(f"resume: {self.resume} does not exist; use auto, never or a path")
+        from lmforge.distributed import dist_info
+        from lmforge.engine import load_deepspeed_json, resolve_deepspeed_config
+
+        world = dist_info().world
+        per_step = self.train.micro_batch_size * world
+        if self.train.global_batch_size % per_step == 0:  # else the batch error names the key
+            resolve_deepspeed_config(
+                load_deepspeed_json(self.engine.deepspeed),
+                cfg=self.engine,
+                optim=self.optim,
+                micro_batch=self.train.micro_batch_size,
+                grad_accum=self.train.global_batch_size // per_step,
+                world=world,
+            )
 
 
 def resume_point(run_dir: Path, resume: str) -> Path | None:
@@ -125,6 +168,7 @@ class StepWindow:
         means = torch.tensor([self.sums[k] / self.counts[k] for k in keys], dtype=torch.float64)
         means = all_mean(means, world) if keys else means
         metrics: dict[str, Any] = dict(zip(keys, means.tolist(), strict=True))
+        metrics.setdefault("loss", math.nan)  # every step of the window was skipped
         metrics.update(lr=engine.lr, grad_norm=engine.grad_norm())
         metrics.update(tracker.throughput(tokens_per_step * self.steps, elapsed))
         metrics["step_seconds"] = elapsed / max(self.steps, 1)
@@ -160,16 +204,29 @@ def save_stage_checkpoint(
     lora_scaling: float | None = None,
 ) -> Path:
     """Collective save: every rank writes its engine shard and RNG state into the partial
-    directory; rank 0 writes the consolidated weights (LoRA merged when lora_scaling is given)
-    and the tokenizer, renames the directory into place and points `latest` at it."""
+    directory (and, with train.elastic_state, the whole fp32 weights and optimizer state go to
+    deepspeed/consolidated/); rank 0 writes the consolidated weights (LoRA merged when
+    lora_scaling is given) and the tokenizer, renames the directory into place, points `latest`
+    at it and applies retention (train.keep_last, keep_every).
+
+    The train settings come from meta["config"]["train"] (every stage's metadata carries its
+    config). Before anything is written every rank checks the free disk space; too little is a
+    CheckpointError on every rank, and the previous checkpoint is left as it was."""
+    train = dict(meta.get("config", {}).get("train", {}))
+    elastic = bool(train.get("elastic_state", True))
+    _check_space(engine, path, info, int(train.get("min_free_bytes", 0)), elastic)
+    topology = {"world_size": info.world, "zero_stage": engine.zero_stage}
+    meta = {**meta, **engine.run_state, "engine": {**topology, "precision": engine.precision}}
     tmp = partial_dir(path)
     if info.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    engine.save_state(tmp / "deepspeed", client_state={"step": meta.get("step")})
-    save_rng(tmp / "deepspeed", info.rank)
+    engine.save_state(tmp / ENGINE_DIR, client_state={"step": meta.get("step")})
+    save_rng(tmp / ENGINE_DIR, info.rank)
+    if elastic:
+        save_consolidated(engine, tmp / ENGINE_DIR / CONSOLIDATED_DIR)
     state = engine.full_state_dict()
     barrier()
     if info.is_main:
@@ -178,12 +235,173 @@ def save_stage_checkpoint(
             state = merge_lora_state(state, lora_scaling)
         model_cfg = engine.module.cfg
         write_model_files(tmp, model_cfg, state, tokenizer)
+        pause = float(os.environ.get(SAVE_PAUSE_ENV, "0") or 0)
+        if pause > 0:
+            time.sleep(pause)
         commit(tmp, path, {"model": dataclasses.asdict(model_cfg), **meta}, update_latest=True)
+        keep_last, keep_every = int(train.get("keep_last", 0)), int(train.get("keep_every", 0))
+        deleted = apply_retention(path.parent, keep_last, keep_every, path.name)
+        if deleted:
+            print(
+                f"deleted {', '.join(deleted)} (train.keep_last={keep_last}, "
+                f"keep_every={keep_every})",
+                flush=True,
+            )
     barrier()
     return path
 
 
+def _any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if `flag` is true on any."""
+    value = torch.tensor([1.0 if flag else 0.0])
+    if info.world > 1 and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            value = value.cuda()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _space_needed(engine: Any, parent: Path, elastic: bool) -> int:
+    """Bytes the next checkpoint in `parent` will take: the last one's size, or an estimate
+    from the parameter count (weights twice, fp32 master and moments, the whole state again)."""
+    name = latest_name(parent)
+    previous = checkpoint_bytes(parent / name) if name and (parent / name).is_dir() else 0
+    if previous:
+        return int(previous * 1.1)
+    numel = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    low = 4 if engine.precision == "fp32" else 2
+    return int(numel * (2 * low + 12 + (12 if elastic else 0)) * 1.1)
+
+
+def _check_space(engine: Any, path: Path, info: DistInfo, margin: int, elastic: bool) -> None:
+    problem = space_problem(path.parent, _space_needed(engine, path.parent, elastic), margin)
+    if _any_rank(problem is not None, info):
+        raise CheckpointError(problem or f"{path.parent}: another rank has too little disk space")
+
+
+def restore_checkpoint(engine: Any, ckpt: Path, info: DistInfo, run_dir: Path) -> str:
+    """Load the training state of checkpoint `ckpt` into `engine` (collective) and this rank's
+    RNG; returns how. The same process count and ZeRO stage read DeepSpeed's own state (only
+    from inside run_dir); otherwise the whole fp32 state is re-sharded onto this engine.
+    Files are checked against the manifest first."""
+    meta = read_json(ckpt / META_FILE)
+    saved_world = int(meta.get("world_size") or info.world)
+    saved_stage = int(meta.get("engine", {}).get("zero_stage", engine.zero_stage))
+    state_dir = ckpt / ENGINE_DIR
+    whole = state_dir / CONSOLIDATED_DIR
+    own = ckpt.resolve().is_relative_to(run_dir.resolve())
+    same = saved_world == info.world and saved_stage == engine.zero_stage
+    was = f"{saved_world} process(es), ZeRO-{saved_stage}"
+    if same and (own or not whole.is_dir()) and (state_dir / "state").is_dir():
+        verify_files(ckpt, meta, engine=True, select=lambda rel: _rank_file(rel, info.rank))
+        engine.load_state(state_dir)
+        how = f"DeepSpeed engine state ({was})"
+    elif (whole / STATE_FILE).is_file():
+        verify_files(ckpt, meta, engine=True, select=lambda rel: f"/{CONSOLIDATED_DIR}/" in rel)
+        load_consolidated(engine, whole)
+        now = f"{info.world} process(es), ZeRO-{engine.zero_stage}"
+        how = f"whole fp32 weights and optimizer state, re-sharded from {was} to {now}"
+    elif state_dir.is_dir():
+        raise CheckpointError(
+            f"{ckpt}: written by {was} without the whole optimizer state (train.elastic_state); "
+            f"resume it with {saved_world} process(es) and engine.zero_stage={saved_stage}"
+        )
+    else:
+        how = "weights only: the checkpoint has no optimizer state"
+    if state_dir.is_dir():
+        load_rng(state_dir, info.rank)
+    engine.run_state["faults"] = meta.get("faults")
+    return how
+
+
+def _rank_file(rel: str, rank: int) -> bool:
+    """Whether engine-state file `rel` is one that `rank` reads (its own shard, or shared)."""
+    name = rel.rsplit("/", 1)[-1]
+    if f"/{CONSOLIDATED_DIR}/" in rel:
+        return False
+    for prefix in ("zero_pp_rank_", "rng-rank"):
+        if name.startswith(prefix):
+            digits = name[len(prefix) :].split("_", 1)[0].split(".", 1)[0]
+            return digits == str(rank)
+    return True
+
+
 MicroStep = Callable[[int, int, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did: the means of its losses and metrics (empty when skipped),
+    whether it was skipped, and the lmforge.json of the checkpoint a rollback went back to."""
+
+    values: dict[str, float]
+    skipped: bool
+    rolled_back: dict[str, Any] | None = None
+
+
+def optimizer_step(
+    *,
+    engine: Any,
+    monitor: FaultMonitor,
+    step: int,
+    cursor: int,
+    accum: int,
+    forward: Callable[[int], tuple[torch.Tensor, dict[str, float]]],
+    run_dir: Path,
+    info: DistInfo,
+) -> StepResult:
+    """Step `step + 1` of a stage loop, with the fault policy (lmforge.faults) around it.
+
+    forward(micro) returns the loss of micro-batch `micro` and extra metrics; this runs
+    backward, asks the monitor to judge the step before the update, and lets the engine apply
+    or skip it. A batch a rollback put on the skip list is not computed. After a rollback the
+    caller continues from the returned checkpoint's step and data cursor."""
+    if monitor.known_bad(cursor):
+        engine.skip_step()
+        monitor.skip_known(step + 1, cursor)
+        engine.run_state["faults"] = monitor.saved_state()
+        return StepResult({}, True)
+    values: dict[str, float] = {}
+    losses: list[float] = []
+    verdict = Verdict()
+    for micro in range(accum):
+        loss, extra = forward(micro)
+        loss = monitor.inject(step + 1, loss)
+        engine.backward(loss)
+        losses.append(loss.detach().float().item())
+        if micro == accum - 1:
+            verdict = monitor.judge(step + 1, losses)
+        engine.step(skip=verdict.skip)
+        for key, value in {"loss": losses[-1], **extra}.items():
+            values[key] = values.get(key, 0.0) + float(value) / accum
+    skipped = engine.last_step_skipped
+    rollback = monitor.after_step(step + 1, cursor, verdict, skipped)
+    result = StepResult({} if skipped else values, skipped)
+    if rollback:
+        result.rolled_back = roll_back(engine, monitor, run_dir, info, step + 1)
+    engine.run_state["faults"] = monitor.saved_state()
+    return result
+
+
+def roll_back(
+    engine: Any, monitor: FaultMonitor, run_dir: Path, info: DistInfo, step: int
+) -> dict[str, Any]:
+    """Reload the newest checkpoint saved before the current run of bad steps (collective);
+    returns its lmforge.json. `latest` is pointed back at it."""
+    target = rollback_target(run_dir, monitor.streak_start(step))
+    if target is None:
+        raise DivergenceError(
+            f"training diverged at step {step} before any checkpoint was saved, so there is "
+            "nothing to roll back to; lower optim.lr or save earlier (train.save_every)"
+        )
+    meta = read_json(target / META_FILE)
+    monitor.rolled_back(step, int(meta["step"]), str(target), meta.get("faults"))
+    restore_checkpoint(engine, target, info, run_dir)
+    engine.set_lr_scale(monitor.state.lr_scale)
+    barrier()
+    if info.is_main:
+        write_latest(run_dir, target.name)
+    return meta
 
 
 def training_loop(
@@ -204,44 +422,58 @@ def training_loop(
 
     micro_step(step, start, count) computes the loss of the `count` samples at global positions
     start.. (this rank's share of the global batch) and returns (loss, extra metrics); the loop
-    runs backward and the engine step, logs every `log_every` steps, evaluates every
-    `eval_every` (and at the end), and calls save(step, cursor, metrics) every `save_every`, at
-    the end, at `stop_at` and on a stop signal. Returns (step, cursor, last metrics).
+    runs backward and the engine step (through `optimizer_step`, which applies the fault
+    policy), logs every `log_every` steps, evaluates every `eval_every` (and at the end), and
+    calls save(step, cursor, metrics) every `save_every`, at the end, at `stop_at` and on a
+    stop signal. Returns (step, cursor, last metrics).
     """
     train = cfg.train
     per_step = train.micro_batch_size * info.world
     accum = train.global_batch_size // per_step
     window, stop, last = StepWindow(), StopFlag(), {}
+    monitor = start_monitor(cfg, engine, info, tracker)
     engine.train(True)
     while step < train.steps:
-        values: dict[str, float] = {}
-        for micro in range(accum):
+
+        def forward(micro: int, step: int = step, cursor: int = cursor) -> Any:
             start = cursor + (info.rank * accum + micro) * train.micro_batch_size
-            loss, extra = micro_step(step, start, train.micro_batch_size)
-            engine.backward(loss)
-            engine.step()
-            for key, value in {"loss": loss.detach().float().item(), **extra}.items():
-                values[key] = values.get(key, 0.0) + float(value) / accum
+            return micro_step(step, start, train.micro_batch_size)
+
+        result = optimizer_step(
+            engine=engine,
+            monitor=monitor,
+            step=step,
+            cursor=cursor,
+            accum=accum,
+            forward=forward,
+            run_dir=Path(cfg.run_dir),
+            info=info,
+        )
+        if result.rolled_back is not None:
+            step, cursor = int(result.rolled_back["step"]), int(result.rolled_back["data_cursor"])
+            window.reset()
+            continue
         step += 1
         cursor += train.global_batch_size
-        window.add(**values)
+        window.add(**result.values)
         window.close_step()
         if step % cfg.tracking.log_every == 0 or step == train.steps:
             metrics = window.flush(tracker, engine, info.world, tokens_per_step)
             metrics["epoch"] = cursor / num_samples
+            metrics.update(monitor.metrics())
             tracker.log(step, metrics)
             tracker.progress(step, metrics, metrics["step_seconds"])
             last.update(metrics)
         final = step == train.steps
         if final or (train.eval_every and step % train.eval_every == 0):
             engine.train(False)
-            result = evaluate(step)
+            result_metrics = evaluate(step)
             engine.train(True)
-            tracker.log(step, result)
+            tracker.log(step, result_metrics)
             tracker.message(
-                f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+                f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result_metrics.items())
             )
-            last.update(result)
+            last.update(result_metrics)
         stopping = stop.requested() or step == train.stop_at
         if final or stopping or step % train.save_every == 0:
             tracker.message(f"saved {save(step, cursor, last)}")
@@ -249,6 +481,19 @@ def training_loop(
             tracker.message(f"stopped at step {step}; resume with resume: auto")
             break
     return step, cursor, last
+
+
+def start_monitor(cfg: StageConfig, engine: Any, info: DistInfo, tracker: Tracker) -> FaultMonitor:
+    """The fault monitor of a stage loop, continuing the resumed checkpoint's state (which
+    `restore` left in engine.run_state), with its learning-rate scale applied."""
+    state = engine.run_state.get("faults")
+    monitor = FaultMonitor(
+        cfg.faults, rank=info.rank, world=info.world, tracker=tracker, state=state
+    )
+    if monitor.state.lr_scale != 1.0:
+        engine.set_lr_scale(monitor.state.lr_scale)
+    engine.run_state["faults"] = monitor.saved_state()
+    return monitor
 
 
 def check_batch_sizes(cfg: TrainConfig, world: int) -> int:
@@ -322,19 +567,24 @@ def launch(cfg: StageConfig, stage: str) -> tuple[Launch, dict[str, Any] | None]
     init_distributed(info, cfg.engine.backend)
     run_dir = Path(cfg.run_dir)
     resume_from = resume_point(run_dir, cfg.resume)
+    if info.is_main and run_dir.is_dir():
+        removed = clean_leftovers(run_dir)
+        if removed:
+            print(f"removed what interrupted saves left: {', '.join(removed)}", flush=True)
     place = Launch(info, stage_device(cfg.train, info.local_rank), run_dir, resume_from)
     return place, finished_run(resume_from, cfg.train.steps, info, stage)
 
 
 def restore(engine: Any, place: Launch, meta: dict[str, Any]) -> tuple[int, int]:
-    """Load the engine state and this rank's RNG of the resume checkpoint (if any, and if its
-    deepspeed/ directory is there); returns (step, data cursor) to continue from."""
+    """Load the training state and this rank's RNG of the resume checkpoint, if any (see
+    restore_checkpoint; rank 0 prints which way it was read); returns (step, data cursor)."""
     if place.resume_from is None:
         return 0, 0
-    if (place.resume_from / "deepspeed").is_dir():
-        engine.load_state(place.resume_from / "deepspeed")
-        load_rng(place.resume_from / "deepspeed", place.info.rank)
-    return int(meta["step"]), int(meta["data_cursor"])
+    how = restore_checkpoint(engine, place.resume_from, place.info, place.run_dir)
+    step, cursor = int(meta["step"]), int(meta["data_cursor"])
+    if place.info.is_main:
+        print(f"resume: step {step} from {place.resume_from} via {how}", flush=True)
+    return step, cursor
 
 
 def open_tracker(

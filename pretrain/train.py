@@ -41,8 +41,10 @@ from lmforge.stage import (
     checkpoint_meta,
     launch,
     open_tracker,
+    optimizer_step,
     restore,
     save_stage_checkpoint,
+    start_monitor,
     to_device,
 )
 from lmforge.tokenizer import TokenizerConfig
@@ -222,16 +224,16 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             f"ZeRO-{engine.zero_stage}, {accum} accumulation step(s), device {device}"
         )
     stop = StopFlag()
+    monitor = start_monitor(cfg, engine, info, tracker)
     engine.train(True)
     last_metrics: dict[str, Any] = {}
     window = StepWindow()
     started = time.perf_counter()
     while step < cfg.train.steps:
         name = choose_objective(cfg.objective, step, cfg.train.seed)
-        step_loss = 0.0
-        for micro in range(accum):
-            start = cursor + info.rank * accum * cfg.train.micro_batch_size
-            start += micro * cfg.train.micro_batch_size
+
+        def forward(micro: int, cursor: int = cursor, name: str = name) -> Any:
+            start = cursor + (info.rank * accum + micro) * cfg.train.micro_batch_size
             idx = sampler.indices(start, cfg.train.micro_batch_size)
             inputs = apply_objective(
                 name,
@@ -243,17 +245,31 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 generators=sample_generators(cfg.train.seed, list(range(start, start + len(idx)))),
             )
             loss = engine(**to_device(inputs, device))
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.detach().float().item() / accum
+            return loss, {f"loss/{name}": loss.detach().float().item()}
+
+        result = optimizer_step(
+            engine=engine,
+            monitor=monitor,
+            step=step,
+            cursor=cursor,
+            accum=accum,
+            forward=forward,
+            run_dir=run_dir,
+            info=info,
+        )
+        if result.rolled_back is not None:
+            step, cursor = int(result.rolled_back["step"]), int(result.rolled_back["data_cursor"])
+            tokens_seen = int(result.rolled_back.get("tokens_seen", cursor * seq))
+            window.reset()
+            continue
         step += 1
         cursor += cfg.train.global_batch_size
         tokens_seen += cfg.train.global_batch_size * seq
-        window.add(loss=step_loss, **{f"loss/{name}": step_loss})
+        window.add(**result.values)
         window.close_step()
         if step % cfg.tracking.log_every == 0 or step == cfg.train.steps:
             metrics = window.flush(tracker, engine, info.world, cfg.train.global_batch_size * seq)
-            metrics.update(tokens=tokens_seen, epoch=cursor / len(dataset))
+            metrics.update(tokens=tokens_seen, epoch=cursor / len(dataset), **monitor.metrics())
             tracker.log(step, metrics)
             tracker.progress(step, metrics, metrics["step_seconds"])
             last_metrics.update(metrics)

@@ -3,6 +3,7 @@ accelerate launch, on CPU with gloo."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -86,3 +87,41 @@ def final_metrics(run_dir: Path) -> dict:
     """The metrics stored in the run's latest checkpoint."""
     latest = (run_dir / "latest").read_text().strip()
     return json.loads((run_dir / latest / "lmforge.json").read_text())["metrics"]
+
+
+def spawn_group(
+    script: str, args: list[str], *, nproc: int, log_dir: Path, env: dict[str, str] | None = None
+) -> list[subprocess.Popen[bytes]]:
+    """Start `nproc` ranks of `script` the way srun does (RANK, WORLD_SIZE, ... in the
+    environment, no launcher process), all in one new process group, so that one os.killpg
+    reaches every rank. Rank r writes its output to log_dir/rank{r}.log."""
+    _port[0] += 1
+    base = {**stage_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port[0])}
+    base.update(env or {})
+    procs: list[subprocess.Popen[bytes]] = []
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for rank in range(nproc):
+        rank_env = {
+            **base,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc),
+        }
+        with open(log_dir / f"rank{rank}.log", "wb") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(REPO / script), *args],
+                    env=rank_env,
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=functools.partial(os.setpgid, 0, procs[0].pid if procs else 0),
+                )
+            )
+    return procs
+
+
+def wait_group(procs: list[subprocess.Popen[bytes]], timeout: float = 600) -> list[int]:
+    """Wait for every rank; their exit codes."""
+    return [p.wait(timeout=timeout) for p in procs]

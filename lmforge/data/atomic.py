@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+from lmforge.config import file_mode
 from lmforge.errors import DataError
 
 
@@ -20,7 +21,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; caches are for reading
+        os.chmod(tmp, file_mode())  # mkstemp makes it private; give it what open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

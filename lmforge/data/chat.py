@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lmforge.config import option
 from lmforge.data.chat_datasets import PreferenceDataset, SFTDataset
-from lmforge.data.config import DataConfig
+from lmforge.data.config import MAX_RECORD_BYTES, DataConfig
 from lmforge.data.corpus import doc_hash, quiet_datasets, validation_mask
 from lmforge.data.diagnose import _json_records
 from lmforge.data.sources import resolve_source
@@ -71,6 +71,9 @@ class ChatDataConfig:
     seq_len: int = option(128, "tokens per row; longer records are skipped (and counted)")
     pack: bool = option(True, "pack several SFT samples into each row (else one, padded)")
     seed: int = option(0, "seed of the builtin data")
+    max_record_bytes: int = option(
+        MAX_RECORD_BYTES, "longest line (one JSON record) a .jsonl/.json file may have"
+    )
     tasks: list[str] = option(doc="builtin tasks to use; empty = all", default_factory=list)
 
     def validate(self, prefix: str = "data") -> None:
@@ -82,7 +85,12 @@ class ChatDataConfig:
             raise ConfigError(
                 f"{p}heldout_fraction: must be in [0, 1), got {self.heldout_fraction}"
             )
-        for key, low in (("num_train", 1), ("num_heldout", 0), ("seq_len", 8)):
+        for key, low in (
+            ("num_train", 1),
+            ("num_heldout", 0),
+            ("seq_len", 8),
+            ("max_record_bytes", 1),
+        ):
             if getattr(self, key) < low:
                 raise ConfigError(f"{p}{key}: must be at least {low}, got {getattr(self, key)}")
         if not 0 <= self.seed < 2**63:
@@ -141,7 +149,10 @@ def _file_where(path: Path) -> Callable[[int], str]:
 
 
 def _read_file(path: Path, builder: str, cache_dir: str) -> list[Any]:
-    """A file's records as Python objects, through `datasets` (plain json if that fails)."""
+    """A file's records as Python objects: JSON in plain Python (records may mix types, which
+    pyarrow refuses, and its JSON reader can crash on some inputs), parquet through `datasets`."""
+    if builder == "json":
+        return [record for _, record in _json_records(path)]  # DataError names a bad line
     logger = datasets.utils.logging.get_logger("datasets")
     level = logger.level
     logger.setLevel(logging.CRITICAL)  # it logs each reader error; we report it once, better
@@ -151,22 +162,19 @@ def _read_file(path: Path, builder: str, cache_dir: str) -> list[Any]:
         )
         return ds.to_list()
     except Exception as err:  # datasets wraps reader errors in many types
-        if builder != "json":
-            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DataError(f"{path}: datasets cannot read it ({detail}); re-export it") from err
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: datasets cannot read it ({detail}); re-export it") from err
     finally:
         logger.setLevel(level)
-    # pyarrow needs one type per field across all records; JSON does not (a "chosen" may be text
-    # here and messages there). Read the file in plain Python: the record checks below then say
-    # what is wrong, or accept the mixed forms.
-    return [record for _, record in _json_records(path)]  # DataError names a line of bad JSON
 
 
-def read_records(source: str, key: str = "data.source") -> RawRecords:
+def read_records(
+    source: str, key: str = "data.source", max_record_bytes: int = MAX_RECORD_BYTES
+) -> RawRecords:
     """Read every record of a local or hub source (not `builtin`); `key` names it in errors."""
     source = source.strip()
     try:  # a hub name with ":split" is no local path, so it resolves as "hub"
-        resolved = resolve_source(DataConfig(source=source))
+        resolved = resolve_source(DataConfig(source=source, max_record_bytes=max_record_bytes))
     except DataError as err:  # its messages are about pretraining's data.source
         text = str(err).replace("data.source", key).replace("add documents", "add records")
         raise DataError(text) from None
@@ -361,10 +369,14 @@ def detect_format(raw: RawRecords) -> str:
 
 
 def read_chat_records(
-    source: str, fmt: str, kind: Literal["sft", "preference"], key: str = "data.source"
+    source: str,
+    fmt: str,
+    kind: Literal["sft", "preference"],
+    key: str = "data.source",
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> list[Record]:
     """Every record of a user source, checked and normalised for an SFT or preference stage."""
-    raw = read_records(source, key)
+    raw = read_records(source, key, max_record_bytes)
     if not raw.records:
         raise DataError(f"{key} '{source}': it has no records")
     found = detect_format(raw) if fmt == "auto" else fmt
@@ -418,13 +430,13 @@ def chat_records(
         train = make("train", cfg.num_train, cfg.seed, tasks)
         train = train if kind == "preference" else [_as_sft(r) for r in train]
     else:
-        train = read_chat_records(cfg.source, cfg.format, kind)
+        train = read_chat_records(cfg.source, cfg.format, kind, "data.source", cfg.max_record_bytes)
     if cfg.heldout_source.strip() == "builtin" or (not cfg.heldout_source.strip() and builtin):
         heldout = make("heldout", cfg.num_heldout, cfg.seed, tasks)
         heldout = heldout if kind == "preference" else [_as_sft(r) for r in heldout]
     elif cfg.heldout_source.strip():
         key = "data.heldout_source"
-        heldout = read_chat_records(cfg.heldout_source, cfg.format, kind, key)
+        heldout = read_chat_records(cfg.heldout_source, cfg.format, kind, key, cfg.max_record_bytes)
     else:
         train, heldout = split_records(train, cfg.heldout_fraction, cfg.source)
     return train, heldout

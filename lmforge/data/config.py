@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from lmforge.config import option
 from lmforge.errors import ConfigError
 
+MAX_RECORD_BYTES = 16 * 2**20  # no single record of a corpus or chat file is this long
+
 
 @dataclass
 class DataConfig:
@@ -33,6 +35,9 @@ class DataConfig:
     cache_dir: str = option(".cache/lmforge", "directory of token shards and trained tokenizers")
     num_proc: int = option(1, "processes that tokenise (datasets.map num_proc)")
     max_documents: int = option(0, "use at most this many documents; 0 = all (for quick runs)")
+    max_record_bytes: int = option(
+        MAX_RECORD_BYTES, "longest line (a record, or a line of a .txt document) a file may have"
+    )
     seed: int = option(1234, "seed of the sample order")
 
     def validate(self, prefix: str = "data") -> None:
@@ -48,6 +53,8 @@ class DataConfig:
         for key in ("seq_len", "num_proc"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{p}{key}: must be at least 1, got {getattr(self, key)}")
+        if self.max_record_bytes < 1:
+            raise ConfigError(f"{p}max_record_bytes: must be positive, got {self.max_record_bytes}")
         if self.max_documents < 0:
             raise ConfigError(f"{p}max_documents: must be >= 0 (0 = all), got {self.max_documents}")
         if not 0 <= self.seed < 2**63:

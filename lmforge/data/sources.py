@@ -94,14 +94,50 @@ def _expand(source: str, skip: Path) -> list[Path]:
     return [path]
 
 
-def check_file(path: Path, digest: Digest) -> None:
-    """Feed the file's bytes to digest, raising DataError if it is binary or not UTF-8 / parquet."""
+class _LineLength:
+    """The longest line of a text file, fed chunk by chunk; raises DataError past `limit`."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path, self.limit = path, limit
+        self.current = 0  # bytes of the line in progress
+        self.newlines = 0
+
+    def feed(self, chunk: bytes) -> None:
+        parts = chunk.split(b"\n")
+        for i, part in enumerate(parts):
+            length = (self.current if i == 0 else 0) + len(part)
+            if length > self.limit:
+                raise DataError(
+                    f"{self.path} line {self.newlines + i + 1}: longer than "
+                    f"data.max_record_bytes={self.limit} bytes; split it into smaller records "
+                    "(one document or chat per line) or raise the limit"
+                )
+        self.current = (self.current if len(parts) == 1 else 0) + len(parts[-1])
+        self.newlines += len(parts) - 1
+
+
+def check_file(path: Path, digest: Digest, max_record_bytes: int = 0) -> None:
+    """Feed the file's bytes to digest, raising DataError if it is binary or not UTF-8 / parquet,
+    or (max_record_bytes > 0) has a line longer than that."""
     text = path.suffix.lower() != ".parquet"
     decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = _LineLength(path, max_record_bytes) if text and max_record_bytes > 0 else None
+    starts = {".jsonl": b"{", ".json": b"{["}.get(path.suffix.lower())
     offset = 0
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
+            if lines is not None:
+                lines.feed(chunk)
+            if starts and chunk.strip():  # datasets' JSON reader can crash on a bare value
+                first = chunk.lstrip()[:1]
+                if first not in starts:
+                    raise DataError(
+                        f"{path}: the first record is not a JSON object (it starts with "
+                        f"{first.decode('latin-1')!r}); write one object per line, e.g. "
+                        '{"text": "..."}'
+                    )
+                starts = None
             if not text:
                 if offset == 0 and not chunk.startswith(b"PAR1"):
                     raise DataError(f"{path}: not a parquet file (bad magic bytes); re-export it")
@@ -156,5 +192,5 @@ def resolve_source(cfg: DataConfig, builtin_hash: str = "") -> Source:
     for path in files:
         st = path.stat()
         digest.update(f"|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
-        check_file(path, digest)
+        check_file(path, digest, cfg.max_record_bytes)
     return Source("files", source, tuple(files), kinds[0], digest.hexdigest())
