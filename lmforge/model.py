@@ -198,7 +198,8 @@ def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values for decoding: (L, B, K, S_max, E) each.
+    """Preallocated keys and values for decoding: L tensors (B, K, S_max, E) each (one tensor per
+    layer, so a compiled step mutates whole inputs, never views of a bigger one).
 
     Also keeps which cached positions are real tokens (left padding is not), so attention masks
     can be rebuilt for every step. One cache serves one batch of sequences. After the prompt,
@@ -216,9 +217,9 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_size)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_size)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.max_len = max_len
@@ -230,9 +231,9 @@ class KVCache:
         """Decode with fixed shapes from here on (see the class doc). `compiled` marks the
         buffers as static addresses, which torch.compile's CUDA graphs need."""
         if self.index is None:
-            self.index = torch.tensor([self.length], device=self.k.device)
+            self.index = torch.tensor([self.length], device=self.valid.device)
             if compiled:
-                for t in (self.k, self.v, self.valid, self.index):
+                for t in (*self.k, *self.v, self.valid, self.index):
                     torch._dynamo.mark_static_address(t)
         else:
             self.index.fill_(self.length)
@@ -254,9 +255,9 @@ class KVCache:
             self.v[layer].index_copy_(2, self.index, v)
             return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 # ----------------------------------------------------------------------------- attention mask
