@@ -71,10 +71,16 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / latest_name(run_dir) / "model.safetensors")  # type: ignore[operator]
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Token shards and tokenizer, built once for the module's runs."""
+    return tmp_path_factory.mktemp("cache")
+
+
 def test_ten_kills_resume_from_the_last_complete_checkpoint(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cache, run = tmp_path / "cache", tmp_path / "run"
+    run = tmp_path / "run"
     reference = tmp_path / "reference"
     procs = spawn_group("pretrain/train.py", args(reference, cache), nproc=2, log_dir=reference)
     assert wait_group(procs) == [0, 0], (reference / "rank0.log").read_text()[-3000:]
@@ -100,6 +106,7 @@ def test_ten_kills_resume_from_the_last_complete_checkpoint(
             delay = rng.uniform(0.0, 0.15)
             time.sleep(delay)
         else:  # in the middle of a save: the test hook holds it before the commit
+            wait_for(lambda log=log: steps_logged(log))  # past start-up's clean-up of leftovers
             wait_for(lambda: any(n.endswith(".partial") for n in hidden(run)))
             delay = rng.uniform(0.2, 2.0)
             time.sleep(delay)
@@ -127,6 +134,7 @@ def test_ten_kills_resume_from_the_last_complete_checkpoint(
     text = (tmp_path / "final" / "rank0.log").read_text()
     resumed = RESUME.search(text)
     assert resumed and f"step-{int(resumed.group(1)):06d}" == latest, text[-2000:]
+    assert "via DeepSpeed engine state (2 process(es), ZeRO-2)" in text  # same topology
     assert not hidden(run), f"left behind: {hidden(run)}"
     assert latest_name(run) == f"step-{STEPS:06d}"
     ours, ref = final_weights(run), final_weights(reference)
@@ -144,12 +152,12 @@ def test_ten_kills_resume_from_the_last_complete_checkpoint(
 
 
 @pytest.mark.parametrize("signal_to", ["SIGTERM to every rank", "SIGUSR1 to rank 1 only"])
-def test_stop_signal_saves_at_the_next_step_and_exits_zero(tmp_path: Path, signal_to: str) -> None:
+def test_stop_signal_saves_at_the_next_step_and_exits_zero(
+    tmp_path: Path, cache: Path, signal_to: str
+) -> None:
     run = tmp_path / "run"
     extra = ["--train.steps=400", "--train.save_every=1000"]
-    procs = spawn_group(
-        "pretrain/train.py", [*args(run, tmp_path / "cache"), *extra], nproc=2, log_dir=tmp_path
-    )
+    procs = spawn_group("pretrain/train.py", [*args(run, cache), *extra], nproc=2, log_dir=tmp_path)
     log = tmp_path / "rank0.log"
     wait_for(lambda: len(steps_logged(log)) >= 3)
     seen = max(steps_logged(log))
