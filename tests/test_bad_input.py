@@ -107,9 +107,13 @@ def write_data(folder: Path, kind: str) -> Path:
     if kind == "empty":
         (path := folder / "data.jsonl").write_text("")
     elif kind == "binary":
+        (path := folder / "corpus.txt").write_bytes(bytes(range(256)) * 40)
+    elif kind == "chat binary":
         (path := folder / "data.jsonl").write_bytes(b'{"text": "a"}\n' + bytes(range(256)))
     elif kind == "invalid json":
         (path := folder / "data.jsonl").write_text('{"text": "fine"}\n{"text": "broken\n')
+    elif kind == "valid":
+        (path := folder / "data.jsonl").write_text('{"text": "hello world"}\n' * 50)
     elif kind == "missing field":
         (path := folder / "data.jsonl").write_text('{"body": "no text field"}\n' * 3)
     elif kind == "enormous line":
@@ -150,9 +154,10 @@ PRETRAIN_CASES = [
         "engine.offload_params",
     ),
     ("empty file", [], "empty", "data.jsonl"),
-    ("binary file", [], "binary", "binary data"),
+    ("binary file", [], "binary", "corpus.txt: binary data"),
     ("invalid json", [], "invalid json", "line 2"),
     ("missing field", [], "missing field", "'text'"),
+    ("other text field", ["--data.text_field=body"], "valid", "'body'"),
     ("enormous line", [], "enormous line", "max_record_bytes"),
 ]
 
@@ -263,7 +268,7 @@ def test_bad_checkpoints(
 SFT_CASES = [
     ("position limit", ["--data.seq_len=4096"], None, "data.seq_len"),
     ("empty file", [], "empty", "data.jsonl"),
-    ("binary file", [], "binary", "binary data"),
+    ("binary file", [], "chat binary", "binary data"),
     ("invalid json", [], "invalid json", "line 2"),
     ("missing field", [], "chat missing field", "content"),
     ("enormous line", [], "chat enormous line", "max_record_bytes"),

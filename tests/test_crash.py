@@ -10,6 +10,7 @@ import random
 import re
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 from stagerun import spawn_group, wait_group
 
 from lmforge.rundir import latest_name
-from lmforge.stage import SAVE_PAUSE_ENV
+from lmforge.trainstate import SAVE_PAUSE_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def hidden(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.glob(".*")) if run_dir.is_dir() else []
 
 
-def wait_for(predicate, timeout: float = 240.0) -> None:  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], object], timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
