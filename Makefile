@@ -23,15 +23,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The pipeline on embedded data: pretrain the tiny preset on Python's own documentation, load it
-# with plain transformers, then SFT -> reward model -> DPO on generated chat tasks, and a table
-# of what each stage measured.
+# with plain transformers, then SFT -> reward model -> DPO -> GRPO on generated chat tasks, and a
+# table of what each stage measured.
 demo: $(STAMP)
 	$(BIN)/python pretrain/train.py --config configs/pretrain/demo.yaml
 	$(BIN)/python examples/hf_generate.py runs/demo "The import statement"
 	$(BIN)/python finetune/sft.py --config configs/finetune/sft.yaml
 	$(BIN)/python finetune/reward.py --config configs/finetune/reward.yaml
 	$(BIN)/python finetune/dpo.py --config configs/finetune/dpo.yaml
-	$(BIN)/lmforge report runs/demo runs/sft runs/reward runs/dpo
+	$(BIN)/python finetune/grpo.py --config configs/finetune/grpo.yaml
+	$(BIN)/lmforge report runs/demo runs/sft runs/reward runs/dpo runs/grpo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

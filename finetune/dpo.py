@@ -173,7 +173,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         info=info,
     )
     step, cursor = restore(engine, place, meta)
-    tracker = open_tracker(cfg, place, meta)
+    tracker = open_tracker(cfg, place, meta, model_cfg=policy.cfg, seq_len=cfg.data.seq_len)
     loss_args = {"beta": cfg.beta, "kind": cfg.kind, "label_smoothing": cfg.label_smoothing}
     ctx = {
         "engine": engine,

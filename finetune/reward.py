@@ -125,7 +125,7 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
         info=info,
     )
     step, cursor = restore(engine, place, meta)
-    tracker = open_tracker(cfg, place, meta)
+    tracker = open_tracker(cfg, place, meta, model_cfg=model.cfg, seq_len=cfg.data.seq_len)
     tracker.message(
         f"reward: from {source}; {num_params(model.cfg) / 1e6:.2f}M parameters + scalar head; "
         f"{train_data.summary()}; held-out {heldout.summary()}; "

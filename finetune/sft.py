@@ -131,7 +131,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         info=info,
     )
     step, cursor = restore(engine, place, meta)
-    tracker = open_tracker(cfg, place, meta)
+    tracker = open_tracker(cfg, place, meta, model_cfg=model.cfg, seq_len=cfg.data.seq_len)
     ctx = {
         "engine": engine,
         "heldout": heldout,

@@ -86,13 +86,14 @@ _REPORT = {
         ("mean log-prob margin", "eval_before/logp_margin", "eval/logp_margin"),
     ],
     "grpo": [
-        ("held-out exact match", "eval_before/accuracy", "eval/accuracy"),
-        ("mean rollout reward", None, "reward"),
+        ("held-out exact match (greedy)", "eval_before/accuracy", "eval/accuracy"),
+        ("held-out sampled reward", "eval_before/reward", "eval/reward"),
+        ("held-out KL to the start (nats)", None, "eval/kl"),
     ],
     "ppo": [
-        ("held-out exact match", "eval_before/accuracy", "eval/accuracy"),
-        ("mean rollout reward", None, "reward"),
-        ("KL to the start", None, "kl"),
+        ("held-out reward (sampled)", "eval_before/reward", "eval/reward"),
+        ("held-out KL to the start (nats)", None, "eval/kl"),
+        ("held-out exact match (greedy)", "eval_before/accuracy", "eval/accuracy"),
     ],
 }
 
