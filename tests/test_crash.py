@@ -63,6 +63,13 @@ def wait_for(predicate: Callable[[], object], timeout: float = 240.0) -> None:
         time.sleep(0.02)
 
 
+def inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
 def steps_logged(log: Path) -> list[int]:
     text = log.read_text(errors="replace") if log.exists() else ""
     return [int(m) for m in re.findall(r"^step (\d+)/", text, re.M)]
@@ -94,6 +101,7 @@ def test_ten_kills_resume_from_the_last_complete_checkpoint(
     for i, kind in enumerate(kinds):
         latest = latest_name(run)
         expected = int(latest.split("-")[1]) if latest else 0
+        stale = {name: (run / name).stat().st_ino for name in hidden(run)}  # cleaned at start
         env = {SAVE_PAUSE_ENV: "8"} if kind == "save" else {}
         logs = tmp_path / f"round{i}"
         procs = spawn_group("pretrain/train.py", args(run, cache), nproc=2, log_dir=logs, env=env)
@@ -115,7 +123,9 @@ def test_ten_kills_resume_from_the_last_complete_checkpoint(
         codes = wait_group(procs)
         assert codes == [-signal.SIGKILL] * 2, f"round {i} ended by itself: {codes}"
         text = log.read_text(errors="replace")
-        partial = [n for n in hidden(run) if n.endswith(".partial")]
+        partial = [  # saves this round's processes had begun and not finished
+            n for n in hidden(run) if n.endswith(".partial") and stale.get(n) != inode(run / n)
+        ]
         resumed = RESUME.search(text)
         if resumed:  # it got as far as loading: from the last complete checkpoint
             assert int(resumed.group(1)) == expected, (i, resumed.group(0), latest)
@@ -143,7 +153,7 @@ def test_ten_kills_resume_from_the_last_complete_checkpoint(
     for key in ref:
         assert torch.equal(ours[key], ref[key]), key
     with capsys.disabled():
-        print("\nkill points (round, kind, delay s, last step logged, partial dirs):")
+        print("\nkill points (round, kind, delay s, last step logged, save interrupted):")
         for point in points:
             print("  ", point)
     assert sum(1 for p in points if p[4]) >= 2  # at least the two mid-save kills hit a save
