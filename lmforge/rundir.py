@@ -121,5 +121,5 @@ def space_problem(directory: Path, need: int, margin: int) -> str | None:
     return (
         f"{directory}: not enough disk space for the next checkpoint: it needs about "
         f"{format_bytes(need)} ({need} bytes){extra} but {format_bytes(free)} ({free} bytes) are "
-        "free; free some space (or lower train.keep_last) and resume with resume: auto"
+        "free; free some space (or keep fewer checkpoints: train.keep_last) and resume"
     )
