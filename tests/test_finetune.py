@@ -139,7 +139,7 @@ def test_reward_model_separates_pairs_and_loads_in_transformers(root: Path, tune
             "--data.num_train=3000",
             "--data.num_heldout=100",
             "--train.steps=300",
-            "--optim.lr=2e-3",
+            "--optim.lr=1e-3",
         ],
     )
     final = final_metrics(run)
