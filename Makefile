@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU   ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+# Test files run on this many workers (whole files stay on one worker, so module fixtures such as
+# the SLURM cluster start once); most tests are single-threaded subprocess runs.
+TEST_WORKERS ?= 2
 BENCH_ARGS  ?=
 
 .PHONY: setup demo test lint format clean bench
@@ -35,7 +38,7 @@ demo: $(STAMP)
 	$(BIN)/lmforge report runs/demo runs/sft runs/reward runs/dpo runs/grpo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 # Training and generation throughput of lmforge against transformers' Llama (same weights, same
 # process): one table, and the figures in bench/results/<device>-<preset>.json. The tiny preset

@@ -6,13 +6,21 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-_port = [29700 + os.getpid() % 1000]
+
+
+def free_port() -> int:
+    """A TCP port no one listens on now: the rendezvous port of one launch. Asked of the kernel,
+    so that test workers running side by side never pick the same one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def stage_env() -> dict[str, str]:
@@ -33,8 +41,7 @@ def stage_env() -> dict[str, str]:
 
 def launch_command(launcher: str, nproc: int, script: str, args: list[str]) -> list[str]:
     """The command line that starts `script` with `nproc` processes under `launcher`."""
-    _port[0] += 1
-    port, path = _port[0], str(REPO / script)
+    port, path = free_port(), str(REPO / script)
     if launcher == "python":
         return [sys.executable, path, *args]
     if launcher == "torchrun":
@@ -95,8 +102,7 @@ def spawn_group(
     """Start `nproc` ranks of `script` the way srun does (RANK, WORLD_SIZE, ... in the
     environment, no launcher process), all in one new process group, so that one os.killpg
     reaches every rank. Rank r writes its output to log_dir/rank{r}.log."""
-    _port[0] += 1
-    base = {**stage_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port[0])}
+    base = {**stage_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     base.update(env or {})
     procs: list[subprocess.Popen[bytes]] = []
     log_dir.mkdir(parents=True, exist_ok=True)
