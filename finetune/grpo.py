@@ -169,6 +169,38 @@ def heldout_reward_kl(
     return result
 
 
+def evaluate_policy(
+    engine: Any,
+    reference: torch.nn.Module | None,
+    heldout: PromptDataset,
+    tok: Any,
+    score: Callable[..., torch.Tensor],
+    cfg: Any,
+    run_dir: Path,
+    step: int,
+) -> dict[str, float]:
+    """An RL stage's evaluation: greedy held-out exact match (answers appended to
+    run_dir/samples.jsonl by rank 0), then the sampled held-out reward and KL of
+    `heldout_reward_kl` at the rollout temperature. Collective under ZeRO-3."""
+    is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    result = heldout_accuracy(engine, heldout, tok, cfg.max_new_tokens, run_dir, is_main, step)
+    engine.train(False)
+    result.update(
+        heldout_reward_kl(
+            engine.inference_model(),
+            reference,
+            heldout,
+            tok,
+            score,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=cfg.train.seed,
+        )
+    )
+    engine.train(True)
+    return result
+
+
 def eval_line(result: dict[str, float]) -> str:
     """One console line of an RL evaluation: greedy exact match, sampled reward, KL."""
     line = (
@@ -256,24 +288,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         return torch.tensor(reward_fn(texts, out.texts(tok), answers, tasks).total)
 
     def evaluate(step: int) -> dict[str, float]:
-        result = heldout_accuracy(
-            engine, heldout, tok, cfg.max_new_tokens, run_dir, info.is_main, step
-        )
-        engine.train(False)
-        result.update(
-            heldout_reward_kl(
-                engine.inference_model(),
-                reference,
-                heldout,
-                tok,
-                score,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                seed=cfg.train.seed,
-            )
-        )
-        engine.train(True)
-        return result
+        return evaluate_policy(engine, reference, heldout, tok, score, cfg, run_dir, step)
 
     if info.is_main:
         tracker.message(

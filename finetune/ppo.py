@@ -28,8 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from finetune.grpo import (
     build_sequences,
     eval_line,
-    heldout_accuracy,
-    heldout_reward_kl,
+    evaluate_policy,
     sample_completions,
     token_logprobs,
 )
@@ -229,24 +228,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
         return torch.cat(parts)
 
     def evaluate(step: int) -> dict[str, float]:
-        result = heldout_accuracy(
-            engine, heldout, tok, cfg.max_new_tokens, run_dir, info.is_main, step
-        )
-        engine.train(False)
-        result.update(
-            heldout_reward_kl(
-                engine.inference_model(),
-                reference,
-                heldout,
-                tok,
-                score,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                seed=cfg.train.seed,
-            )
-        )
-        engine.train(True)
-        return result
+        return evaluate_policy(engine, reference, heldout, tok, score, cfg, run_dir, step)
 
     if info.is_main:
         source_name = cfg.reward_model or [r.name for r in cfg.rewards]
