@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The pipeline on embedded data: pretrain the tiny preset on Python's own documentation, load it
-# with plain transformers, then SFT -> reward model -> DPO -> GRPO on generated chat tasks, and a
-# table of what each stage measured.
+# with plain transformers, then SFT -> reward model -> DPO -> GRPO -> PPO on generated chat
+# tasks, and a table of what each stage measured.
 demo: $(STAMP)
 	$(BIN)/python pretrain/train.py --config configs/pretrain/demo.yaml
 	$(BIN)/python examples/hf_generate.py runs/demo "The import statement"
@@ -35,7 +35,8 @@ demo: $(STAMP)
 	$(BIN)/python finetune/reward.py --config configs/finetune/reward.yaml
 	$(BIN)/python finetune/dpo.py --config configs/finetune/dpo.yaml
 	$(BIN)/python finetune/grpo.py --config configs/finetune/grpo.yaml
-	$(BIN)/lmforge report runs/demo runs/sft runs/reward runs/dpo runs/grpo
+	$(BIN)/python finetune/ppo.py --config configs/finetune/ppo.yaml
+	$(BIN)/lmforge report runs/demo runs/sft runs/reward runs/dpo runs/grpo runs/ppo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
