@@ -131,3 +131,27 @@ def spawn_group(
 def wait_group(procs: list[subprocess.Popen[bytes]], timeout: float = 600) -> list[int]:
     """Wait for every rank; their exit codes."""
     return [p.wait(timeout=timeout) for p in procs]
+
+
+def tiny_pretrain_args(run_dir: Path, cache: Path, *, steps: int, save_every: int) -> list[str]:
+    """Overrides of a seconds-long pretraining run of the `debug` preset on the builtin corpus
+    (400 documents, 64-token rows, 8 rows per step in micro-batches of 4), logging every step."""
+    return [
+        "--model=debug",
+        "--tokenizer.vocab_size=512",
+        "--data.source=builtin",
+        "--data.max_documents=400",
+        "--data.seq_len=64",
+        f"--data.cache_dir={cache}",
+        f"--train.steps={steps}",
+        "--train.global_batch_size=8",
+        "--train.micro_batch_size=4",
+        "--train.eval_every=0",
+        "--train.eval_batches=2",
+        f"--train.save_every={save_every}",
+        "--train.samples=0",
+        "--optim.lr=3e-3",
+        "--optim.warmup_steps=2",
+        "--tracking.log_every=1",
+        f"--run_dir={run_dir}",
+    ]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from stagerun import spawn_group, wait_group
+from stagerun import spawn_group, tiny_pretrain_args, wait_group
 
 from lmforge.rundir import latest_name
 from lmforge.trainstate import SAVE_PAUSE_ENV
@@ -28,26 +28,7 @@ RESUME = re.compile(r"^resume: step (\d+) from (\S+) via ", re.M)
 
 
 def args(run_dir: Path, cache: Path) -> list[str]:
-    return [
-        "--model=debug",
-        "--tokenizer.vocab_size=512",
-        "--data.source=builtin",
-        "--data.max_documents=400",
-        "--data.seq_len=64",
-        f"--data.cache_dir={cache}",
-        f"--train.steps={STEPS}",
-        "--train.global_batch_size=8",
-        "--train.micro_batch_size=4",
-        "--train.eval_every=0",
-        "--train.eval_batches=2",
-        "--train.save_every=2",
-        "--train.samples=0",
-        "--optim.lr=3e-3",
-        "--optim.warmup_steps=2",
-        "--tracking.log_every=1",
-        "--engine.zero_stage=2",
-        f"--run_dir={run_dir}",
-    ]
+    return [*tiny_pretrain_args(run_dir, cache, steps=STEPS, save_every=2), "--engine.zero_stage=2"]
 
 
 def hidden(run_dir: Path) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from stagerun import losses, run_stage, spawn_group, wait_group
+from stagerun import losses, run_stage, spawn_group, tiny_pretrain_args, wait_group
 
 pytestmark = pytest.mark.slow
 
@@ -18,25 +18,7 @@ STEPS = 6
 
 
 def base(run_dir: Path, cache: Path) -> list[str]:
-    return [
-        "--model=debug",
-        "--tokenizer.vocab_size=512",
-        "--data.source=builtin",
-        "--data.max_documents=400",
-        "--data.seq_len=64",
-        f"--data.cache_dir={cache}",
-        f"--train.steps={STEPS}",
-        "--train.global_batch_size=8",
-        "--train.micro_batch_size=4",
-        "--train.eval_every=0",
-        "--train.eval_batches=2",
-        "--train.save_every=3",
-        "--train.samples=0",
-        "--optim.lr=3e-3",
-        "--optim.warmup_steps=2",
-        "--tracking.log_every=1",
-        f"--run_dir={run_dir}",
-    ]
+    return tiny_pretrain_args(run_dir, cache, steps=STEPS, save_every=3)
 
 
 def run(run_dir: Path, cache: Path, *extra: str, nproc: int) -> str:
