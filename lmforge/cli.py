@@ -330,23 +330,8 @@ def _stage(name: str, rest: list[str]) -> int:
     return importlib.import_module(_STAGES[name]).main(rest)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with one subcommand per tool."""
-    parser = argparse.ArgumentParser(
-        prog="lmforge",
-        description=__doc__.split("\n")[0],
-        epilog="`lmforge COMMAND --help` describes each command.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in _STAGES.items():
-        sub.add_parser(
-            name, help=f"run the {name} stage ({module}; --dry-run to check)", add_help=False
-        )
-    sub.add_parser(
-        "config-reference",
-        help="write docs/config.md, the reference of every config key",
-        add_help=False,
-    )
+def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The `export` subcommand: a checkpoint as a Hugging Face model directory."""
     export = sub.add_parser(
         "export",
         help="write a checkpoint as a Hugging Face model directory",
@@ -370,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight precision of the export (default auto: as stored)",
     )
     export.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+
+
+def _add_plot(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The `plot` subcommand: a run's training curves as an image."""
     plot = sub.add_parser(
         "plot",
         help="draw a run's loss, learning-rate and throughput curves",
@@ -380,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "-o", "--output", help="image file (.png, .svg, .pdf; default RUN_DIR/curves.png)"
     )
+
+
+def _add_estimate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The `estimate` subcommand: size, FLOPs and memory of a run before it runs."""
     est = sub.add_parser(
         "estimate",
         help="parameters, FLOPs per token and memory per GPU for every ZeRO stage",
@@ -416,8 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["bf16", "fp16", "fp32"],
         help="training precision (default: the config's, bf16 for auto)",
     )
+
+
+def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The `report` subcommand: what each stage measured."""
     report = sub.add_parser("report", help="what each stage measured, as a table")
     report.add_argument("runs", nargs="+", help="run or checkpoint directories")
+
+
+def _add_sample(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The `sample` subcommand: text generated from a checkpoint."""
     sample = sub.add_parser("sample", help="generate text from a checkpoint")
     sample.add_argument("checkpoint", help="checkpoint directory or run directory")
     sample.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
@@ -427,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-p", type=float, default=1.0)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The `inspect` subcommand: a checkpoint's metadata, its files verified."""
     inspect = sub.add_parser("inspect", help="show a checkpoint's stage, step, metrics, lineage")
     inspect.add_argument("checkpoint", help="checkpoint directory or run directory")
     inspect.add_argument(
@@ -435,6 +440,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the size and sha256 check of every file",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subcommand per tool."""
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description=__doc__.split("\n")[0],
+        epilog="`lmforge COMMAND --help` describes each command.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Stages and config-reference parse their own arguments (see main); these entries only
+    # list them in the help.
+    for name, module in _STAGES.items():
+        sub.add_parser(
+            name, help=f"run the {name} stage ({module}; --dry-run to check)", add_help=False
+        )
+    sub.add_parser(
+        "config-reference",
+        help="write docs/config.md, the reference of every config key",
+        add_help=False,
+    )
+    # Added in this order so that `lmforge --help` lists them as before.
+    for add in (_add_export, _add_plot, _add_estimate, _add_report, _add_sample, _add_inspect):
+        add(sub)
     return parser
 
 

@@ -173,6 +173,185 @@ def _eager() -> AbstractContextManager[object]:
     return stance("force_eager") if stance is not None else nullcontext()
 
 
+def _pick_token(
+    logits: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token (B,) from the last position of logits (B, T, V), greedy or sampled, and its
+    log-probability (B,) under the temperature-scaled distribution (before top-k / top-p)."""
+    scores = logits[:, -1].float()  # (B, V)
+    if cfg.temperature > 0 and cfg.temperature != 1.0:
+        scores = scores / cfg.temperature
+    if cfg.temperature == 0:
+        token = scores.argmax(dim=-1)  # (B,)
+    else:
+        probs = torch.softmax(filter_logits(scores, cfg.top_k, cfg.top_p), dim=-1)
+        token = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B,)
+    # log p(token) = score - logsumexp: log_softmax's value without its (B, V) output
+    lse = torch.logsumexp(scores, dim=-1)  # (B,)
+    return token, scores.gather(1, token[:, None]).squeeze(1) - lse
+
+
+@dataclass
+class _Rows:
+    """Per-row output of a decode, filled one step at a time."""
+
+    tokens: torch.Tensor  # (B, N) new tokens, pad after a row stopped
+    logprobs: torch.Tensor  # (B, N) log p(token), 0 after a row stopped
+    lengths: torch.Tensor  # (B,) tokens generated so far, the stopping token included
+    finished: torch.Tensor  # (B,) the row has stopped (EOS, stop string)
+    stopped: torch.Tensor  # (B,) the row stopped before max_new_tokens
+
+    @classmethod
+    def empty(cls, batch: int, steps: int, pad_id: int, device: torch.device) -> _Rows:
+        """Rows of `steps` pad tokens, none finished."""
+        return cls(
+            torch.full((batch, steps), pad_id, dtype=torch.long, device=device),
+            torch.zeros(batch, steps, dtype=torch.float32, device=device),
+            torch.zeros(batch, dtype=torch.long, device=device),
+            torch.zeros(batch, dtype=torch.bool, device=device),
+            torch.zeros(batch, dtype=torch.bool, device=device),
+        )
+
+    def record(self, step: int, token: torch.Tensor, logprob: torch.Tensor, pad_id: int) -> None:
+        """Write step's token (B,) and log-prob (B,) into the rows not yet finished."""
+        self.tokens[:, step] = torch.where(self.finished, pad_id, token)
+        self.logprobs[:, step] = torch.where(self.finished, 0.0, logprob)
+        self.lengths += (~self.finished).long()
+
+
+@dataclass
+class _Stops:
+    """When rows stop: at one of the EOS ids, or once their text holds a stop string."""
+
+    eos: torch.Tensor  # (n,) EOS token ids
+    strings: Sequence[str]
+    tokenizer: object | None
+
+    @property
+    def active(self) -> bool:
+        """Whether any row can stop before max_new_tokens."""
+        return len(self.eos) > 0 or bool(self.strings)
+
+    def all_finished(self, rows: _Rows, step: int, token: torch.Tensor) -> bool:
+        """Mark the rows that stop at step's token (B,); True once every row has stopped (read
+        back only every few steps without stop strings, see _FINISHED_EVERY)."""
+        done = torch.isin(token, self.eos) if len(self.eos) else torch.zeros_like(rows.finished)
+        if self.strings:
+            for row in (~rows.finished & ~done).nonzero().flatten().tolist():
+                if _hit_stop_string(rows.tokens, row, step + 1, self.tokenizer, self.strings):
+                    done[row] = True
+        rows.stopped |= done & ~rows.finished
+        rows.finished |= done
+        # Stop strings already synced to read the rows back, so checking is free then.
+        check = self.strings or step % _FINISHED_EVERY == _FINISHED_EVERY - 1
+        return bool(check) and bool(rows.finished.all())
+
+
+# A decode step: the tokens just picked (B, 1) -> logits (B, 1, V) of the next position.
+_Step = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _static_step(model: GPT, cache: KVCache, positions: torch.Tensor, compiled: bool) -> _Step:
+    """Decode through a static cache (see KVCache.make_static) from prompt positions (B, P),
+    with the torch.compile'd step when `compiled`."""
+    device = positions.device
+    step_fn = _compiled_decode(device) if compiled else _decode_step
+    last = positions[:, -1:]  # (B, 1)
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        nonlocal last
+        last = last + 1  # (B, 1)
+        if compiled and device.type == "cuda":
+            # A new CUDA-graph replay: the previous step's outputs may be overwritten now.
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = step_fn(model, ids, last, cache)
+        assert cache.index is not None
+        cache.index += 1
+        return logits
+
+    return step
+
+
+def _cached_step(model: GPT, cache: KVCache, positions: torch.Tensor) -> _Step:
+    """Decode through a cache that grows by one token per step, from prompt positions (B, P)."""
+    last = positions[:, -1:]  # (B, 1)
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        nonlocal last
+        last = last + 1  # (B, 1)
+        return model(ids, position_ids=last, cache=cache, last_only=True)
+
+    return step
+
+
+def _recompute_step(
+    model: GPT, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+) -> _Step:
+    """Decode without a cache: every step runs the whole sequence so far (prompt ids, mask and
+    positions (B, P), then one more column per step); the reference the caches match."""
+    seq, seq_mask, seq_pos = ids, mask, positions
+
+    def step(step_ids: torch.Tensor) -> torch.Tensor:
+        nonlocal seq, seq_mask, seq_pos
+        next_pos = seq_pos[:, -1:] + 1  # (B, 1)
+        seq = torch.cat([seq, step_ids], dim=1)  # (B, P + i + 1)
+        seq_mask = torch.cat([seq_mask, torch.ones_like(step_ids)], dim=1)
+        seq_pos = torch.cat([seq_pos, next_pos], dim=1)
+        return model(seq, attention_mask=seq_mask, position_ids=seq_pos, last_only=True)
+
+    return step
+
+
+def _decode(
+    logits: torch.Tensor,
+    step: _Step,
+    cfg: GenerateConfig,
+    rows: _Rows,
+    stops: _Stops,
+    pad_id: int,
+) -> None:
+    """Pick up to cfg.max_new_tokens tokens into `rows`, starting from the prompt's logits
+    (B, 1, V); `step` runs the model on each picked token."""
+    gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
+    may_stop = stops.active
+    for i in range(cfg.max_new_tokens):
+        token, lp = _pick_token(logits, cfg, gen)
+        rows.record(i, token, lp, pad_id)
+        if may_stop and stops.all_finished(rows, i, token):
+            break
+        if i + 1 == cfg.max_new_tokens:
+            break  # the last token needs no forward
+        logits = step(token[:, None])
+
+
+def _new_cache(model: GPT, cfg: GenerateConfig, batch: int, size: int, static: bool) -> KVCache:
+    """A cache for `size` tokens per row: rounded up and kept between calls when compiled."""
+    param = next(model.parameters())
+    if static:
+        # Nearby prompt lengths share one cache shape, hence one compiled step.
+        size = min(model.cfg.max_seq_len, -(-size // _STATIC_ROUND) * _STATIC_ROUND)
+    if static and cfg.compile:
+        return _static_cache(model.cfg, batch, size, param.dtype, param.device)
+    return KVCache(model.cfg, batch, size, dtype=param.dtype, device=param.device)
+
+
+def _check_settings(cfg: GenerateConfig, tokenizer: object | None) -> None:
+    """Reject values outside their range and stop strings without a tokenizer."""
+    cfg.validate("generate")
+    if cfg.stop_strings and tokenizer is None:
+        raise ConfigError("generate.stop_strings: needs a tokenizer to decode the text")
+
+
+def _check_length(model: GPT, cfg: GenerateConfig, prompt_len: int) -> None:
+    """Reject prompts that max_new_tokens would take past the model's position limit."""
+    limit = model.cfg.max_seq_len
+    if prompt_len + cfg.max_new_tokens > limit:
+        raise ConfigError(
+            f"generate.max_new_tokens: prompt of {prompt_len} tokens + {cfg.max_new_tokens} new "
+            f"tokens exceeds model.max_seq_len={limit}"
+        )
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -191,101 +370,37 @@ def generate(
     fixed shapes (the same tokens).
     """
     cfg = cfg or GenerateConfig()
-    cfg.validate("generate")
-    if cfg.stop_strings and tokenizer is None:
-        raise ConfigError("generate.stop_strings: needs a tokenizer to decode the text")
+    _check_settings(cfg, tokenizer)
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     b, p = ids.shape
-    limit = model.cfg.max_seq_len
-    if p + cfg.max_new_tokens > limit:
-        raise ConfigError(
-            f"generate.max_new_tokens: prompt of {p} tokens + {cfg.max_new_tokens} new tokens "
-            f"exceeds model.max_seq_len={limit}"
-        )
+    _check_length(model, cfg, p)
     static = use_cache and (cfg.static_cache or cfg.compile)
+    compiled = static and cfg.compile
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    out = torch.full((b, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
-    out_lp = torch.zeros(b, cfg.max_new_tokens, dtype=torch.float32, device=device)
-    lengths = torch.zeros(b, dtype=torch.long, device=device)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    stopped = torch.zeros(b, dtype=torch.bool, device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding does not count
-    cache = None
-    if use_cache:
-        dtype = next(model.parameters()).dtype
-        size = p + cfg.max_new_tokens
-        if static:
-            size = min(limit, -(-size // _STATIC_ROUND) * _STATIC_ROUND)
-        if static and cfg.compile:
-            cache = _static_cache(model.cfg, b, size, dtype, device)
-        else:
-            cache = KVCache(model.cfg, b, size, dtype=dtype, device=device)
-    seq, seq_mask, seq_pos = ids, mask, positions
+    cache = _new_cache(model, cfg, b, p + cfg.max_new_tokens, static) if use_cache else None
     with _eager():
         logits = model(
             ids, attention_mask=mask, position_ids=positions, cache=cache, last_only=True
         )
-    step_fn: Callable[..., torch.Tensor] = _decode_step
-    if cache is not None and static:
+    if cache is None:
+        step = _recompute_step(model, ids, mask, positions)
+    elif static:
         cache.make_static(compiled=cfg.compile)
-        if cfg.compile:
-            step_fn = _compiled_decode(device)
-    may_stop = len(eos) > 0 or bool(cfg.stop_strings)
+        step = _static_step(model, cache, positions, compiled)
+    else:
+        step = _cached_step(model, cache, positions)
+    rows = _Rows.empty(b, cfg.max_new_tokens, pad_id, device)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    stops = _Stops(eos, cfg.stop_strings, tokenizer)
     # One eager stance around the loop (entering it costs about as much as a small op).
-    with nullcontext() if static and cfg.compile else _eager():
-        for i in range(cfg.max_new_tokens):
-            scores = logits[:, -1].float()  # (B, V)
-            if cfg.temperature > 0 and cfg.temperature != 1.0:
-                scores = scores / cfg.temperature
-            if cfg.temperature == 0:
-                token = scores.argmax(dim=-1)  # (B,)
-            else:
-                probs = torch.softmax(filter_logits(scores, cfg.top_k, cfg.top_p), dim=-1)
-                token = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B,)
-            # log p(token) = score - logsumexp: log_softmax's value without its (B, V) output
-            lse = torch.logsumexp(scores, dim=-1)  # (B,)
-            lp = scores.gather(1, token[:, None]).squeeze(1) - lse  # (B,)
-            out[:, i] = torch.where(finished, pad_id, token)
-            out_lp[:, i] = torch.where(finished, 0.0, lp)
-            lengths += (~finished).long()
-            if may_stop:
-                done = torch.isin(token, eos) if len(eos) else torch.zeros_like(finished)
-                if cfg.stop_strings:
-                    for row in (~finished & ~done).nonzero().flatten().tolist():
-                        if _hit_stop_string(out, row, i + 1, tokenizer, cfg.stop_strings):
-                            done[row] = True
-                stopped |= done & ~finished
-                finished |= done
-                check = cfg.stop_strings or i % _FINISHED_EVERY == _FINISHED_EVERY - 1
-                if check and bool(finished.all()):
-                    break
-            if i + 1 == cfg.max_new_tokens:
-                break
-            next_pos = seq_pos[:, -1:] + 1  # (B, 1)
-            step_ids = token[:, None]  # (B, 1)
-            if cache is not None and static:
-                if cfg.compile and device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()
-                logits = step_fn(model, step_ids, next_pos, cache)
-                assert cache.index is not None
-                cache.index += 1
-            elif cache is not None:
-                logits = model(step_ids, position_ids=next_pos, cache=cache, last_only=True)
-            else:
-                seq = torch.cat([seq, step_ids], dim=1)
-                seq_mask = torch.cat([seq_mask, torch.ones_like(step_ids)], dim=1)
-                logits = model(
-                    seq,
-                    attention_mask=seq_mask,
-                    position_ids=torch.cat([seq_pos, next_pos], 1),
-                    last_only=True,
-                )
-            seq_pos = torch.cat([seq_pos, next_pos], dim=1) if cache is None else next_pos
+    with nullcontext() if compiled else _eager():
+        _decode(logits, step, cfg, rows, stops, pad_id)
     model.train(was_training)
-    steps = int(lengths.max())  # the step at which the last row stopped, or max_new_tokens
-    return Generation(out[:, :steps], out_lp[:, :steps], lengths, ids, mask, stopped)
+    steps = int(rows.lengths.max())  # the step at which the last row stopped, or max_new_tokens
+    return Generation(
+        rows.tokens[:, :steps], rows.logprobs[:, :steps], rows.lengths, ids, mask, rows.stopped
+    )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -21,11 +20,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# The cache, masks and position encodings live in their own modules; the names are re-exported
+# here (`import X as X`) because callers import them from lmforge.model.
+from lmforge.attention import EXPAND_MASKED_KV as EXPAND_MASKED_KV
+from lmforge.attention import AttentionKind as AttentionKind
+from lmforge.attention import AttentionMask as AttentionMask
+from lmforge.attention import KVCache as KVCache
+from lmforge.attention import attend as attend
+from lmforge.attention import build_attention_mask as build_attention_mask
+from lmforge.attention import static_decode_mask as static_decode_mask
+from lmforge.attention import track_key_validity
 from lmforge.config import option
 from lmforge.errors import ConfigError
 from lmforge.loss import LossConfig, linear_cross_entropy
-
-AttentionKind = Literal["causal", "bidirectional", "prefix"]
+from lmforge.positions import alibi_slopes as alibi_slopes
+from lmforge.positions import apply_rope as apply_rope
+from lmforge.positions import rope_cos_sin as rope_cos_sin
+from lmforge.positions import sinusoidal_table as sinusoidal_table
 
 
 @dataclass
@@ -149,238 +160,7 @@ def build_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_cos_sin(
-    positions: torch.Tensor, head_size: int, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (B, T, E) for rotary embeddings at the given positions (B, T)."""
-    exponents = torch.arange(0, head_size, 2, device=positions.device, dtype=torch.int64).float()
-    inv_freq = 1.0 / (theta ** (exponents / head_size))  # (E/2,)
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, E/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, E): the half-rotation layout of HF Llama
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, E) by the position tables (B, T, E)."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, E): broadcast over heads
-    return x * cos + _rotate_half(x) * sin
-
-
-def alibi_slopes(n_heads: int) -> torch.Tensor:
-    """Per-head ALiBi slopes (Press et al. 2022): a geometric series, interleaved when the head
-    count is not a power of two, as in the paper's reference code."""
-
-    def power_of_two(n: int) -> list[float]:
-        start = 2.0 ** (-8.0 / n)
-        return [start ** (i + 1) for i in range(n)]
-
-    closest = 2 ** math.floor(math.log2(n_heads))
-    slopes = power_of_two(closest)
-    if closest != n_heads:
-        slopes += power_of_two(2 * closest)[0::2][: n_heads - closest]
-    return torch.tensor(slopes)
-
-
-def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Fixed sin/cos position embeddings (Vaswani et al. 2017) for positions (B, T) -> (B, T, D)."""
-    i = torch.arange(0, dim, 2, device=positions.device).float()
-    angles = positions.float()[..., None] / (10000.0 ** (i / dim))  # (B, T, D/2)
-    table = torch.stack((angles.sin(), angles.cos()), dim=-1)  # (B, T, D/2, 2)
-    return table.flatten(-2)  # (B, T, D): sin at even, cos at odd channels
-
-
-# ------------------------------------------------------------------------------- the cache
-
-
-class KVCache:
-    """Preallocated keys and values for decoding: L tensors (B, K, S_max, E) each (one tensor per
-    layer, so a compiled step mutates whole inputs, never views of a bigger one).
-
-    Also keeps which cached positions are real tokens (left padding is not), so attention masks
-    can be rebuilt for every step. One cache serves one batch of sequences. After the prompt,
-    `make_static()` switches it to fixed shapes: each token is written at `index` (a device
-    tensor the caller advances) and attention runs over all S_max slots, unwritten ones masked,
-    so one compiled (CUDA-graph) decode step serves every position.
-    """
-
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        batch: int,
-        max_len: int,
-        *,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> None:
-        shape = (batch, cfg.kv_heads, max_len, cfg.head_size)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.length = 0
-        self.max_len = max_len
-        self.padded = False  # some written position is padding (known without a device sync)
-        self.static = False
-        self.index: torch.Tensor | None = None  # (1,) the next slot, once static
-
-    def make_static(self, *, compiled: bool = False) -> None:
-        """Decode with fixed shapes from here on (see the class doc). `compiled` marks the
-        buffers as static addresses, which torch.compile's CUDA graphs need."""
-        if self.index is None:
-            self.index = torch.tensor([self.length], device=self.valid.device)
-            if compiled:
-                for t in (*self.k, *self.v, self.valid, self.index):
-                    torch._dynamo.mark_static_address(t)
-        else:
-            self.index.fill_(self.length)
-        self.static = True
-
-    def reset(self) -> None:
-        """Empty the cache for a new batch, keeping its buffers (and their addresses)."""
-        self.valid.zero_()
-        self.length, self.padded, self.static = 0, False, False
-
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, K, T, E) at the current length; return all cached (B, K, S, E)
-        (static: write at `index`, return all S_max slots)."""
-        if self.static:
-            assert self.index is not None
-            self.k[layer].index_copy_(2, self.index, k)
-            self.v[layer].index_copy_(2, self.index, v)
-            return self.k[layer], self.v[layer]
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
-# ----------------------------------------------------------------------------- attention mask
-
-
-@dataclass
-class AttentionMask:
-    """What SDPA needs for one forward: a mask (bool, or float with ALiBi), or is_causal."""
-
-    mask: torch.Tensor | None  # (B, 1 or H, T, S); bool True = may attend, or additive float
-    is_causal: bool
-
-
-def build_attention_mask(
-    cfg: ModelConfig,
-    kind: AttentionKind,
-    *,
-    batch: int,
-    q_len: int,
-    start: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    prefix_len: torch.Tensor | None = None,
-    doc_ids: torch.Tensor | None = None,
-    key_valid: torch.Tensor | None = None,
-) -> AttentionMask:
-    """Mask for T=q_len queries at sequence indices start.. against S=start+q_len keys.
-
-    kind: causal (key index <= query index), bidirectional (all keys), or prefix (causal, plus
-    every key before prefix_len (B,) of that sample). doc_ids (B, S) restrict attention to the
-    same document (packed sequences); key_valid (B, S) hides padding. ALiBi adds -slope·distance.
-    """
-    s_len = start + q_len
-    plain = doc_ids is None and key_valid is None and cfg.position != "alibi"
-    if plain and kind == "bidirectional":
-        return AttentionMask(None, False)
-    if plain and kind == "causal":
-        # SDPA's is_causal aligns top-left, so it is only right when queries and keys coincide.
-        if start == 0:
-            return AttentionMask(None, True)
-        if q_len == 1:
-            return AttentionMask(None, False)
-    q_idx = torch.arange(start, s_len, device=device)[:, None]  # (T, 1)
-    k_idx = torch.arange(s_len, device=device)[None, :]  # (1, S)
-    allowed = torch.ones(batch, q_len, s_len, dtype=torch.bool, device=device)  # (B, T, S)
-    if kind in ("causal", "prefix"):
-        causal = k_idx <= q_idx  # (T, S)
-        if kind == "prefix":
-            if prefix_len is None:
-                raise ValueError("attention 'prefix' needs prefix_len (B,)")
-            in_prefix = k_idx[None] < prefix_len.to(device)[:, None, None]  # (B, 1, S)
-            allowed = causal[None] | in_prefix
-        else:
-            allowed = allowed & causal[None]
-    if doc_ids is not None:
-        allowed = allowed & (doc_ids[:, start:s_len, None] == doc_ids[:, None, :s_len])
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, :s_len]
-    # A query may always see itself: padded queries would otherwise have no key and give NaN.
-    allowed = allowed | (k_idx == q_idx)[None]
-    if cfg.position != "alibi":
-        return AttentionMask(allowed[:, None], False)  # (B, 1, T, S)
-    distance = (q_idx - k_idx).abs().float()  # (T, S)
-    slopes = alibi_slopes(cfg.n_heads).to(device)  # (H,)
-    bias = -slopes[:, None, None] * distance[None]  # (H, T, S)
-    bias = bias[None].expand(batch, -1, -1, -1)  # (B, H, T, S)
-    bias = bias.masked_fill(~allowed[:, None], float("-inf"))
-    return AttentionMask(bias.to(dtype), False)
-
-
-def static_decode_mask(cfg: ModelConfig, cache: KVCache, dtype: torch.dtype) -> AttentionMask:
-    """Mask of one query at slot cache.index against all S_max slots of a static cache: the
-    written real tokens (later slots are unwritten, so causality holds), ALiBi biases by
-    distance. Shapes do not depend on the position."""
-    assert cache.index is not None
-    allowed = cache.valid[:, None, None, :]  # (B, 1, 1, S)
-    if cfg.position != "alibi":
-        return AttentionMask(allowed, False)
-    k_idx = torch.arange(cache.max_len, device=cache.valid.device)  # (S,)
-    distance = (cache.index[:, None] - k_idx[None]).abs().float()  # (1, S)
-    slopes = alibi_slopes(cfg.n_heads).to(cache.valid.device)  # (H,)
-    bias = -slopes[:, None, None] * distance[None]  # (H, 1, S)
-    bias = bias[None].expand(cache.valid.shape[0], -1, -1, -1)  # (B, H, 1, S)
-    return AttentionMask(bias.masked_fill(~allowed, float("-inf")).to(dtype), False)
-
-
 # ----------------------------------------------------------------------------- the blocks
-
-
-# Whether a masked GQA call repeats the key/value heads itself, per device type. On CUDA, SDPA's
-# flash kernel (GQA, no mask) and memory-efficient kernel (masks, no GQA) each miss one of the
-# two, so masked GQA would fall back to the math kernel, which holds (B, H, T, S) scores.
-EXPAND_MASKED_KV: dict[str, bool] = defaultdict(bool, cuda=True)
-
-
-def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: AttentionMask,
-    dropout: float,
-    *,
-    expand_kv: bool = False,
-) -> torch.Tensor:
-    """SDPA of q (B, H, T, E) over k, v (B, K, S, E) -> (B, H, T, E). Unmasked calls pass the K
-    heads as they are (enable_gqa: flash attention takes them); with expand_kv a masked call
-    gets them repeated to H heads first (the same values: enable_gqa is defined that way)."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1 and expand_kv and mask.mask is not None:
-        k, v = (
-            k.repeat_interleave(groups, dim=1),
-            v.repeat_interleave(groups, dim=1),
-        )  # (B, H, S, E)
-        groups = 1
-    return F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=mask.mask,
-        is_causal=mask.is_causal,
-        dropout_p=dropout,
-        enable_gqa=groups > 1,
-    )
 
 
 class Attention(nn.Module):
@@ -581,66 +361,85 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> final hidden states (B, T, D), after the last norm."""
-        cfg = self.cfg
         b, t = input_ids.shape
         static = cache is not None and cache.static
-        if static and (t != 1 or position_ids is None or attention_mask is not None):
-            raise ValueError("a static cache decodes one token at a time, with position_ids")
-        start = cache.length if cache is not None else 0
-        if not static and start + t > cfg.max_seq_len:
-            raise ValueError(
-                f"sequence of {start + t} tokens exceeds model.max_seq_len={cfg.max_seq_len}"
-            )
-        device = input_ids.device
+        start = self._start(t, cache, position_ids, attention_mask)
         if position_ids is None:
-            position_ids = torch.arange(start, start + t, device=device).expand(b, t)  # (B, T)
-        x = self.tok_embeddings(input_ids)  # (B, T, D)
-        if cfg.position == "learned":
-            x = x + self.pos_embeddings(position_ids)
-        elif cfg.position == "sinusoidal":
-            x = x + sinusoidal_table(position_ids, cfg.dim).to(x.dtype)
-        x = self.dropout(x)
-
-        key_valid = None
+            positions = torch.arange(start, start + t, device=input_ids.device)  # (T,)
+            position_ids = positions.expand(b, t)  # (B, T)
+        x = self._embed(input_ids, position_ids)  # (B, T, D)
+        key_valid = track_key_validity(cache, attention_mask, start, t)  # (B, S) or None
         if static:
-            cache.valid.index_fill_(1, cache.index, True)
-        elif cache is not None:
-            if attention_mask is None:  # new tokens are real: nothing to check on the device
-                cache.valid[:, start : start + t] = True
-            else:
-                cache.valid[:, start : start + t] = attention_mask.bool()
-                cache.padded = cache.padded or not bool(attention_mask.all())
-            if cache.padded:
-                key_valid = cache.valid
-        elif attention_mask is not None and not bool(attention_mask.all()):
-            key_valid = attention_mask.bool()
-        if static:
-            mask = static_decode_mask(cfg, cache, x.dtype)
+            assert cache is not None
+            mask = static_decode_mask(self.cfg, cache, x.dtype)
         else:
             mask = build_attention_mask(
-                cfg,
+                self.cfg,
                 attention,
                 batch=b,
                 q_len=t,
                 start=start,
-                device=device,
+                device=input_ids.device,
                 dtype=x.dtype,
                 prefix_len=prefix_len,
                 doc_ids=doc_ids,
                 key_valid=key_valid,
             )
         rope = None
-        if cfg.position == "rope":
-            rope = rope_cos_sin(position_ids, cfg.head_size, cfg.rope_theta, x.dtype)
+        if self.cfg.position == "rope":
+            rope = rope_cos_sin(position_ids, self.cfg.head_size, self.cfg.rope_theta, x.dtype)
+        x = self._run_layers(x, mask, rope, cache)
+        if cache is not None and not static:
+            cache.length = start + t
+        return self.norm(x)
+
+    def _start(
+        self,
+        q_len: int,
+        cache: KVCache | None,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> int:
+        """Sequence index of the first of q_len new tokens (the cache length, or 0), after
+        rejecting inputs a static cache cannot take and sequences past max_seq_len."""
+        static = cache is not None and cache.static
+        if static and (q_len != 1 or position_ids is None or attention_mask is not None):
+            raise ValueError("a static cache decodes one token at a time, with position_ids")
+        start = cache.length if cache is not None else 0
+        # A static cache writes at its device-side index; its length is not advanced.
+        limit = self.cfg.max_seq_len
+        if not static and start + q_len > limit:
+            raise ValueError(
+                f"sequence of {start + q_len} tokens exceeds model.max_seq_len={limit}"
+            )
+        return start
+
+    def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, D) of input_ids (B, T), plus the learned or sinusoidal
+        position embeddings of position_ids (B, T), through the embedding dropout."""
+        x = self.tok_embeddings(input_ids)  # (B, T, D)
+        if self.cfg.position == "learned":
+            x = x + self.pos_embeddings(position_ids)
+        elif self.cfg.position == "sinusoidal":
+            x = x + sinusoidal_table(position_ids, self.cfg.dim).to(x.dtype)
+        return self.dropout(x)
+
+    def _run_layers(
+        self,
+        x: torch.Tensor,
+        mask: AttentionMask,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """x (B, T, D) through every block -> (B, T, D); blocks are recomputed in backward when
+        activation checkpointing is on (training without a cache only)."""
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if recompute and cache is None:
                 x = checkpoint(layer, x, mask, rope, None, i, use_reentrant=False)
             else:
                 x = layer(x, mask, rope, cache, i)
-        if cache is not None and not static:
-            cache.length = start + t
-        return self.norm(x)
+        return x
 
 
 def build_model(
