@@ -9,6 +9,15 @@ keys override the preset's values (`model: {preset: tiny, n_layers: 4}`). Preset
 `configs/<PRESETS>/<name>.yaml`; `LMFORGE_CONFIG_DIR` points elsewhere. A preset is the base of
 its section: keys set for that section anywhere (YAML or CLI) override it.
 
+A nested section whose class sets `SHORTHAND: ClassVar[str] = "checkpoint"` may be given as a
+single value that stands for that one field: `resume: auto` (or `--resume=auto`) means
+`resume: {checkpoint: auto}`, and it combines with the section's other keys given elsewhere
+(`--resume.allow_changes=optim.betas`). A section sets PRESETS or SHORTHAND, not both.
+
+On the command line a key whose type is a list or tuple also takes comma-separated items:
+`--data.paths=a.bin,b.bin` is `--data.paths=[a.bin, b.bin]` (an empty value is the empty list;
+write the YAML list, quoted, for items that hold a comma).
+
 YAML is read with PyYAML's safe loader, changed in three ways: `1e-3` is a float (YAML 1.2, as
 users expect), dates stay strings, and a key repeated in one mapping is an error.
 """
@@ -105,7 +114,7 @@ def _read_yaml(path: Path, cls: type | None, stack: tuple[Path, ...] = ()) -> di
         kind = type(data).__name__
         raise ConfigError(f"config file '{path}': top level must be a mapping, got {kind}")
     include = data.pop("include", None)
-    data = _normalize_presets(cls, data)
+    data = _normalize_sections(cls, data)
     if include is None:
         return data
     if not isinstance(include, str):
@@ -147,11 +156,39 @@ def load_preset(cls: type[T], name: str) -> T:
     return from_dict(cls, {"preset": name})
 
 
-def _normalize_presets(cls: Any, data: Any) -> Any:
-    """Rewrite `section: name` as `section: {preset: name}` for preset sections, recursively.
+def _shorthand(cls: Any) -> str | None:
+    """The field a single value given for section `cls` stands for (its SHORTHAND), if any."""
+    name = getattr(cls, "SHORTHAND", None) if dataclasses.is_dataclass(cls) else None
+    if not isinstance(name, str):
+        return None
+    if _preset_kind(cls) is not None:  # `model: tiny` could then mean either: a bug in lmforge
+        raise TypeError(f"{cls.__name__} sets both PRESETS and SHORTHAND; keep one")
+    if name not in {f.name for f in _init_fields(cls)}:
+        raise TypeError(f"{cls.__name__}.SHORTHAND names no field: {name!r}")
+    return name
+
+
+def _expand_section(cls: Any, value: Any) -> Any:
+    """A single value given for a PRESETS or SHORTHAND section, as that section's mapping.
+
+    `model: tiny` -> `{preset: tiny}`; `resume: auto` -> `{checkpoint: auto}` (any value other
+    than a mapping or null, so a list-typed SHORTHAND field works too). Anything else is
+    returned unchanged for `_build` to check.
+    """
+    if isinstance(value, str) and _preset_kind(cls):
+        return {"preset": value}
+    field = _shorthand(cls)
+    if field is not None and value is not None and not isinstance(value, Mapping):
+        return {field: value}
+    return value
+
+
+def _normalize_sections(cls: Any, data: Any) -> Any:
+    """Rewrite single values given for PRESETS / SHORTHAND sections as mappings, recursively.
 
     Done on each layer (preset file, include, YAML, CLI) before merging, so `model: tiny` in a
-    YAML and `--model.n_layers=4` on the CLI combine instead of one replacing the other.
+    YAML and `--model.n_layers=4` on the CLI (or `resume: auto` and `--resume.allow_changes=x`)
+    combine instead of one replacing the other.
     """
     if not dataclasses.is_dataclass(cls) or not isinstance(data, Mapping):
         return data
@@ -161,10 +198,7 @@ def _normalize_presets(cls: Any, data: Any) -> Any:
         sub = hints.get(name) if isinstance(name, str) else None
         if sub is None or not dataclasses.is_dataclass(sub):
             continue
-        if isinstance(value, str) and _preset_kind(sub):
-            out[name] = {"preset": value}
-        else:
-            out[name] = _normalize_presets(sub, value)
+        out[name] = _normalize_sections(sub, _expand_section(sub, value))
     return out
 
 
@@ -271,8 +305,7 @@ def _build(cls: type[T], value: Any, prefix: str) -> T:
     if isinstance(value, cls):
         return value
     kind = _preset_kind(cls)
-    if kind and isinstance(value, str):
-        value = {"preset": value}
+    value = _expand_section(cls, value)  # also here: a section inside a list or dict value
     if value is None:
         value = {}
     if not isinstance(value, Mapping):
@@ -280,7 +313,7 @@ def _build(cls: type[T], value: Any, prefix: str) -> T:
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {_show(value)}")
     if kind and "preset" in value:
         rest = {k: v for k, v in value.items() if k != "preset"}
-        value = merge(_preset_data(cls, value["preset"], prefix), _normalize_presets(cls, rest))
+        value = merge(_preset_data(cls, value["preset"], prefix), _normalize_sections(cls, rest))
     fields = {f.name: f for f in _init_fields(cls)}
     hints = _hints(cls)
     for name in value:
@@ -318,11 +351,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, prefix: str = "")
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
-    return _build(cls, _normalize_presets(cls, data), prefix)
+    return _build(cls, _normalize_sections(cls, data), prefix)
 
 
-def _override_pairs(args: Sequence[str]) -> list[tuple[str, Any]]:
-    pairs: list[tuple[str, Any]] = []
+def _override_pairs(args: Sequence[str]) -> list[tuple[str, str, Any]]:
+    """(dotted key, raw text, YAML value) for each `--key=value` / `--key value` argument."""
+    pairs: list[tuple[str, str, Any]] = []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -341,9 +375,58 @@ def _override_pairs(args: Sequence[str]) -> list[tuple[str, Any]]:
             value = _yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             raise ConfigError(f"argument '{arg}': cannot parse '{raw}'; quote it") from None
-        pairs.append((key, value))
+        pairs.append((key, raw, value))
         i += 1
     return pairs
+
+
+def _key_type(cls: type, key: str) -> Any:
+    """The annotation of dotted `key` in dataclass `cls`; None if the key is unknown (from_dict
+    reports it). A SHORTHAND section stands for its shorthand field, as `--resume=...` does."""
+    tp: Any = cls
+    for name in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = _hints(tp).get(name)
+        if tp is None:
+            return None
+    field = _shorthand(tp)
+    return _hints(tp)[field] if field is not None else tp
+
+
+def _item_types(tp: Any) -> list[Any] | None:
+    """For a list or tuple annotation (or one of those `| None`): the item type of each
+    position, cycling for variable length. None for any other annotation, including unions
+    with a non-sequence type (`str | list[str]`: there a comma may belong to the string)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        return _item_types(members[0]) if len(members) == 1 else None
+    if origin is list or (origin is tuple and args and args[-1] is Ellipsis):
+        return [args[0] if args else Any]
+    if origin is tuple:
+        return list(args) or [Any]
+    return None
+
+
+def _cli_value(cls: type, key: str, arg: str, raw: str, value: Any) -> Any:
+    """The value of one CLI override: its YAML value, except that a list- or tuple-typed key
+    given neither a YAML list (`[a, b]`) nor null takes comma-separated items (`a,b`)."""
+    items = _item_types(_key_type(cls, key))
+    if items is None or value is None or raw.strip().startswith("["):
+        return value
+    pieces = [p.strip() for p in raw.split(",")]
+    pieces = [] if pieces == [""] else pieces
+    out: list[Any] = []
+    for i, piece in enumerate(pieces):
+        if items[i % len(items)] is str:
+            out.append(piece)  # `--resume.allow_changes=1e-3,true` stays strings, as typed
+            continue
+        try:
+            out.append(_yaml_load(piece) if piece else "")
+        except yaml.YAMLError:
+            raise ConfigError(f"argument '{arg}': cannot parse item '{piece}'; quote it") from None
+    return out
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:
@@ -358,10 +441,11 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
     """Parse `--section.key=value` / `--section.key value` into a nested dict.
 
     Values are YAML (`4`, `true`, `[1, 2]`, `1e-3`, `null`); an empty value is the empty string.
-    Later arguments win.
+    Later arguments win. Without a config class this knows no types, so `a,b` stays a string
+    here; `load_config` reads it as a list for list-typed keys.
     """
     out: dict[str, Any] = {}
-    for key, value in _override_pairs(args):
+    for key, _, value in _override_pairs(args):
         out = merge(out, _nest(key, value))
     return out
 
@@ -380,8 +464,9 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build `cls` from its defaults, then the YAML file at `path`, then CLI `overrides`."""
     data = _read_yaml(Path(path), cls) if path is not None else {}
-    for key, value in _override_pairs(overrides):
-        data = merge(data, _normalize_presets(cls, _nest(key, value)))
+    for key, raw, value in _override_pairs(overrides):
+        value = _cli_value(cls, key, f"--{key}={raw}", raw, value)
+        data = merge(data, _normalize_sections(cls, _nest(key, value)))
     return from_dict(cls, data)
 
 
