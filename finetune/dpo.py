@@ -11,7 +11,6 @@ the starting weights (`reference: model`) or its log-probs computed once before 
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,27 +21,19 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.checkpoint import load_checkpoint
+from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
 from lmforge.data import GlobalSampler
 from lmforge.data.chat import ChatDataConfig, load_preference_data
 from lmforge.data.chat_datasets import PreferenceDataset
 from lmforge.engine import build_engine
 from lmforge.errors import ConfigError
+from lmforge.loop import Task, micro_batches, training_loop
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.model import GPT, num_params
 from lmforge.prefs import dpo_loss, sequence_logprobs
 from lmforge.runtime import all_mean, run_entry, set_seed
-from lmforge.stage import (
-    StageConfig,
-    check_batch_sizes,
-    checkpoint_meta,
-    launch,
-    open_tracker,
-    restore,
-    save_stage_checkpoint,
-    training_loop,
-)
-from lmforge.tracking import format_duration
+from lmforge.stage import StageConfig, check_batch_sizes, launch, load_start, start_run
 
 
 @dataclass
@@ -139,41 +130,38 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     place, done = launch(cfg, "dpo")
     if done is not None:
         return done
-    info, device, run_dir, resume_from = place.info, place.device, place.run_dir, place.resume_from
+    info, device = place.info, place.device
     if not cfg.init_from:
         raise ConfigError("init_from: DPO starts from an SFT checkpoint; set init_from")
     set_seed(cfg.train.seed, info.rank)
-    source = resume_from or cfg.init_from
-    policy, tok, meta = load_checkpoint(source)
+    policy, tok, _ = load_start(place, cfg.init_from, load_checkpoint)
     if tok is None:
-        raise ConfigError(f"init_from: {source} has no tokenizer files; DPO needs its tokenizer")
+        raise ConfigError(f"init_from: {cfg.init_from} has no tokenizer files; DPO needs it")
     reference, _, _ = load_checkpoint(cfg.init_from, with_tokenizer=False, device=device)
     reference.requires_grad_(False)
     policy.train()
     train_data, heldout = load_preference_data(cfg.data, tok)
     micro = cfg.train.micro_batch_size
-    train_ref = (
-        reference_logprobs(reference, train_data, micro, device)
-        if (cfg.reference == "precomputed")
-        else None
-    )
+    precomputed = cfg.reference == "precomputed"
+    train_ref = reference_logprobs(reference, train_data, micro, device) if precomputed else None
     heldout_ref = reference_logprobs(reference, heldout, micro, device)
-    if cfg.reference == "precomputed":
+    if precomputed:
         del reference  # the frozen copy is not needed while training
     if cfg.lora.enabled:
         policy = apply_lora(policy, cfg.lora)
-    accum = check_batch_sizes(cfg.train, info.world)
     engine = build_engine(
         policy,
         cfg.engine,
         cfg.optim,
         micro_batch=micro,
-        grad_accum=accum,
+        grad_accum=check_batch_sizes(cfg.train, info.world),
         total_steps=cfg.train.steps,
         info=info,
     )
-    step, cursor = restore(engine, place, meta)
-    tracker = open_tracker(cfg, place, meta, model_cfg=policy.cfg, seq_len=cfg.data.seq_len)
+    checkpointer = Checkpointer(place.run_dir, info, cfg, "dpo", tok)
+    scaling = cfg.lora.alpha / cfg.lora.rank if cfg.lora.enabled else None
+    checkpointer.add_engine("model", engine, parent=cfg.init_from, lora_scaling=scaling)
+    run = start_run(cfg, place, checkpointer, model_cfg=policy.cfg, seq_len=cfg.data.seq_len)
     loss_args = {"beta": cfg.beta, "kind": cfg.kind, "label_smoothing": cfg.label_smoothing}
     ctx = {
         "engine": engine,
@@ -184,19 +172,11 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         "device": device,
         "loss_args": loss_args,
     }
-    if info.is_main:
-        tracker.message(
-            f"dpo ({cfg.kind}, β={cfg.beta}): from {source}, reference {cfg.init_from} "
-            f"({cfg.reference}); {num_params(policy.cfg) / 1e6:.2f}M parameters; "
-            f"{train_data.summary()}; ZeRO-{engine.zero_stage}, {info.world} process(es)"
-        )
-    last: dict[str, Any] = {}
-    if step == 0:
-        engine.train(False)
-        before = evaluate(ctx)
-        last.update({k.replace("eval/", "eval_before/"): v for k, v in before.items()})
-        tracker.log(0, before)
-        tracker.message(f"before DPO: policy prefers chosen {before['eval/prefers_chosen']:.3f}")
+    run.tracker.message(
+        f"dpo ({cfg.kind}, β={cfg.beta}): from {place.resume_from or cfg.init_from}, reference "
+        f"{cfg.init_from} ({cfg.reference}); {num_params(policy.cfg) / 1e6:.2f}M parameters; "
+        f"{train_data.summary()}; {engine.describe()}, {info.world} process(es)"
+    )
     sampler = GlobalSampler(len(train_data), cfg.data.seed)
 
     def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -211,48 +191,20 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         loss, metrics = dpo_loss(pi_c, pi_r, ref_c, ref_r, **loss_args)
         return loss, {k: v.item() for k, v in metrics.items()}
 
-    def save(step: int, cursor: int, metrics: dict[str, Any]) -> Path:
-        return save_stage_checkpoint(
-            engine,
-            run_dir / f"step-{step:06d}",
-            tokenizer=tok,
-            info=info,
-            lora_scaling=cfg.lora.alpha / cfg.lora.rank if cfg.lora.enabled else None,
-            meta=checkpoint_meta(
-                "dpo",
-                cfg,
-                place,
-                tracker,
-                step=step,
-                cursor=cursor,
-                parent=cfg.init_from,
-                metrics={**last, **metrics},
-            ),
-        )
-
-    started = time.perf_counter()
-    step, cursor, final = training_loop(
-        cfg=cfg,
-        engine=engine,
-        info=info,
-        tracker=tracker,
-        num_samples=len(train_data),
-        step=step,
-        cursor=cursor,
-        micro_step=micro_step,
+    nan = float("nan")
+    task = Task(
+        step=micro_batches(micro_step, cfg.train, info),
         evaluate=lambda step: evaluate(ctx),
-        save=save,
+        samples_per_step=cfg.train.global_batch_size,
+        num_samples=len(train_data),
         tokens_per_step=2 * cfg.train.global_batch_size * cfg.data.seq_len,
+        summary=lambda last: (
+            f"held-out implicit-reward accuracy {last.get('eval/reward_accuracy', nan):.3f}; "
+            f"policy prefers chosen {last.get('eval_before/prefers_chosen', nan):.3f} -> "
+            f"{last.get('eval/prefers_chosen', nan):.3f}"
+        ),
     )
-    last.update(final)
-    tracker.message(
-        f"dpo done in {format_duration(time.perf_counter() - started)}: held-out implicit-reward "
-        f"accuracy {last.get('eval/reward_accuracy', float('nan')):.3f}; policy prefers chosen "
-        f"{last.get('eval_before/prefers_chosen', float('nan')):.3f} -> "
-        f"{last.get('eval/prefers_chosen', float('nan')):.3f}"
-    )
-    tracker.close()
-    return last
+    return training_loop(run, task)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,38 +15,32 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.grpo import (
-    build_sequences,
-    eval_line,
-    evaluate_policy,
-    sample_completions,
-    token_logprobs,
-)
 from finetune.rewards import RewardSpec, build_reward_fn
 from lmforge.checkpoint import load_checkpoint, load_reward_model
+from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
 from lmforge.data import GlobalSampler
 from lmforge.data.chat import ChatDataConfig, chat_records
 from lmforge.data.chat_datasets import PromptDataset
-from lmforge.engine import build_engine
+from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
+from lmforge.loop import Micro, StepContext, Task, training_loop
 from lmforge.loss import IGNORE_INDEX
 from lmforge.rl import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
     clip_rewards,
-    entropy_from_logits,
     gae,
     masked_mean,
     masked_whiten,
@@ -54,17 +48,19 @@ from lmforge.rl import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from lmforge.runtime import StopFlag, load_rng, run_entry, set_seed
-from lmforge.stage import (
-    StageConfig,
-    StepWindow,
-    checkpoint_meta,
-    launch,
-    open_tracker,
-    restore,
-    save_stage_checkpoint,
+from lmforge.rollout import (
+    ScoreFn,
+    build_sequences,
+    chunk_rows,
+    eval_line,
+    evaluate_policy,
+    gather_all,
+    logprobs_and_entropy,
+    sample_completions,
+    token_logprobs,
 )
-from lmforge.tracking import format_duration
+from lmforge.runtime import run_entry, set_seed
+from lmforge.stage import Launch, StageConfig, launch, load_start, start_run
 
 
 @dataclass
@@ -115,25 +111,187 @@ class PPOConfig(StageConfig):
             raise ConfigError(f"reward_clip: must be >= 0, got {self.reward_clip}")
 
 
-def gather_all(x: torch.Tensor, world: int) -> torch.Tensor:
-    """Concatenation of the same-shaped CPU tensor `x` from every rank (rank order)."""
-    if world == 1 or not dist.is_initialized():
-        return x
-    local = x.cuda() if dist.get_backend() == "nccl" else x
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local)
-    return torch.cat(parts).cpu()
+@dataclass
+class Models:
+    """PPO's models: the actor and critic engines, the frozen reference and the scorer (a
+    frozen reward model, or reward functions through `score`)."""
+
+    actor: Engine
+    critic: Engine
+    reference: torch.nn.Module
+    score: ScoreFn
+    tok: Any
 
 
-def logprobs_and_entropy(
-    model: Any, seqs: dict[str, torch.Tensor], mask: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `token_logprobs` (N, L), plus the mean entropy over response tokens, from one forward."""
-    labels = seqs["labels"]
-    logits = model(input_ids=seqs["input_ids"]).float() / temperature  # (N, L, V)
-    logp = torch.log_softmax(logits, dim=-1)
-    picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (N, L)
-    return picked * (labels != IGNORE_INDEX), entropy_from_logits(logits, mask)
+def per_rank_batch(cfg: PPOConfig, world: int) -> int:
+    """Prompts each process samples per step, or a ConfigError naming the key."""
+    if cfg.train.global_batch_size % world:
+        raise ConfigError(
+            f"train.global_batch_size: {cfg.train.global_batch_size} prompts do not split over "
+            f"{world} processes"
+        )
+    per_rank = cfg.train.global_batch_size // world
+    if per_rank % cfg.train.micro_batch_size:
+        raise ConfigError(
+            f"train.micro_batch_size: {cfg.train.micro_batch_size} does not divide the "
+            f"{per_rank} sequences each process trains on per step"
+        )
+    return per_rank
+
+
+def build_score(cfg: PPOConfig, tok: Any, device: torch.device) -> ScoreFn:
+    """Raw sequence scores (N,): the reward model at the last response token, or the reward
+    functions on the decoded texts."""
+    micro = cfg.train.micro_batch_size
+    if not cfg.reward_model:
+        reward_fn = build_reward_fn(cfg.rewards, key="rewards")
+
+        def by_functions(prompts: list, answers: list, tasks: list, out: Any, _: Any) -> Any:
+            texts = [tok.decode(p) for p in prompts]
+            result = reward_fn(texts, out.texts(tok), answers, tasks)
+            return torch.tensor(result.total, dtype=torch.float32)
+
+        return by_functions
+    scorer, _, _ = load_reward_model(cfg.reward_model, with_tokenizer=False, device=device)
+    scorer.requires_grad_(False)
+
+    def by_model(prompts: list, answers: list, tasks: list, out: Any, seqs: dict) -> Any:
+        ends = torch.tensor([len(p) - 1 for p in prompts]) + out.lengths.cpu()  # (N,)
+        parts = []
+        for s in range(0, len(prompts), micro):
+            ids = seqs["input_ids"][s : s + micro].to(device)
+            parts.append(scorer(ids, last_index=ends[s : s + micro].to(device)).float().cpu())
+        return torch.cat(parts)
+
+    return by_model
+
+
+@dataclass
+class Rollout:
+    """One step's samples and what the updates need of them, per micro-batch."""
+
+    chunks: list[dict[str, torch.Tensor]]
+    old: list[torch.Tensor]  # behaviour log-probs (n, L)
+    old_values: list[torch.Tensor]  # critic values (n, L)
+    parts: list[dict[str, torch.Tensor]]  # mask, advantages, returns, per-token KL
+    report: dict[str, float]
+
+
+@torch.no_grad()
+def make_rollout(
+    cfg: PPOConfig, m: Models, batch: list[list[int]], answers: Any, ctx: StepContext, **kw: Any
+) -> Rollout:
+    """Sample, score (normalised and clipped), add the per-token KL penalty and estimate GAE
+    advantages from the critic's values. kw: moments, kl_ctl, place, micro (rows per
+    micro-batch), rows (the prompts' global positions, which seed their samples)."""
+    moments, kl_ctl, place = kw["moments"], kw["kl_ctl"], kw["place"]
+    m.critic.train(False)
+    out = sample_completions(
+        m.actor, batch, m.tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        seed=cfg.train.seed, step=ctx.step - 1, rows=kw["rows"],
+    )  # fmt: skip
+    seqs = build_sequences(batch, out.tokens.cpu(), out.lengths.cpu(), m.tok.pad_token_id)
+    mask = (seqs["labels"] != IGNORE_INDEX).float()  # (N, L)
+    chunks = [{k: v.to(place.device) for k, v in c.items()} for c in chunk_rows(seqs, kw["micro"])]
+    raw = m.score(batch, *answers, out, seqs)
+    scores = raw
+    if cfg.normalise_rewards:
+        moments.update(gather_all(raw, place.info.world))
+        scores = moments.normalise(raw)
+    if cfg.reward_clip > 0:
+        scores = clip_rewards(scores, cfg.reward_clip)
+    old = [token_logprobs(m.actor, c, cfg.temperature, place.device) for c in chunks]
+    ref = [token_logprobs(m.reference, c, cfg.temperature, place.device) for c in chunks]
+    old_values = [m.critic.module.values(c["input_ids"]) for c in chunks]
+    parts, n = [], kw["micro"]
+    for j in range(len(chunks)):
+        mj = mask[j * n : (j + 1) * n].to(place.device)
+        rewards, kl = per_token_rewards(
+            scores[j * n : (j + 1) * n], old[j], ref[j], mj, kl_ctl.value
+        )
+        adv, returns = gae(rewards, old_values[j], mj, cfg.gamma, cfg.lam)
+        adv = masked_whiten(adv, mj) if cfg.whiten_advantages else adv
+        parts.append({"mask": mj, "adv": adv, "returns": returns, "kl": kl})
+    value = torch.cat(
+        [masked_mean(v, p["mask"]).reshape(1) for v, p in zip(old_values, parts, strict=True)]
+    )
+    report = {
+        "reward": float(raw.mean()),
+        "score": float(scores.mean()),
+        "value": float(value.mean()),
+        "response_length": float(out.lengths.float().mean()),
+        "tokens": float(mask.sum()),
+    }
+    return Rollout(chunks, old, old_values, parts, report)
+
+
+def ppo_step(cfg: PPOConfig, m: Models, prompts: PromptDataset, place: Launch, **kw: Any) -> Any:
+    """The step function: a rollout, then `epochs` passes of a clipped policy micro-batch on the
+    actor and a clipped value micro-batch on the critic; the KL controller follows the step's
+    KL unless the loop refused the step. kw: moments, kl_ctl."""
+    sampler = GlobalSampler(len(prompts), cfg.data.seed)
+    per_rank, kl_ctl = per_rank_batch(cfg, place.info.world), kw["kl_ctl"]
+
+    def step_fn(ctx: StepContext) -> Generator[Micro, None, dict[str, float]]:
+        t0 = time.perf_counter()
+        first = ctx.cursor + place.info.rank * per_rank  # global position of this rank's prompts
+        idx = sampler.indices(first, per_rank)
+        answers = ([prompts.answers[i] for i in idx], [prompts.tasks[i] for i in idx])
+        batch = [prompts.prompt_ids[i] for i in idx]
+        rows, micro = list(range(first, first + per_rank)), cfg.train.micro_batch_size
+        r = make_rollout(cfg, m, batch, answers, ctx, place=place, micro=micro, rows=rows, **kw)
+        t_gen = time.perf_counter() - t0
+        m.actor.train(True)
+        m.critic.train(True)
+        for _ in range(cfg.epochs):
+            for j, c in enumerate(r.chunks):
+                p = r.parts[j]
+                logp, entropy = logprobs_and_entropy(m.actor, c, p["mask"], cfg.temperature)
+                pg_loss, pm = ppo_policy_loss(logp, r.old[j], p["adv"], p["mask"], cfg.clip)
+                metrics = {"policy_loss": pg_loss.item(), "entropy": entropy.item()}
+                yield Micro(pg_loss - cfg.entropy_coef * entropy, {**metrics, **_items(pm)})
+                values = m.critic.module.values(c["input_ids"])
+                v_loss, vm = ppo_value_loss(
+                    values, r.old_values[j], p["returns"], p["mask"], cfg.value_clip
+                )
+                metrics = {"value_loss": v_loss.item(), **_items(vm)}
+                yield Micro(cfg.vf_coef * v_loss, metrics, engine="critic")
+        seq_kl = torch.cat([(p["kl"] * p["mask"]).sum(-1).cpu() for p in r.parts])  # (N,)
+        kl_coef_used = kl_ctl.value
+        mean_kl = float(gather_all(seq_kl, place.info.world).mean())
+        if not ctx.skipped:
+            kl_ctl.update(mean_kl, cfg.train.global_batch_size)
+        return {
+            **r.report,
+            "kl": float(seq_kl.mean()),
+            "kl_coef": kl_coef_used,
+            "generate_seconds": t_gen,
+            "train_seconds": time.perf_counter() - t0 - t_gen,
+        }
+
+    return step_fn
+
+
+def _items(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: v.item() for k, v in values.items()}
+
+
+def load_models(cfg: PPOConfig, place: Launch) -> tuple[Any, Any, Any, Any]:
+    """(actor, tokenizer, critic, reference): the actor and critic from the resume point (the
+    critic beside the actor under critic/) or from init_from and critic_from / reward_model."""
+    critic_start = cfg.critic_from or cfg.reward_model
+    if not critic_start:
+        raise ConfigError("critic_from: without a reward_model the critic needs a checkpoint")
+    actor, tok, _ = load_start(place, cfg.init_from, load_checkpoint)
+    if tok is None:
+        raise ConfigError(f"init_from: {cfg.init_from} has no tokenizer files; PPO needs it")
+    critic_source = place.point.sibling("critic") if place.point else Path(critic_start)
+    if place.point is not None and not critic_source.is_dir():
+        raise ConfigError(f"resume: {critic_source} (the critic of {place.point.path}) is missing")
+    critic, _, _ = load_reward_model(critic_source, with_tokenizer=False, seed=cfg.train.seed)
+    reference, _, _ = load_checkpoint(cfg.init_from, with_tokenizer=False, device=place.device)
+    reference.requires_grad_(False)
+    return actor.train(), tok, critic.train(), reference
 
 
 def train(cfg: PPOConfig) -> dict[str, Any]:
@@ -141,258 +299,64 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     place, done = launch(cfg, "ppo")
     if done is not None:
         return done
-    info, device, run_dir, resume_from = place.info, place.device, place.run_dir, place.resume_from
+    info = place.info
     if not cfg.init_from:
         raise ConfigError("init_from: PPO starts from an SFT checkpoint; set init_from")
-    critic_start = cfg.critic_from or cfg.reward_model
-    if not critic_start:
-        raise ConfigError("critic_from: without a reward_model the critic needs a checkpoint")
-    if cfg.train.global_batch_size % info.world:
-        raise ConfigError(
-            f"train.global_batch_size: {cfg.train.global_batch_size} prompts do not split over "
-            f"{info.world} processes"
-        )
-    per_rank = cfg.train.global_batch_size // info.world
-    micro = cfg.train.micro_batch_size
-    if per_rank % micro:
-        raise ConfigError(
-            f"train.micro_batch_size: {micro} does not divide the {per_rank} sequences each "
-            "process trains on per step"
-        )
-    reward_fn = None if cfg.reward_model else build_reward_fn(cfg.rewards, key="rewards")
+    per_rank = per_rank_batch(cfg, info.world)
     set_seed(cfg.train.seed, info.rank)
-    source = resume_from or cfg.init_from
-    actor, tok, meta = load_checkpoint(source)
-    if tok is None:
-        raise ConfigError(f"init_from: {source} has no tokenizer files; PPO needs its tokenizer")
-    critic_source = resume_from.parent / "critic" / resume_from.name if resume_from else None
-    if critic_source is not None and not critic_source.is_dir():
-        raise ConfigError(f"resume: {critic_source} (the critic of {resume_from}) is missing")
-    critic, _, _ = load_reward_model(
-        critic_source or critic_start, with_tokenizer=False, seed=cfg.train.seed
-    )
-    reference, _, _ = load_checkpoint(cfg.init_from, with_tokenizer=False, device=device)
-    reference.requires_grad_(False)
-    scorer = None
-    if cfg.reward_model:
-        scorer, _, _ = load_reward_model(cfg.reward_model, with_tokenizer=False, device=device)
-        scorer.requires_grad_(False)
-    actor.train()
-    critic.train()
+    actor, tok, critic, reference = load_models(cfg, place)
+    score = build_score(cfg, tok, place.device)
     train_records, heldout_records = chat_records(cfg.data, "sft")
     prompts = PromptDataset(train_records, tok, cfg.data.seq_len)
     heldout = PromptDataset(heldout_records, tok, cfg.data.seq_len)
-    engines = {
-        name: build_engine(
-            model,
-            cfg.engine,
-            cfg.optim,
-            micro_batch=micro,
-            grad_accum=per_rank // micro,
-            total_steps=cfg.train.steps * cfg.epochs,
-            info=info,
+    actor_engine, critic_engine = (
+        build_engine(
+            model, cfg.engine, cfg.optim, micro_batch=cfg.train.micro_batch_size,
+            grad_accum=per_rank // cfg.train.micro_batch_size,
+            total_steps=cfg.train.steps * cfg.epochs, info=info,
         )
-        for name, model in (("actor", actor), ("critic", critic))
-    }
-    engine, critic_engine = engines["actor"], engines["critic"]
-    step, cursor = restore(engine, place, meta)
-    if critic_source is not None and (critic_source / "deepspeed").is_dir():
-        critic_engine.load_state(critic_source / "deepspeed")
-        load_rng(resume_from / "deepspeed", info.rank)  # the actor's RNG is the run's RNG
+        for model in (actor, critic)
+    )  # fmt: skip
     kl_ctl: AdaptiveKLController | FixedKLController = (
         AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         if cfg.adaptive_kl
         else FixedKLController(cfg.kl_coef)
     )
     moments = RunningMoments()
-    if resume_from is not None:
-        kl_ctl.load_state_dict(meta.get("kl_controller", kl_ctl.state_dict()))
-        moments.load_state_dict(meta.get("reward_moments", moments.state_dict()))
-    tracker = open_tracker(cfg, place, meta)
-
-    def score(
-        batch_prompts: list[list[int]], answers: list[str], tasks: list[str], out: Any, seqs: dict
-    ) -> torch.Tensor:
-        """Raw sequence scores (N,) of completions to `batch_prompts`."""
-        if scorer is None:
-            assert reward_fn is not None
-            result = reward_fn(
-                [tok.decode(p) for p in batch_prompts], out.texts(tok), answers, tasks
-            )
-            return torch.tensor(result.total, dtype=torch.float32)
-        ends = torch.tensor([len(p) - 1 for p in batch_prompts]) + out.lengths.cpu()  # (N,)
-        parts = []
-        for s in range(0, len(batch_prompts), micro):
-            ids = seqs["input_ids"][s : s + micro].to(device)
-            parts.append(scorer(ids, last_index=ends[s : s + micro].to(device)).float().cpu())
-        return torch.cat(parts)
-
-    def evaluate(step: int) -> dict[str, float]:
-        return evaluate_policy(engine, reference, heldout, tok, score, cfg, run_dir, step)
-
-    if info.is_main:
-        source_name = cfg.reward_model or [r.name for r in cfg.rewards]
-        tracker.message(
-            f"ppo: from {source}; {len(prompts)} prompts, {cfg.train.global_batch_size} per "
-            f"step; reward {source_name}; critic from {critic_source or critic_start}; "
-            f"β={kl_ctl.value:.4g}{' (adaptive)' if cfg.adaptive_kl else ''}; "
-            f"ZeRO-{engine.zero_stage}, {info.world} process(es)"
-        )
-    last: dict[str, Any] = {}
-    if step == 0:
-        before = evaluate(0)
-        last.update({k.replace("eval/", "eval_before/"): v for k, v in before.items()})
-        tracker.log(0, before)
-        tracker.message(f"before PPO: {eval_line(before)}")
-    sampler = GlobalSampler(len(prompts), cfg.data.seed)
-    window, stop, started = StepWindow(), StopFlag(), time.perf_counter()
-    while step < cfg.train.steps:
-        t0 = time.perf_counter()
-        idx = sampler.indices(cursor + info.rank * per_rank, per_rank)
-        batch_prompts = [prompts.prompt_ids[i] for i in idx]
-        critic_engine.train(False)
-        out = sample_completions(
-            engine,
-            batch_prompts,
-            tok,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            seed=cfg.train.seed,
-            step=step,
-            rank=info.rank,
-        )
-        seqs = build_sequences(batch_prompts, out.tokens.cpu(), out.lengths.cpu(), tok.pad_token_id)
-        mask = (seqs["labels"] != IGNORE_INDEX).float()  # (N, L)
-        chunks = [
-            {k: v[s : s + micro].to(device) for k, v in seqs.items()}
-            for s in range(0, per_rank, micro)
-        ]
-        with torch.no_grad():
-            answers = [prompts.answers[i] for i in idx]
-            raw = score(batch_prompts, answers, [prompts.tasks[i] for i in idx], out, seqs)
-            scores = raw
-            if cfg.normalise_rewards:
-                moments.update(gather_all(raw, info.world))
-                scores = moments.normalise(raw)
-            if cfg.reward_clip > 0:
-                scores = clip_rewards(scores, cfg.reward_clip)
-            old = [token_logprobs(engine, c, cfg.temperature, device) for c in chunks]
-            ref = [token_logprobs(reference, c, cfg.temperature, device) for c in chunks]
-            old_values = [critic_engine.module.values(c["input_ids"]) for c in chunks]
-            rollout = []
-            for j in range(len(chunks)):
-                m = mask[j * micro : (j + 1) * micro].to(device)
-                rewards, kl = per_token_rewards(
-                    scores[j * micro : (j + 1) * micro], old[j], ref[j], m, kl_ctl.value
-                )
-                adv, returns = gae(rewards, old_values[j], m, cfg.gamma, cfg.lam)
-                if cfg.whiten_advantages:
-                    adv = masked_whiten(adv, m)
-                rollout.append({"mask": m, "adv": adv, "returns": returns, "kl": kl})
-        t_gen = time.perf_counter() - t0
-        seq_kl = torch.cat([(r["kl"] * r["mask"]).sum(-1).cpu() for r in rollout])  # (N,)
-        engine.train(True)
-        critic_engine.train(True)
-        stats: dict[str, float] = {}
-        n = len(chunks) * cfg.epochs
-        for _ in range(cfg.epochs):
-            for j, c in enumerate(chunks):
-                r = rollout[j]
-                logp, entropy = logprobs_and_entropy(engine, c, r["mask"], cfg.temperature)
-                pg_loss, pm = ppo_policy_loss(logp, old[j], r["adv"], r["mask"], cfg.clip)
-                loss = pg_loss - cfg.entropy_coef * entropy
-                engine.backward(loss)
-                engine.step()
-                values = critic_engine.module.values(c["input_ids"])
-                v_loss, vm = ppo_value_loss(
-                    values, old_values[j], r["returns"], r["mask"], cfg.value_clip
-                )
-                critic_engine.backward(cfg.vf_coef * v_loss)
-                critic_engine.step()
-                for key, value in {
-                    "loss": loss.item(),
-                    "policy_loss": pg_loss.item(),
-                    "value_loss": v_loss.item(),
-                    "entropy": entropy.item(),
-                    **{k: v.item() for k, v in {**pm, **vm}.items()},
-                }.items():
-                    stats[key] = stats.get(key, 0.0) + value / n
-        step += 1
-        cursor += cfg.train.global_batch_size
-        mean_kl = float(gather_all(seq_kl, info.world).mean())
-        kl_coef_used = kl_ctl.value
-        kl_ctl.update(mean_kl, cfg.train.global_batch_size)
-        window.add(
-            **stats,
-            reward=float(raw.mean()),
-            score=float(scores.mean()),
-            kl=float(seq_kl.mean()),
-            kl_coef=kl_coef_used,
-            value=float(
-                torch.cat(
-                    [
-                        masked_mean(v, r["mask"]).reshape(1)
-                        for v, r in zip(old_values, rollout, strict=True)
-                    ]
-                ).mean()
-            ),
-            response_length=float(out.lengths.float().mean()),
-            generate_seconds=t_gen,
-            train_seconds=time.perf_counter() - t0 - t_gen,
-        )
-        window.close_step()
-        if step % cfg.tracking.log_every == 0 or step == cfg.train.steps:
-            metrics = window.flush(tracker, engine, info.world, int(mask.sum()) * info.world)
-            tracker.log(step, metrics)
-            tracker.progress(step, metrics, metrics["step_seconds"])
-            last.update(metrics)
-        final = step == cfg.train.steps
-        if final or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-            result = evaluate(step)
-            tracker.log(step, result)
-            tracker.message(f"eval step {step}: {eval_line(result)}")
-            last.update(result)
-        stopping = stop.requested() or step == cfg.train.stop_at
-        if final or stopping or step % cfg.train.save_every == 0:
-            name = f"step-{step:06d}"
-            common = {"step": step, "cursor": cursor, "metrics": last}
-            save_stage_checkpoint(
-                critic_engine,
-                run_dir / "critic" / name,
-                tokenizer=tok,
-                info=info,
-                meta=checkpoint_meta(
-                    "ppo-critic", cfg, place, tracker, parent=critic_start, **common
-                ),
-            )
-            path = save_stage_checkpoint(
-                engine,
-                run_dir / name,
-                tokenizer=tok,
-                info=info,
-                meta=checkpoint_meta(
-                    "ppo",
-                    cfg,
-                    place,
-                    tracker,
-                    parent=cfg.init_from,
-                    kl_controller=kl_ctl.state_dict(),
-                    reward_moments=moments.state_dict(),
-                    **common,
-                ),
-            )
-            tracker.message(f"saved {path} (critic {run_dir / 'critic' / name})")
-        if stopping:
-            break
-    nan = float("nan")
-    tracker.message(
-        f"ppo done in {format_duration(time.perf_counter() - started)}: held-out reward "
-        f"{last.get('eval_before/reward', nan):.3f} -> {last.get('eval/reward', nan):.3f} "
-        f"(KL to the reference {last.get('eval/kl', nan):.3f} nats), exact match "
-        f"{last.get('eval_before/accuracy', nan):.3f} -> {last.get('eval/accuracy', nan):.3f}"
+    checkpointer = Checkpointer(place.run_dir, info, cfg, "ppo", tok)
+    checkpointer.add_engine("model", actor_engine, parent=cfg.init_from)
+    critic_start = cfg.critic_from or cfg.reward_model
+    checkpointer.add_engine("critic", critic_engine, subdir="critic", parent=critic_start)
+    checkpointer.add_state("kl_controller", kl_ctl)
+    checkpointer.add_state("reward_moments", moments)
+    run = start_run(cfg, place, checkpointer)
+    models = Models(actor_engine, critic_engine, reference, score, tok)
+    run.tracker.message(
+        f"ppo: from {place.resume_from or cfg.init_from}; {len(prompts)} prompts, "
+        f"{cfg.train.global_batch_size} per step; reward "
+        f"{cfg.reward_model or [r.name for r in cfg.rewards]}; critic from {critic_start}; "
+        f"β={kl_ctl.value:.4g}{' (adaptive)' if cfg.adaptive_kl else ''}; "
+        f"{actor_engine.describe()}, {info.world} process(es)"
     )
-    tracker.close()
-    return last
+    nan = float("nan")
+    task = Task(
+        step=ppo_step(cfg, models, prompts, place, moments=moments, kl_ctl=kl_ctl),
+        evaluate=lambda step: evaluate_policy(
+            actor_engine, reference, heldout, tok, score, cfg, place.run_dir, step
+        ),
+        samples_per_step=cfg.train.global_batch_size,
+        num_samples=len(prompts),
+        tokens_per_step=0,
+        updates_per_step=cfg.epochs,
+        eval_line=eval_line,
+        summary=lambda last: (
+            f"held-out reward {last.get('eval_before/reward', nan):.3f} -> "
+            f"{last.get('eval/reward', nan):.3f} (KL to the reference "
+            f"{last.get('eval/kl', nan):.3f} nats), exact match "
+            f"{last.get('eval_before/accuracy', nan):.3f} -> {last.get('eval/accuracy', nan):.3f}"
+        ),
+    )
+    return training_loop(run, task)
 
 
 def main(argv: list[str] | None = None) -> int:

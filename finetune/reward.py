@@ -10,7 +10,6 @@ checkpoint loads with `transformers.AutoModelForSequenceClassification` and give
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,28 +20,26 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.checkpoint import load_reward_model
+from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
 from lmforge.data import GlobalSampler
 from lmforge.data.chat import ChatDataConfig, load_preference_data
 from lmforge.data.chat_datasets import PreferenceDataset
 from lmforge.distributed import DistInfo
-from lmforge.engine import build_engine
+from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
+from lmforge.loop import Task, micro_batches, training_loop
 from lmforge.model import num_params
 from lmforge.prefs import bradley_terry_loss
 from lmforge.runtime import all_mean, run_entry, set_seed
 from lmforge.stage import (
     StageConfig,
     check_batch_sizes,
-    checkpoint_meta,
     launch,
-    open_tracker,
-    restore,
-    save_stage_checkpoint,
+    load_start,
+    start_run,
     to_device,
-    training_loop,
 )
-from lmforge.tracking import format_duration
 
 
 @dataclass
@@ -57,7 +54,7 @@ class RewardConfig(StageConfig):
 
 
 def pair_scores(
-    engine: Any, batch: dict[str, torch.Tensor], device: torch.device
+    engine: Engine, batch: dict[str, torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (B,) of the chosen and rejected chats, in one forward pass of 2B rows."""
     b = batch["chosen_ids"].shape[0]
@@ -71,7 +68,7 @@ def pair_scores(
 
 @torch.no_grad()
 def pair_accuracy(
-    engine: Any, data: PreferenceDataset, info: DistInfo, micro: int, device: torch.device
+    engine: Engine, data: PreferenceDataset, info: DistInfo, micro: int, device: torch.device
 ) -> dict[str, float]:
     """Held-out pair accuracy, loss and mean margin, rows split across ranks."""
     total = torch.zeros(4, dtype=torch.float64)  # (correct, loss sum, margin sum, pairs)
@@ -99,11 +96,9 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
     if done is not None:
         return done
     info, device = place.info, place.device
-    source = place.resume_from or cfg.init_from
-    if not source:
-        raise ConfigError("init_from: the reward model starts from a checkpoint; set init_from")
     set_seed(cfg.train.seed, info.rank)
-    model, tok, meta = load_reward_model(source, seed=cfg.train.seed)
+    model, tok, _ = load_start(place, cfg.init_from, load_reward_model, seed=cfg.train.seed)
+    source = place.resume_from or cfg.init_from
     if tok is None:
         raise ConfigError(f"init_from: {source} has no tokenizer files; the reward model needs it")
     if cfg.data.seq_len > model.cfg.max_seq_len:
@@ -113,31 +108,24 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
         )
     model.train()
     train_data, heldout = load_preference_data(cfg.data, tok)
-    accum = check_batch_sizes(cfg.train, info.world)
     micro = cfg.train.micro_batch_size
     engine = build_engine(
         model,
         cfg.engine,
         cfg.optim,
         micro_batch=micro,
-        grad_accum=accum,
+        grad_accum=check_batch_sizes(cfg.train, info.world),
         total_steps=cfg.train.steps,
         info=info,
     )
-    step, cursor = restore(engine, place, meta)
-    tracker = open_tracker(cfg, place, meta, model_cfg=model.cfg, seq_len=cfg.data.seq_len)
-    tracker.message(
+    checkpointer = Checkpointer(place.run_dir, info, cfg, "reward", tok)
+    checkpointer.add_engine("model", engine, parent=cfg.init_from)
+    run = start_run(cfg, place, checkpointer, model_cfg=model.cfg, seq_len=cfg.data.seq_len)
+    run.tracker.message(
         f"reward: from {source}; {num_params(model.cfg) / 1e6:.2f}M parameters + scalar head; "
         f"{train_data.summary()}; held-out {heldout.summary()}; "
-        f"ZeRO-{engine.zero_stage}, {info.world} process(es)"
+        f"{engine.describe()}, {info.world} process(es)"
     )
-    last: dict[str, Any] = {}
-    if step == 0:
-        engine.train(False)
-        before = pair_accuracy(engine, heldout, info, micro, device)
-        last.update({k.replace("eval/", "eval_before/"): v for k, v in before.items()})
-        tracker.log(0, before)
-        tracker.message(f"before training: held-out pair accuracy {before['eval/accuracy']:.3f}")
     sampler = GlobalSampler(len(train_data), cfg.data.seed)
 
     def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -146,43 +134,19 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
         loss, accuracy = bradley_terry_loss(chosen, rejected)
         return loss, {"accuracy": accuracy.item(), "margin": (chosen - rejected).mean().item()}
 
-    def save(step: int, cursor: int, metrics: dict[str, Any]) -> Path:
-        meta = checkpoint_meta(
-            "reward",
-            cfg,
-            place,
-            tracker,
-            step=step,
-            cursor=cursor,
-            parent=source,
-            metrics={**last, **metrics},
-        )
-        return save_stage_checkpoint(
-            engine, place.run_dir / f"step-{step:06d}", tokenizer=tok, info=info, meta=meta
-        )
-
-    started = time.perf_counter()
-    step, cursor, final = training_loop(
-        cfg=cfg,
-        engine=engine,
-        info=info,
-        tracker=tracker,
-        num_samples=len(train_data),
-        step=step,
-        cursor=cursor,
-        micro_step=micro_step,
-        save=save,
+    nan = float("nan")
+    task = Task(
+        step=micro_batches(micro_step, cfg.train, info),
         evaluate=lambda step: pair_accuracy(engine, heldout, info, micro, device),
+        samples_per_step=cfg.train.global_batch_size,
+        num_samples=len(train_data),
         tokens_per_step=2 * cfg.train.global_batch_size * cfg.data.seq_len,
+        summary=lambda last: (
+            f"held-out pair accuracy {last.get('eval_before/accuracy', nan):.3f} -> "
+            f"{last.get('eval/accuracy', nan):.3f}"
+        ),
     )
-    last.update(final)
-    tracker.message(
-        f"reward done in {format_duration(time.perf_counter() - started)}: held-out pair "
-        f"accuracy {last.get('eval_before/accuracy', float('nan')):.3f} -> "
-        f"{last.get('eval/accuracy', float('nan')):.3f}"
-    )
-    tracker.close()
-    return last
+    return training_loop(run, task)
 
 
 def main(argv: list[str] | None = None) -> int:

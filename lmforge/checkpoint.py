@@ -464,11 +464,16 @@ class _Stored:
     where: Path
 
 
-def _read_checkpoint(path: str | Path, *, dtype: torch.dtype | None, verify: bool) -> _Stored:
+def _read_checkpoint(
+    path: str | Path, *, dtype: torch.dtype | None, verify: bool, meta: Mapping[str, Any] | None
+) -> _Stored:
     ckpt = resolve_checkpoint(path)
-    meta: dict[str, Any] = read_json(ckpt / META_FILE) if (ckpt / META_FILE).exists() else {}
-    if meta and verify:
-        verify_files(ckpt, meta)
+    if meta is not None:  # read (and verified) by the caller already
+        meta = dict(meta)
+    else:
+        meta = read_json(ckpt / META_FILE) if (ckpt / META_FILE).exists() else {}
+        if meta and verify:
+            verify_files(ckpt, meta)
     head = head_of(read_json(ckpt / "config.json"), str(ckpt / "config.json"))
     if meta.get("head", head) != head:
         raise CheckpointError(
@@ -504,17 +509,19 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     verify: bool = True,
     with_tokenizer: bool = True,
+    meta: Mapping[str, Any] | None = None,
 ) -> tuple[GPT, Any, dict[str, Any]]:
     """Load an lmforge checkpoint or a local Hugging Face Llama directory.
 
     Returns (model, tokenizer or None, metadata). `path` may be a run directory (its `latest`
     checkpoint is used). With verify, every file is checked against the manifest first.
-    dtype None keeps the stored precision. The model is returned in eval mode.
+    dtype None keeps the stored precision. The model is returned in eval mode. `meta` is the
+    checkpoint's lmforge.json when the caller has read and verified it already.
 
     A reward checkpoint (`meta["head"] == "reward"`) gives its backbone GPT, whose LM head is the
     tied embedding; an untied one stores no LM head, which is an error (use load_reward_model).
     """
-    stored = _read_checkpoint(path, dtype=dtype, verify=verify)
+    stored = _read_checkpoint(path, dtype=dtype, verify=verify, meta=meta)
     state = stored.state
     if stored.head == "reward":
         state.pop("score.weight", None)
@@ -536,6 +543,7 @@ def load_reward_model(
     verify: bool = True,
     with_tokenizer: bool = True,
     seed: int | None = None,
+    meta: Mapping[str, Any] | None = None,
 ) -> tuple[RewardModel, Any, dict[str, Any]]:
     """Load a RewardModel from a reward checkpoint, or from a language-model checkpoint (an SFT
     or pretraining one, or a Hugging Face Llama) with a fresh score head initialised from `seed`:
@@ -544,7 +552,7 @@ def load_reward_model(
     Returns (reward model in eval mode, tokenizer or None, metadata); arguments as in
     `load_checkpoint`.
     """
-    stored = _read_checkpoint(path, dtype=dtype, verify=verify)
+    stored = _read_checkpoint(path, dtype=dtype, verify=verify, meta=meta)
     state, where = stored.state, stored.where
     score = state.pop("score.weight", None)
     backbone = build_model(stored.cfg, device="meta")

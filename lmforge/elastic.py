@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmforge.checkpoint import read_json, write_json
+from lmforge.engine import StatefulEngine
 from lmforge.errors import CheckpointError
 
 CONSOLIDATED_DIR = "consolidated"
@@ -30,7 +31,7 @@ STATE_FILE = "state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def save_consolidated(engine: Any, directory: Path) -> None:
+def save_consolidated(engine: StatefulEngine, directory: Path) -> None:
     """Write the whole master weights, moments and schedule of `engine` into `directory` (rank 0
     writes; every rank must call it)."""
     ready = engine.optimizer_state_ready()  # the same on every rank: they step together
@@ -49,9 +50,7 @@ def save_consolidated(engine: Any, directory: Path) -> None:
     save_file(moments, directory / MOMENTS_FILE, metadata={"format": "pt"})
     state = {
         "optimizer_step": engine.optimizer_step_count(),
-        "world_size": engine.info.world,
-        "zero_stage": engine.zero_stage,
-        "precision": engine.precision,
+        **engine.topology(),
         "parameters": list(master),
         **engine.schedule_state(),
     }
@@ -65,7 +64,7 @@ def _open(file: Path) -> Any:
         raise CheckpointError(f"{file}: unreadable safetensors ({e}); restore the file") from None
 
 
-def load_consolidated(engine: Any, directory: Path) -> dict[str, Any]:
+def load_consolidated(engine: StatefulEngine, directory: Path) -> dict[str, Any]:
     """Write each rank's share of the state in `directory` into a freshly built `engine` (every
     rank calls it; no communication). Returns the recorded state.json."""
     state = read_json(directory / STATE_FILE)
@@ -81,7 +80,7 @@ def load_consolidated(engine: Any, directory: Path) -> dict[str, Any]:
     with _open(directory / MASTER_FILE) as weights, _open(directory / MOMENTS_FILE) as moments:
         stored = {"": set(weights.keys()), "moments": set(moments.keys())}
         for name, param in engine.trainable():
-            shape = list(getattr(param, "ds_shape", param.shape))
+            shape = list(engine.full_shape(param))
             sources = [(weights, stored[""], None, name)]
             sources += [(moments, stored["moments"], k, f"{name}.{k}") for k in MOMENTS]
             for file, keys, key, tensor in sources:

@@ -1,217 +1,184 @@
-"""The DeepSpeed engine: the ONLY module that imports deepspeed (DESIGN rule 2).
+"""The engine seam: what stages, the loop and the checkpointer may call on the object that wraps a
+model for training, and its one implementation on DeepSpeed. This is the ONLY module that imports
+deepspeed (design rule 2); the DeepSpeed JSON itself is read and checked in lmforge.ds_config.
 
-The user's DeepSpeed JSON is used as written, except that values written "auto" are filled from
-the run config (batch sizes, precision, clipping, ZeRO stage, offload) and that lmforge owns the
-optimizer and learning-rate schedule: an `optimizer` / `scheduler` section may be present only
-with values that are "auto" or agree with the run config. Any disagreement is a ConfigError that
-names both keys.
+Three protocols, each a superset of the one before, say who may call what:
+
+- `Engine`: what a stage calls — forward, train/eval mode, the model to generate with, the
+  learning rate, a one-phrase description and parameter counts. Stages never step an engine.
+- `TrainEngine`: what the training loop adds (lmforge.loop) — backward, the guarded optimizer
+  step, skipping a step, the peak learning rate and its scale.
+- `StatefulEngine`: what the checkpointer adds (lmforge.checkpointer) — the engine's own state
+  files for an exact resume on the same topology, the whole fp32 weights and optimizer state
+  tensor by tensor for a resume on another one, and the consolidated weights of the model.
+
+Another parallelism (FSDP2, tensor parallel) is one new module with a class that implements
+`StatefulEngine` and a `build_engine` of the same signature; docs/decisions.md sketches it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
-import json
 import logging
 import os
 import pickle
 import socket
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from lmforge.config import option
 from lmforge.distributed import DistInfo, export_env
-from lmforge.errors import ConfigError
+from lmforge.ds_config import AUTO as AUTO
+from lmforge.ds_config import EngineConfig as EngineConfig
+from lmforge.ds_config import Precision as Precision
+from lmforge.ds_config import load_deepspeed_json as load_deepspeed_json
+from lmforge.ds_config import resolve_deepspeed_config as resolve_deepspeed_config
+from lmforge.ds_config import resolve_precision as resolve_precision
 from lmforge.optim import OptimConfig, build_scheduler, param_groups
 
-Precision = Literal["auto", "bf16", "fp16", "fp32"]
-AUTO = "auto"
 _COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
-@dataclass
-class EngineConfig:
-    """DeepSpeed settings. Values left null here come from the DeepSpeed JSON."""
+@runtime_checkable
+class Engine(Protocol):
+    """What a stage may call on its engine."""
 
-    deepspeed: str = option(
-        "configs/deepspeed/default.json",
-        'DeepSpeed JSON: a file path or inline JSON text; its "auto" values come from this config.',
-    )
-    zero_stage: int | None = option(None, "ZeRO stage 0-3; null = the JSON's (2 if it says auto).")
-    offload_optimizer: bool | None = option(
-        None, "Keep optimizer state in CPU memory (ZeRO-Offload); null = the JSON's."
-    )
-    offload_params: bool | None = option(
-        None, "Keep parameters in CPU memory (ZeRO-3 only); null = the JSON's."
-    )
-    precision: Precision = option(
-        "auto", "bf16 | fp16 | fp32; auto = bf16 on a GPU that supports it, else fp32."
-    )
-    backend: str = option("", "torch.distributed backend; empty = nccl on GPUs, gloo on CPU.")
-    compile: bool = option(
-        False, "torch.compile the model inside the engine (DeepSpeed's engine.compile, inductor)."
-    )
-    activation_checkpointing: bool = option(
-        False, "Recompute each block's activations in backward: less memory, ~1/3 more compute."
-    )
+    info: DistInfo
 
-    def validate(self, prefix: str = "engine") -> None:
-        """Reject values outside their range, naming the key."""
-        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{prefix}.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped model (its parameters may be partitioned)."""
+        ...
 
+    def __call__(self, **batch: Any) -> Any:
+        """Forward pass through the engine."""
+        ...
 
-def resolve_precision(precision: Precision) -> str:
-    """'auto' -> bf16 on a CUDA device with bf16 support, fp32 otherwise."""
-    if precision != AUTO:
-        return precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    def train(self, mode: bool = True) -> None:
+        """Switch dropout on (or off)."""
+        ...
 
+    def inference_model(self) -> nn.Module:
+        """A whole model in eval mode to generate with (collective where parameters are split)."""
+        ...
 
-def load_deepspeed_json(source: str) -> dict[str, Any]:
-    """Parse the DeepSpeed config: inline JSON text or a path (relative paths also tried from
-    the repository root, where configs/ lives)."""
-    text = source.strip()
-    if text.startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"engine.deepspeed: inline JSON is invalid ({e})") from None
-    path = Path(source)
-    if not path.exists() and not path.is_absolute():
-        path = Path(__file__).resolve().parents[1] / source
-    if not path.is_file():
-        raise ConfigError(f"engine.deepspeed: file {source} not found; give a path or inline JSON")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"engine.deepspeed: {path} is not valid JSON ({e})") from None
+    @property
+    def lr(self) -> float:
+        """The current learning rate."""
+        ...
+
+    def grad_norm(self) -> float | None:
+        """Gradient norm of the last optimizer step, if known."""
+        ...
+
+    def describe(self) -> str:
+        """How the model is split, in a few words for the start-up line (e.g. 'ZeRO-2')."""
+        ...
+
+    def num_parameters(self, trainable: bool = False) -> int:
+        """Whole parameter count (of the trained parameters only, with `trainable`)."""
+        ...
 
 
-class _Filler:
-    """Fill "auto" (or missing) keys of a DeepSpeed dict; reject explicit disagreements."""
+@runtime_checkable
+class TrainEngine(Engine, Protocol):
+    """What the training loop adds: backward, the guarded step and the learning rate."""
 
-    def __init__(self, ds: dict[str, Any]) -> None:
-        self.ds = ds
+    last_step_skipped: bool
 
-    def __call__(self, dotted: str, value: Any, source: str) -> None:
-        *parents, leaf = dotted.split(".")
-        node = self.ds
-        for key in parents:
-            child = node.get(key)
-            if child is None or child == AUTO:
-                child = node[key] = {}
-            node = child
-        current = node.get(leaf, AUTO)
-        if current == AUTO:
-            node[leaf] = value
-        elif current != value and not _same_number(current, value):
-            raise ConfigError(
-                f"deepspeed config '{dotted}' is {current!r} but {source} gives {value!r}; "
-                'write "auto" in the DeepSpeed JSON or make them agree'
-            )
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of one micro-batch's loss."""
+        ...
 
+    def at_boundary(self) -> bool:
+        """Whether the next `step` call ends an accumulation (applies an optimizer update)."""
+        ...
 
-def _same_number(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
-        return all(_same_number(x, y) for x, y in zip(a, b, strict=True))
-    try:
-        return float(a) == float(b)
-    except (TypeError, ValueError):
-        return False
+    def step(self, skip: bool = False) -> None:
+        """After every micro-batch; at a boundary applies the update, or drops it with skip."""
+        ...
 
+    def skip_step(self) -> None:
+        """Count an optimizer step without computing it: only the schedule advances."""
+        ...
 
-def _zero_setting(ds: dict[str, Any], wanted: Any, dotted: str, default: Any) -> Any:
-    """The run config's value when set; else the JSON's own value; else `default`."""
-    if wanted is not None:
-        return wanted
-    node: Any = ds
-    for key in dotted.split("."):
-        node = node.get(key, AUTO) if isinstance(node, dict) else AUTO
-    return default if node == AUTO else node
+    def set_lr_scale(self, scale: float) -> None:
+        """Scale the schedule's peak learning rate (not cumulative)."""
+        ...
+
+    def set_hyperparameters(self, optim: OptimConfig) -> None:
+        """Take the peak learning rate, betas, eps and weight decay of `optim` (after a resume
+        restored the ones the run was saved with); the schedule continues from its step."""
+        ...
 
 
-def resolve_deepspeed_config(
-    ds_in: dict[str, Any],
-    *,
-    cfg: EngineConfig,
-    optim: OptimConfig,
-    micro_batch: int,
-    grad_accum: int,
-    world: int,
-) -> dict[str, Any]:
-    """The DeepSpeed dict that `deepspeed.initialize` receives, "auto" values filled."""
-    ds = copy.deepcopy(ds_in)
-    fill = _Filler(ds)
-    fill("train_micro_batch_size_per_gpu", micro_batch, "train.micro_batch_size")
-    fill("gradient_accumulation_steps", grad_accum, "train.global_batch_size")
-    fill("train_batch_size", micro_batch * grad_accum * world, "train.global_batch_size")
-    fill("gradient_clipping", optim.grad_clip, "optim.grad_clip")
-    precision = resolve_precision(cfg.precision)
-    fill("bf16.enabled", precision == "bf16", f"engine.precision={precision}")
-    fill("fp16.enabled", precision == "fp16", f"engine.precision={precision}")
-    stage = _zero_setting(ds, cfg.zero_stage, "zero_optimization.stage", 2)
-    fill("zero_optimization.stage", stage, "engine.zero_stage")
-    off_opt = _zero_setting(ds, cfg.offload_optimizer, "zero_optimization.offload_optimizer", False)
-    if isinstance(off_opt, dict):
-        off_opt = off_opt.get("device", "none") != "none"
-    off_par = _zero_setting(ds, cfg.offload_params, "zero_optimization.offload_param", False)
-    if isinstance(off_par, dict):
-        off_par = off_par.get("device", "none") != "none"
-    if off_par and stage != 3:
-        raise ConfigError("engine.offload_params: parameter offload needs zero_stage 3")
-    if off_opt and stage == 0:
-        raise ConfigError("engine.offload_optimizer: optimizer offload needs zero_stage >= 1")
-    zero = ds["zero_optimization"]
-    if off_opt:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    else:
-        zero.pop("offload_optimizer", None)
-    if off_par:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    else:
-        zero.pop("offload_param", None)
-    _check_optimizer_section(ds.pop("optimizer", None), optim)
-    _check_scheduler_section(ds.pop("scheduler", None))
-    ds.setdefault("zero_allow_untested_optimizer", True)  # ours is torch's AdamW
-    ds.setdefault("steps_per_print", 10**9)  # progress is ours to print
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
+@runtime_checkable
+class StatefulEngine(TrainEngine, Protocol):
+    """What the checkpointer adds: state files, the whole state, the consolidated weights."""
 
+    def topology(self) -> dict[str, Any]:
+        """What the engine's own state files depend on, recorded in lmforge.json."""
+        ...
 
-def _check_optimizer_section(section: Any, optim: OptimConfig) -> None:
-    if section in (None, AUTO):
-        return
-    kind = str(section.get("type", AUTO))
-    if kind != AUTO and kind.lower() not in ("adam", "adamw"):
-        raise ConfigError(
-            f"deepspeed config 'optimizer.type' is {kind!r}; lmforge trains with AdamW: "
-            'remove the section or write "auto"'
-        )
-    check = _Filler({"optimizer": section})
-    params = section.get("params", {})
-    ours = {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps}
-    ours["weight_decay"] = optim.weight_decay
-    for key, value in ours.items():
-        if key in params:
-            check(f"optimizer.params.{key}", value, f"optim.{key}")
+    def resumes_natively(self, saved: Mapping[str, Any]) -> bool:
+        """Whether state files written under topology `saved` load into this engine as they are."""
+        ...
 
+    def save_state(self, directory: Path, client_state: dict[str, Any]) -> None:
+        """Write the engine's own state files into `directory`. Collective."""
+        ...
 
-def _check_scheduler_section(section: Any) -> None:
-    if section in (None, AUTO):
-        return
-    params = section.get("params", {}) if isinstance(section, dict) else {}
-    if section.get("type", AUTO) != AUTO or any(v != AUTO for v in params.values()):
-        raise ConfigError(
-            "deepspeed config 'scheduler': lmforge schedules the learning rate from "
-            'optim.schedule; remove the section or write "auto" values'
-        )
+    def load_state(self, directory: Path) -> dict[str, Any]:
+        """Load what save_state wrote. Collective."""
+        ...
+
+    def owns_state_file(self, rel: str) -> bool:
+        """Whether state file `rel` (relative to the checkpoint) is read by this rank."""
+        ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Every parameter, whole, on CPU, on rank 0 (None elsewhere). Collective."""
+        ...
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every trained parameter, in module order."""
+        ...
+
+    def full_shape(self, param: nn.Parameter) -> tuple[int, ...]:
+        """The whole shape of a (possibly partitioned) parameter."""
+        ...
+
+    def full_tensor(self, param: nn.Parameter, key: str | None = None) -> torch.Tensor:
+        """The whole fp32 master weight or optimizer state `key` of a parameter. Collective."""
+        ...
+
+    def set_full_tensor(self, param: nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+        """Write this rank's share of a whole master weight or optimizer state."""
+        ...
+
+    def optimizer_state_ready(self) -> bool:
+        """Whether the optimizer holds state yet."""
+        ...
+
+    def optimizer_step_count(self) -> int:
+        """The optimizer's step counter."""
+        ...
+
+    def prepare_optimizer_state(self, step: int) -> None:
+        """Give a fresh optimizer zero state at `step`, ready for set_full_tensor."""
+        ...
+
+    def schedule_state(self) -> dict[str, Any]:
+        """The learning-rate schedule and step counters, as plain values."""
+        ...
+
+    def load_schedule_state(self, state: dict[str, Any]) -> None:
+        """Restore what schedule_state returned."""
+        ...
 
 
 def _free_port() -> int:
@@ -308,8 +275,8 @@ def _weights_only_loads(ds_engine: Any) -> Iterator[None]:
         del reader.load  # back to the class's method
 
 
-class Engine:
-    """A DeepSpeed engine with what the stages need around it: full weights, state files."""
+class DeepSpeedEngine:
+    """`StatefulEngine` on DeepSpeed ZeRO 0-3 (with optimizer and parameter offload)."""
 
     def __init__(
         self,
@@ -329,9 +296,6 @@ class Engine:
         self.optimizer = optimizer if optimizer is not None else ds_engine.optimizer
         self._gate = _StepGate(self.optimizer, check_grads=ds_engine.optimizer is self.optimizer)
         self.last_step_skipped = False
-        # Run state kept beside the engine: restored from the resumed checkpoint's lmforge.json
-        # and written into every checkpoint (the fault monitor's, under "faults").
-        self.run_state: dict[str, Any] = {}
         self._replica: nn.Module | None = None
 
     @property
@@ -343,9 +307,28 @@ class Engine:
         """Forward through the engine (ZeRO-3 gathers parameters layer by layer)."""
         return self.ds(**batch)
 
+    def describe(self) -> str:
+        """'ZeRO-N' plus the offloads in use."""
+        zero = self.config["zero_optimization"]
+        offload = [k.split("_")[1] for k in ("offload_optimizer", "offload_param") if k in zero]
+        return f"ZeRO-{self.zero_stage}" + (f" ({', '.join(offload)} offload)" if offload else "")
+
+    def num_parameters(self, trainable: bool = False) -> int:
+        """Whole parameter count; ZeRO-3 keeps each parameter's whole size in ds_numel."""
+        params = self.module.parameters()
+        return sum(
+            int(getattr(p, "ds_numel", p.numel()))
+            for p in params
+            if p.requires_grad or not trainable
+        )
+
     def backward(self, loss: torch.Tensor) -> None:
         """Backward, scaled for gradient accumulation and loss scaling by DeepSpeed."""
         self.ds.backward(loss)
+
+    def at_boundary(self) -> bool:
+        """Whether the next `step` applies an optimizer update."""
+        return bool(self.ds.is_gradient_accumulation_boundary())
 
     def step(self, skip: bool = False) -> None:
         """Call after every micro-batch; the optimizer steps at accumulation boundaries.
@@ -388,6 +371,19 @@ class Engine:
         for group, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas, strict=True):
             group["lr"] = base * fn(sched.last_epoch)
         sched._last_lr = [g["lr"] for g in groups]
+
+    def set_hyperparameters(self, optim: OptimConfig) -> None:
+        """Peak learning rate, betas, eps and weight decay from `optim`, replacing the values a
+        resume restored with the optimizer state; call set_lr_scale after it. The group that
+        decays is the first of two (lmforge.optim.param_groups builds them in that order)."""
+        groups = self.optimizer.param_groups
+        for i, group in enumerate(groups):
+            group["initial_lr"] = optim.lr
+            group["betas"] = tuple(optim.betas)
+            group["eps"] = optim.eps
+            if group.get("weight_decay", 0.0) > 0 or (i == 0 and len(groups) == 2):
+                group["weight_decay"] = optim.weight_decay
+        self.set_lr_scale(1.0)
 
     def train(self, mode: bool = True) -> None:
         """Switch dropout on (or off)."""
@@ -450,6 +446,35 @@ class Engine:
                 param.copy_(params[name].data)
         return self._replica.eval()
 
+    def topology(self) -> dict[str, Any]:
+        """Process count, ZeRO stage and precision: what DeepSpeed's state files depend on."""
+        return {
+            "world_size": self.info.world,
+            "zero_stage": self.zero_stage,
+            "precision": self.precision,
+        }
+
+    def resumes_natively(self, saved: Mapping[str, Any]) -> bool:
+        """DeepSpeed's partitioned state loads on the same process count and ZeRO stage."""
+        world = int(saved.get("world_size") or self.info.world)
+        return world == self.info.world and int(saved.get("zero_stage", -1)) == self.zero_stage
+
+    def owns_state_file(self, rel: str) -> bool:
+        """Whether `rel` is read by this rank: its own ZeRO shard and RNG file, or a shared
+        file (the whole-state folder is the checkpointer's business)."""
+        name = rel.rsplit("/", 1)[-1]
+        if "/consolidated/" in rel:
+            return False
+        for prefix in ("zero_pp_rank_", "rng-rank"):
+            if name.startswith(prefix):
+                digits = name[len(prefix) :].split("_", 1)[0].split(".", 1)[0]
+                return digits == str(self.info.rank)
+        return True
+
+    def full_shape(self, param: nn.Parameter) -> tuple[int, ...]:
+        """ZeRO-3 keeps a partitioned parameter's whole shape in ds_shape."""
+        return tuple(getattr(param, "ds_shape", param.shape))
+
     def save_state(self, directory: Path, client_state: dict[str, Any]) -> None:
         """Write optimizer, scheduler and partitioned weights for exact resume. Collective."""
         self.ds.save_checkpoint(
@@ -499,7 +524,7 @@ class Engine:
         )
         if value is None:  # no ZeRO: a flat master copy (bf16/fp16), or our optimizer's own
             value = self._master_view(param, key)
-        return value.detach().float().cpu().reshape(getattr(param, "ds_shape", param.shape))
+        return value.detach().float().cpu().reshape(self.full_shape(param))
 
     def _master_view(self, param: nn.Parameter, key: str | None) -> torch.Tensor:
         """Without ZeRO: the parameter's slice of DeepSpeed's flat fp32 master copy (or of its
@@ -609,7 +634,7 @@ def build_engine(
     grad_accum: int,
     total_steps: int,
     info: DistInfo,
-) -> Engine:
+) -> DeepSpeedEngine:
     """Wrap `model` in DeepSpeed with our AdamW groups and learning-rate schedule."""
     import deepspeed
 
@@ -643,4 +668,4 @@ def build_engine(
     )
     if cfg.compile:
         ds_engine.compile()  # compiles the module in place: state-dict names are unchanged
-    return Engine(ds_engine, ds_cfg, info, optimizer)
+    return DeepSpeedEngine(ds_engine, ds_cfg, info, optimizer)

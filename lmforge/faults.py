@@ -110,14 +110,7 @@ class FaultMonitor:
         self.rank = rank
         self.world = world
         self.tracker = tracker
-        saved = state if isinstance(state, dict) else {}
-        self.state = FaultState(
-            skip_batches=[int(c) for c in saved.get("skip_batches", [])],
-            skipped=int(saved.get("skipped", 0)),
-            rollbacks=int(saved.get("rollbacks", 0)),
-            lr_scale=float(saved.get("lr_scale", 1.0)),
-            window=[float(x) for x in saved.get("window", [])],
-        )
+        self.load_state_dict(state)
         self.streak: list[int] = []  # positions of this run of consecutive skipped steps
 
     # -- per step ---------------------------------------------------------------------------
@@ -136,8 +129,10 @@ class FaultMonitor:
             return loss * 10.0
         return loss
 
-    def judge(self, step: int, losses: list[float]) -> Verdict:
-        """Decide about step `step` from this rank's micro-batch losses. Collective."""
+    def judge(self, step: int, losses: list[float], *, spikes: bool = True) -> Verdict:
+        """Decide about an optimizer update of step `step` from this rank's micro-batch losses.
+        Collective. Without `spikes` only non-finite losses count (a step's later updates, or
+        another engine's, whose losses are not on the scale the spike window tracks)."""
         bad = sum(1 for x in losses if not math.isfinite(x))
         values = torch.tensor(
             [sum(losses) if not bad else 0.0, bad, len(losses)], dtype=torch.float64
@@ -151,7 +146,7 @@ class FaultMonitor:
         if bad_all:
             return Verdict(skip=True, reason="non-finite loss")
         loss = total / max(count, 1.0)
-        z = self._zscore(step, loss)
+        z = self._zscore(step, loss) if spikes else None
         if z is None or z <= self.cfg.spike_zscore:
             return Verdict(loss=loss)
         reason = f"loss spike ({loss:.4f}, z-score {z:.1f})"
@@ -242,7 +237,18 @@ class FaultMonitor:
         """Counters for the step log."""
         return {"faults/skipped": self.state.skipped, "faults/rollbacks": self.state.rollbacks}
 
-    def saved_state(self) -> dict[str, Any]:
+    def load_state_dict(self, saved: Any) -> None:
+        """Continue from the state a checkpoint saved (see state_dict)."""
+        saved = saved if isinstance(saved, dict) else {}
+        self.state = FaultState(
+            skip_batches=[int(c) for c in saved.get("skip_batches", [])],
+            skipped=int(saved.get("skipped", 0)),
+            rollbacks=int(saved.get("rollbacks", 0)),
+            lr_scale=float(saved.get("lr_scale", 1.0)),
+            window=[float(x) for x in saved.get("window", [])],
+        )
+
+    def state_dict(self) -> dict[str, Any]:
         """The monitor state for the checkpoint's lmforge.json."""
         return {
             "skip_batches": list(self.state.skip_batches),

@@ -173,8 +173,61 @@ def _eager() -> AbstractContextManager[object]:
     return stance("force_eager") if stance is not None else nullcontext()
 
 
+def _signed(value: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# SplitMix64's constants (Steele, Lea and Flood 2014): a counter-based generator whose output
+# for (row seed, step, token id) needs no state, so a row samples the same tokens whatever
+# batch, process or padding it is in.
+_GOLDEN, _MIX1, _MIX2 = (
+    _signed(0x9E3779B97F4A7C15),
+    _signed(0xBF58476D1CE4E5B9),
+    _signed(0x94D049BB133111EB),
+)
+
+
+def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic on negative values)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser: every output bit depends on every input bit."""
+    x = (x ^ _shift(x, 30)) * _MIX1
+    x = (x ^ _shift(x, 27)) * _MIX2
+    return x ^ _shift(x, 31)
+
+
+def row_uniforms(row_seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """Uniform numbers in (0, 1), (B, V) float64: SplitMix64 hashes of (row seed, decode step)
+    and then of that and the token id. int64 products wrap around, as the hash wants."""
+    base = _mix(row_seeds * _GOLDEN + _mix(torch.full_like(row_seeds, step + 1)))  # (B,)
+    ids = torch.arange(1, vocab + 1, device=row_seeds.device, dtype=torch.long)  # (V,)
+    x = _mix(base[:, None] + ids[None] * _GOLDEN)  # (B, V)
+    return (_shift(x, 11).double() + 0.5) * 2.0**-53  # 53 random bits, never 0 or 1
+
+
+def _sample(
+    scores: torch.Tensor, gen: torch.Generator, row_seeds: torch.Tensor | None, step: int
+) -> torch.Tensor:
+    """A token (B,) from softmax(scores) (B, V); -inf scores are never picked. With row seeds,
+    the Gumbel-max trick (argmax of scores + Gumbel noise is an exact sample) on per-row
+    counter-based noise; otherwise torch's sampler on the batch's generator."""
+    if row_seeds is None:
+        probs = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    gumbel = -torch.log(-torch.log(row_uniforms(row_seeds, step, scores.shape[-1])))  # (B, V)
+    return (scores.double() + gumbel).argmax(dim=-1)
+
+
 def _pick_token(
-    logits: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator
+    logits: torch.Tensor,
+    cfg: GenerateConfig,
+    gen: torch.Generator,
+    row_seeds: torch.Tensor | None = None,
+    step: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token (B,) from the last position of logits (B, T, V), greedy or sampled, and its
     log-probability (B,) under the temperature-scaled distribution (before top-k / top-p)."""
@@ -184,8 +237,7 @@ def _pick_token(
     if cfg.temperature == 0:
         token = scores.argmax(dim=-1)  # (B,)
     else:
-        probs = torch.softmax(filter_logits(scores, cfg.top_k, cfg.top_p), dim=-1)
-        token = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B,)
+        token = _sample(filter_logits(scores, cfg.top_k, cfg.top_p), gen, row_seeds, step)
     # log p(token) = score - logsumexp: log_softmax's value without its (B, V) output
     lse = torch.logsumexp(scores, dim=-1)  # (B,)
     return token, scores.gather(1, token[:, None]).squeeze(1) - lse
@@ -309,13 +361,14 @@ def _decode(
     rows: _Rows,
     stops: _Stops,
     pad_id: int,
+    row_seeds: torch.Tensor | None,
 ) -> None:
     """Pick up to cfg.max_new_tokens tokens into `rows`, starting from the prompt's logits
     (B, 1, V); `step` runs the model on each picked token."""
     gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
     may_stop = stops.active
     for i in range(cfg.max_new_tokens):
-        token, lp = _pick_token(logits, cfg, gen)
+        token, lp = _pick_token(logits, cfg, gen, row_seeds, i)
         rows.record(i, token, lp, pad_id)
         if may_stop and stops.all_finished(rows, i, token):
             break
@@ -362,12 +415,16 @@ def generate(
     pad_id: int = 0,
     tokenizer: object | None = None,
     use_cache: bool = True,
+    row_seeds: Sequence[int] | None = None,
 ) -> Generation:
     """Continue each prompt (a list of token ids) until EOS, a stop string or max_new_tokens.
 
     Stop strings need the tokenizer. use_cache=False recomputes the whole sequence every step
     (the reference the cache is tested against); cfg.static_cache / cfg.compile decode through
-    fixed shapes (the same tokens).
+    fixed shapes (the same tokens). Sampling draws from one generator seeded by cfg.seed, so a
+    row's tokens depend on the batch it is in; with `row_seeds` (one int per prompt) each row
+    samples from its own stream instead (`row_uniforms`), the same in any batch, on any number
+    of processes.
     """
     cfg = cfg or GenerateConfig()
     _check_settings(cfg, tokenizer)
@@ -397,8 +454,13 @@ def generate(
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     stops = _Stops(eos, cfg.stop_strings, tokenizer)
     # One eager stance around the loop (entering it costs about as much as a small op).
+    seeds = None
+    if row_seeds is not None:
+        if len(row_seeds) != b:
+            raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {b} prompts")
+        seeds = torch.tensor([int(x) % (1 << 63) for x in row_seeds], device=device)
     with nullcontext() if compiled else _eager():
-        _decode(logits, step, cfg, rows, stops, pad_id)
+        _decode(logits, step, cfg, rows, stops, pad_id, seeds)
     model.train(was_training)
     steps = int(rows.lengths.max())  # the step at which the last row stopped, or max_new_tokens
     return Generation(

@@ -1,10 +1,10 @@
-"""Plumbing every stage entry point shares: argument parsing and error reporting, seeding and
-RNG state, stop signals, small collectives, and the collective checkpoint save."""
+"""Plumbing every stage entry point shares: the train section, argument parsing and error
+reporting, seeding, stop signals and small collectives. What runs a stage lives elsewhere:
+lmforge.stage starts it, lmforge.loop trains it, lmforge.checkpointer saves and restores it."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
@@ -12,7 +12,6 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -36,7 +35,6 @@ class TrainConfig:
     eval_every: int = option(
         200, "Evaluate every this many steps (and at the end); 0 = only at the end."
     )
-    eval_batches: int = option(8, "Validation micro-batches per objective per evaluation.")
     save_every: int = option(500, "Checkpoint every this many steps (and at the end).")
     keep_last: int = option(
         0, "Keep only the newest this many step checkpoints (0 = keep all); see keep_every."
@@ -56,8 +54,6 @@ class TrainConfig:
         0,
         "Checkpoint and stop after this step (0 = run all steps); the schedule still spans steps.",
     )
-    samples: int = option(2, "Sampled generations shown at each evaluation.")
-    sample_tokens: int = option(48, "Tokens generated per sample.")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available.")
 
     def validate(self, prefix: str = "train") -> None:
@@ -65,13 +61,9 @@ class TrainConfig:
         for key in ("steps", "global_batch_size", "micro_batch_size", "save_every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{prefix}.{key}: must be positive, got {getattr(self, key)}")
-        if self.eval_every < 0 or self.eval_batches <= 0:
-            raise ConfigError(f"{prefix}.eval_every must be >= 0 and eval_batches > 0")
-        for key in ("stop_at", "keep_last", "keep_every", "min_free_bytes", "samples"):
+        for key in ("eval_every", "stop_at", "keep_last", "keep_every", "min_free_bytes"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)}")
-        if self.sample_tokens <= 0:
-            raise ConfigError(f"{prefix}.sample_tokens: must be positive, got {self.sample_tokens}")
 
 
 def set_seed(seed: int, rank: int) -> None:
@@ -80,26 +72,6 @@ def set_seed(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed + rank)
-
-
-def save_rng(directory: Path, rank: int) -> None:
-    """This rank's torch RNG state (dropout) as JSON in `directory`."""
-    state = {"torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"rng-rank{rank}.json").write_text(json.dumps(state))
-
-
-def load_rng(directory: Path, rank: int) -> None:
-    """Restore what save_rng wrote, if this rank has a file (world size may have changed)."""
-    file = directory / f"rng-rank{rank}.json"
-    if not file.exists():
-        return
-    state = json.loads(file.read_text())
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def barrier() -> None:

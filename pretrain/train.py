@@ -7,9 +7,9 @@ loop, save. Runs the same under `deepspeed pretrain/train.py --config ...`, `tor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,41 +20,44 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.checkpoint import load_checkpoint, resolve_checkpoint
+from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
 from lmforge.data import DataConfig, GlobalSampler, PackedDataset, prepare_data
 from lmforge.distributed import DistInfo
-from lmforge.engine import build_engine
+from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
 from lmforge.generate import GenerateConfig, generate
-from lmforge.loss import IGNORE_INDEX
-from lmforge.model import ModelConfig, build_model, flops_per_token, num_params
-from lmforge.runtime import (
-    StopFlag,
-    all_mean,
-    barrier,
-    run_entry,
-    set_seed,
-)
-from lmforge.stage import (
-    StageConfig,
-    StepWindow,
-    checkpoint_meta,
-    launch,
-    open_tracker,
-    optimizer_step,
-    restore,
-    save_stage_checkpoint,
-    start_monitor,
-    to_device,
-)
+from lmforge.loop import Task, micro_batches, training_loop
+from lmforge.loss import IGNORE_INDEX, LossConfig
+from lmforge.model import ModelConfig, build_model, num_params
+from lmforge.runtime import TrainConfig, all_mean, barrier, run_entry, set_seed
+from lmforge.stage import Launch, StageConfig, check_batch_sizes, launch, start_run, to_device
 from lmforge.tokenizer import TokenizerConfig
-from lmforge.tracking import Tracker, format_duration, measure_peak_flops
+from lmforge.tracking import Tracker
 from pretrain.objectives import (
     ObjectiveConfig,
     apply_objective,
     choose_objective,
     sample_generators,
 )
+
+
+@dataclass
+class PretrainTrainConfig(TrainConfig):
+    """The train section plus what pretraining's evaluation reads."""
+
+    eval_batches: int = option(8, "Validation micro-batches per objective per evaluation.")
+    samples: int = option(2, "Greedy continuations of validation text shown at each evaluation.")
+    sample_tokens: int = option(48, "Tokens generated per sample.")
+
+    def validate(self, prefix: str = "train") -> None:
+        """Reject out-of-range values, naming the key."""
+        super().validate(prefix)
+        if self.eval_batches <= 0 or self.sample_tokens <= 0 or self.samples < 0:
+            raise ConfigError(
+                f"{prefix}.eval_batches and {prefix}.sample_tokens must be positive and "
+                f"{prefix}.samples >= 0"
+            )
 
 
 @dataclass
@@ -66,6 +69,10 @@ class PretrainConfig(StageConfig):
     tokenizer: TokenizerConfig = option(default_factory=TokenizerConfig, doc="Tokenizer.")
     data: DataConfig = option(default_factory=DataConfig, doc="Corpus and packing.")
     objective: ObjectiveConfig = option(default_factory=ObjectiveConfig, doc="Objectives.")
+    loss: LossConfig = option(default_factory=LossConfig, doc="Cross-entropy options.")
+    train: PretrainTrainConfig = option(
+        default_factory=PretrainTrainConfig, doc="Steps, batches, cadence."
+    )
 
     def validate(self, prefix: str = "") -> None:
         """Checks that span sections."""
@@ -82,7 +89,7 @@ class Run:
     """What evaluation and sampling need from a running stage."""
 
     cfg: PretrainConfig
-    engine: Any
+    engine: Engine
     val: PackedDataset
     info: DistInfo
     device: torch.device
@@ -144,180 +151,128 @@ def show_samples(ctx: Run) -> list[str]:
     return texts
 
 
+def build_start(cfg: PretrainConfig, place: Launch, vocab: int) -> Any:
+    """The model to pretrain: the resume point's or init_from's weights (whose architecture
+    replaces the model section), else a fresh one."""
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{vocab} tokens; raise it or train a smaller tokenizer"
+        )
+    if place.point is not None:
+        model, _, _ = load_checkpoint(place.point.path, meta=place.point.meta, with_tokenizer=False)
+    elif cfg.init_from:
+        model, _, _ = load_checkpoint(cfg.init_from, with_tokenizer=False)
+    else:
+        return build_model(cfg.model, seed=cfg.train.seed)
+    return model.train()
+
+
+def packed(cfg: PretrainConfig, tokens: Any, eos_id: int) -> PackedDataset:
+    """Windows of data.seq_len + 1 tokens of one split."""
+    data = cfg.data
+    return PackedDataset(
+        tokens,
+        data.seq_len,
+        eos_id=eos_id,
+        document_mask=data.document_mask,
+        reset_positions=data.reset_positions,
+    )
+
+
 def train(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) pretraining; returns the final metrics."""
     place, done = launch(cfg, "pretrain")
     if done is not None:
         return done
-    info, device, run_dir, resume_from = place.info, place.device, place.run_dir, place.resume_from
-    if resume_from is not None or cfg.init_from:
-        source = resume_from or Path(cfg.init_from)
-        if (resolve_checkpoint(source) / "tokenizer.json").exists() and not cfg.tokenizer.path:
-            cfg.tokenizer.path = str(resolve_checkpoint(source))
-    data = prepare_data(cfg.data, cfg.tokenizer, is_main=info.is_main)
+    info, device = place.info, place.device
+    source = place.resume_from or (Path(cfg.init_from) if cfg.init_from else None)
+    has_tokenizer = source is not None and (resolve_checkpoint(source) / "tokenizer.json").exists()
+    tok_cfg = cfg.tokenizer
+    if has_tokenizer and not cfg.tokenizer.path:  # a checkpoint's own tokenizer, not a new one
+        tok_cfg = dataclasses.replace(tok_cfg, path=str(resolve_checkpoint(source)))
+    data = prepare_data(cfg.data, tok_cfg, is_main=info.is_main)
     barrier()
-    tok = data.tokenizer
-    if len(tok) > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
-            f"{len(tok)} tokens; raise it or train a smaller tokenizer"
-        )
+    tok, seq = data.tokenizer, cfg.data.seq_len
     set_seed(cfg.train.seed, info.rank)
-    meta: dict[str, Any] = {}
-    if resume_from is not None or cfg.init_from:
-        model, _, meta = load_checkpoint(resume_from or cfg.init_from, with_tokenizer=False)
-        cfg.model = model.cfg
-        model.train()
-    else:
-        model = build_model(cfg.model, seed=cfg.train.seed)
+    model = build_start(cfg, place, len(tok))
+    # What this run trains with; `cfg` stays as the user wrote it (config.yaml, resume checks).
+    run_cfg = dataclasses.replace(cfg, model=model.cfg, tokenizer=tok_cfg)
     model.loss_cfg = cfg.loss
-    per_step = cfg.train.micro_batch_size * info.world
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size: {cfg.train.global_batch_size} is not a multiple of "
-            f"micro_batch_size × processes = {per_step}"
-        )
-    accum = cfg.train.global_batch_size // per_step
     engine = build_engine(
         model,
         cfg.engine,
         cfg.optim,
         micro_batch=cfg.train.micro_batch_size,
-        grad_accum=accum,
+        grad_accum=check_batch_sizes(cfg.train, info.world),
         total_steps=cfg.train.steps,
         info=info,
     )
-    step, cursor = restore(engine, place, meta)
-    tokens_seen = int(meta.get("tokens_seen", 0)) if resume_from else 0
-    seq = cfg.data.seq_len
-    dataset = PackedDataset(
-        data.train,
-        seq,
-        eos_id=tok.eos_token_id,
-        document_mask=cfg.data.document_mask,
-        reset_positions=cfg.data.reset_positions,
-    )
-    val = PackedDataset(
-        data.val,
-        seq,
-        eos_id=tok.eos_token_id,
-        document_mask=cfg.data.document_mask,
-        reset_positions=cfg.data.reset_positions,
+    dataset, val = (
+        packed(cfg, data.train, tok.eos_token_id),
+        packed(cfg, data.val, tok.eos_token_id),
     )
     if len(dataset) == 0 or len(val) == 0:
         raise ConfigError(
             f"data.seq_len: {seq} is longer than the whole train or validation split; "
             "use a shorter seq_len or more data"
         )
-    sampler = GlobalSampler(len(dataset), cfg.data.seed)
-    fpt = flops_per_token(cfg.model, seq)
-    tracker = open_tracker(
-        cfg, place, meta, flops_per_token=fpt, peak_flops=measure_peak_flops(device)
-    )
+    checkpointer = Checkpointer(place.run_dir, info, cfg, "pretrain", tok)
+    checkpointer.add_engine("model", engine, parent=source or "")
+    run = start_run(cfg, place, checkpointer, model_cfg=model.cfg, seq_len=seq)
     special = torch.tensor([tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens])
-    ctx = Run(cfg, engine, val, info, device, tok, tracker, tok.mask_token_id, special)
-    if info.is_main:
-        what = "resuming from " + str(resume_from) if resume_from else "starting"
-        tracker.message(
-            f"pretrain: {what}; {num_params(cfg.model) / 1e6:.2f}M parameters, "
-            f"{len(dataset)} train sequences of {seq} tokens, {info.world} process(es), "
-            f"ZeRO-{engine.zero_stage}, {accum} accumulation step(s), device {device}"
-        )
-    stop = StopFlag()
-    monitor = start_monitor(cfg, engine, info, tracker)
-    engine.train(True)
-    last_metrics: dict[str, Any] = {}
-    window = StepWindow()
-    started = time.perf_counter()
-    while step < cfg.train.steps:
-        name = choose_objective(cfg.objective, step, cfg.train.seed)
+    ctx = Run(run_cfg, engine, val, info, device, tok, run.tracker, tok.mask_token_id, special)
+    what = "resuming from " + str(place.resume_from) if place.resume_from else "starting"
+    run.tracker.message(
+        f"pretrain: {what}; {num_params(model.cfg) / 1e6:.2f}M parameters, "
+        f"{len(dataset)} train sequences of {seq} tokens, {info.world} process(es), "
+        f"{engine.describe()}, {check_batch_sizes(cfg.train, info.world)} accumulation "
+        f"step(s), device {device}"
+    )
+    sampler = GlobalSampler(len(dataset), cfg.data.seed)
 
-        def forward(micro: int, cursor: int = cursor, name: str = name) -> Any:
-            start = cursor + (info.rank * accum + micro) * cfg.train.micro_batch_size
-            idx = sampler.indices(start, cfg.train.micro_batch_size)
-            inputs = apply_objective(
-                name,
-                dataset.get_batch(idx),
-                cfg.objective,
-                mask_id=ctx.mask_id,
-                vocab_size=cfg.model.vocab_size,
-                special_ids=special,
-                generators=sample_generators(cfg.train.seed, list(range(start, start + len(idx)))),
-            )
-            loss = engine(**to_device(inputs, device))
-            return loss, {f"loss/{name}": loss.detach().float().item()}
-
-        result = optimizer_step(
-            engine=engine,
-            monitor=monitor,
-            step=step,
-            cursor=cursor,
-            accum=accum,
-            forward=forward,
-            run_dir=run_dir,
-            info=info,
+    def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
+        name = choose_objective(cfg.objective, step - 1, cfg.train.seed)
+        inputs = apply_objective(
+            name,
+            dataset.get_batch(sampler.indices(start, count)),
+            cfg.objective,
+            mask_id=ctx.mask_id,
+            vocab_size=model.cfg.vocab_size,
+            special_ids=special,
+            generators=sample_generators(cfg.train.seed, list(range(start, start + count))),
         )
-        if result.rolled_back is not None:
-            step, cursor = int(result.rolled_back["step"]), int(result.rolled_back["data_cursor"])
-            tokens_seen = int(result.rolled_back.get("tokens_seen", cursor * seq))
-            window.reset()
-            continue
-        step += 1
-        cursor += cfg.train.global_batch_size
-        tokens_seen += cfg.train.global_batch_size * seq
-        window.add(**result.values)
-        window.close_step()
-        if step % cfg.tracking.log_every == 0 or step == cfg.train.steps:
-            metrics = window.flush(tracker, engine, info.world, cfg.train.global_batch_size * seq)
-            metrics.update(tokens=tokens_seen, epoch=cursor / len(dataset), **monitor.metrics())
-            tracker.log(step, metrics)
-            tracker.progress(step, metrics, metrics["step_seconds"])
-            last_metrics.update(metrics)
-        last = step == cfg.train.steps
-        if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-            eval_metrics = evaluate(ctx, step)
-            tracker.log(step, eval_metrics)
-            tracker.message(
-                f"eval step {step}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if k.endswith("loss"))
-            )
-            show_samples(ctx)
-            last_metrics.update(eval_metrics)
-        stopping = stop.requested() or step == cfg.train.stop_at
-        if last or stopping or step % cfg.train.save_every == 0:
-            path = save_stage_checkpoint(
-                engine,
-                run_dir / f"step-{step:06d}",
-                tokenizer=tok,
-                info=info,
-                meta=checkpoint_meta(
-                    "pretrain",
-                    cfg,
-                    place,
-                    tracker,
-                    step=step,
-                    cursor=cursor,
-                    parent=resume_from or cfg.init_from,
-                    metrics=last_metrics,
-                    tokens_seen=tokens_seen,
-                ),
-            )
-            tracker.message(f"saved {path}")
-        if stopping:
-            tracker.message(f"stop requested: saved at step {step}; resume with resume: auto")
-            break
-    summary = ", ".join(
+        loss = engine(**to_device(inputs, device))
+        return loss, {f"loss/{name}": loss.detach().float().item()}
+
+    def evaluate_and_show(step: int) -> dict[str, float]:
+        metrics = evaluate(ctx, step)
+        show_samples(ctx)
+        return metrics
+
+    task = Task(
+        step=micro_batches(micro_step, cfg.train, info),
+        evaluate=evaluate_and_show,
+        samples_per_step=cfg.train.global_batch_size,
+        num_samples=len(dataset),
+        tokens_per_step=cfg.train.global_batch_size * seq,
+        summary=lambda last: (
+            f"{last.get('tokens', 0) / 1e6:.2f}M tokens; validation "
+            + (validation_summary(last) or "n/a")
+        ),
+        evaluate_first=False,
+        eval_line=lambda m: ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.endswith("loss")),
+    )
+    return training_loop(run, task)
+
+
+def validation_summary(last: dict[str, Any]) -> str:
+    """'causal loss 5.031 (ppl 153.1), ...' from the last evaluation."""
+    return ", ".join(
         f"{k.split('/')[1]} loss {v:.3f} (ppl {math.exp(min(v, 50)):.1f})"
-        for k, v in last_metrics.items()
+        for k, v in last.items()
         if k.startswith("eval/") and k.endswith("/loss")
     )
-    tracker.message(
-        f"done: {step} steps, {tokens_seen / 1e6:.2f}M tokens in "
-        f"{format_duration(time.perf_counter() - started)}; validation {summary or 'n/a'}; "
-        f"checkpoint {run_dir / f'step-{step:06d}'} (latest in {run_dir}/latest)"
-    )
-    tracker.close()
-    return last_metrics
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from stagerun import spawn_group, tiny_pretrain_args, wait_group
 
 from lmforge.rundir import latest_name
-from lmforge.trainstate import SAVE_PAUSE_ENV
+from lmforge.checkpointer import SAVE_PAUSE_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -197,6 +197,6 @@ def test_sft_stops_on_sigterm(task_base: Path, tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     stopped = int(
-        re.findall(r"stopped at step (\d+); resume with resume: auto", log.read_text())[-1]
+        re.findall(r"stop requested: saved at step (\d+); resume with", log.read_text())[-1]
     )
     assert latest_name(run) == f"step-{stopped:06d}" and 2 <= stopped < 400

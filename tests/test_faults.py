@@ -254,9 +254,9 @@ def test_streak_rollback_skip_list_and_divergence() -> None:
     mon.rolled_back(4, 2, "run/step-000002", {"window": [5.0]})
     assert mon.state.skip_batches == [16, 24] and mon.state.lr_scale == 0.5
     assert mon.known_bad(16) and mon.known_bad(24) and not mon.known_bad(32)
-    saved = mon.saved_state()
+    saved = mon.state_dict()
     again = FaultMonitor(FaultConfig(), rank=0, world=1, tracker=Log(), state=saved)
-    assert again.saved_state() == saved
+    assert again.state_dict() == saved
     mon.after_step(5, 32, mon.judge(5, [float("nan")]), True)
     mon.after_step(6, 40, mon.judge(6, [float("nan")]), True)
     with pytest.raises(DivergenceError, match=r"faults\.max_rollbacks"):
