@@ -28,7 +28,7 @@ from lmforge.data.chat import ChatDataConfig, load_preference_data
 from lmforge.data.chat_datasets import PreferenceDataset
 from lmforge.engine import build_engine
 from lmforge.errors import ConfigError
-from lmforge.loop import Task, micro_batches, training_loop
+from lmforge.loop import before_after, supervised_task, training_loop
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.model import GPT, num_params
 from lmforge.prefs import dpo_loss, sequence_logprobs
@@ -191,18 +191,19 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         loss, metrics = dpo_loss(pi_c, pi_r, ref_c, ref_r, **loss_args)
         return loss, {k: v.item() for k, v in metrics.items()}
 
-    nan = float("nan")
-    task = Task(
-        step=micro_batches(micro_step, cfg.train, info),
-        evaluate=lambda step: evaluate(ctx),
-        samples_per_step=cfg.train.global_batch_size,
+    def summary(last: dict[str, Any]) -> str:
+        accuracy = last.get("eval/reward_accuracy", float("nan"))
+        prefers = before_after(last, "prefers_chosen", "policy prefers chosen")
+        return f"held-out implicit-reward accuracy {accuracy:.3f}; {prefers}"
+
+    task = supervised_task(
+        micro_step,
+        lambda step: evaluate(ctx),
+        cfg.train,
+        info,
         num_samples=len(train_data),
-        tokens_per_step=2 * cfg.train.global_batch_size * cfg.data.seq_len,
-        summary=lambda last: (
-            f"held-out implicit-reward accuracy {last.get('eval/reward_accuracy', nan):.3f}; "
-            f"policy prefers chosen {last.get('eval_before/prefers_chosen', nan):.3f} -> "
-            f"{last.get('eval/prefers_chosen', nan):.3f}"
-        ),
+        tokens_per_sample=2 * cfg.data.seq_len,  # a chosen and a rejected row
+        summary=summary,
     )
     return training_loop(run, task)
 

@@ -32,7 +32,7 @@ from lmforge.data.chat import ChatDataConfig, chat_records
 from lmforge.data.chat_datasets import PromptDataset
 from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
-from lmforge.loop import Micro, StepContext, Task, training_loop
+from lmforge.loop import Micro, StepContext, Task, before_after, training_loop
 from lmforge.loss import IGNORE_INDEX
 from lmforge.rl import group_advantages, grpo_loss, masked_mean
 from lmforge.rollout import (
@@ -219,7 +219,6 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         f"{groups} per step × G={cfg.group_size}; rewards {[r.name for r in cfg.rewards]}; "
         f"β={cfg.beta}; {engine.describe()}, {info.world} process(es)"
     )
-    nan = float("nan")
     task = Task(
         step=grpo_step(cfg, policy, place, groups),
         evaluate=lambda step: evaluate_policy(
@@ -231,9 +230,8 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         updates_per_step=cfg.epochs,
         eval_line=eval_line,
         summary=lambda last: (
-            f"held-out exact match {last.get('eval_before/accuracy', nan):.3f} -> "
-            f"{last.get('eval/accuracy', nan):.3f}, sampled reward "
-            f"{last.get('eval_before/reward', nan):.3f} -> {last.get('eval/reward', nan):.3f}"
+            f"{before_after(last, 'accuracy', 'held-out exact match')}, "
+            f"{before_after(last, 'reward', 'sampled reward')}"
         ),
     )
     return training_loop(run, task)

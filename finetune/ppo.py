@@ -34,7 +34,7 @@ from lmforge.data.chat import ChatDataConfig, chat_records
 from lmforge.data.chat_datasets import PromptDataset
 from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
-from lmforge.loop import Micro, StepContext, Task, training_loop
+from lmforge.loop import Micro, StepContext, Task, before_after, training_loop
 from lmforge.loss import IGNORE_INDEX
 from lmforge.rl import (
     AdaptiveKLController,
@@ -285,10 +285,11 @@ def load_models(cfg: PPOConfig, place: Launch) -> tuple[Any, Any, Any, Any]:
     actor, tok, _ = load_start(place, cfg.init_from, load_checkpoint)
     if tok is None:
         raise ConfigError(f"init_from: {cfg.init_from} has no tokenizer files; PPO needs it")
-    critic_source = place.point.sibling("critic") if place.point else Path(critic_start)
-    if place.point is not None and not critic_source.is_dir():
-        raise ConfigError(f"resume: {critic_source} (the critic of {place.point.path}) is missing")
-    critic, _, _ = load_reward_model(critic_source, with_tokenizer=False, seed=cfg.train.seed)
+    if place.point is not None:  # the critic saved beside the resumed actor
+        saved = place.point.open_sibling("critic")
+        critic, _, _ = load_reward_model(saved.path, meta=saved.meta, with_tokenizer=False)
+    else:
+        critic, _, _ = load_reward_model(critic_start, with_tokenizer=False, seed=cfg.train.seed)
     reference, _, _ = load_checkpoint(cfg.init_from, with_tokenizer=False, device=place.device)
     reference.requires_grad_(False)
     return actor.train(), tok, critic.train(), reference
@@ -338,7 +339,6 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
         f"β={kl_ctl.value:.4g}{' (adaptive)' if cfg.adaptive_kl else ''}; "
         f"{actor_engine.describe()}, {info.world} process(es)"
     )
-    nan = float("nan")
     task = Task(
         step=ppo_step(cfg, models, prompts, place, moments=moments, kl_ctl=kl_ctl),
         evaluate=lambda step: evaluate_policy(
@@ -350,10 +350,9 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
         updates_per_step=cfg.epochs,
         eval_line=eval_line,
         summary=lambda last: (
-            f"held-out reward {last.get('eval_before/reward', nan):.3f} -> "
-            f"{last.get('eval/reward', nan):.3f} (KL to the reference "
-            f"{last.get('eval/kl', nan):.3f} nats), exact match "
-            f"{last.get('eval_before/accuracy', nan):.3f} -> {last.get('eval/accuracy', nan):.3f}"
+            f"{before_after(last, 'reward', 'held-out reward')} (KL to the reference "
+            f"{last.get('eval/kl', float('nan')):.3f} nats), "
+            f"{before_after(last, 'accuracy', 'exact match')}"
         ),
     )
     return training_loop(run, task)

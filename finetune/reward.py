@@ -28,7 +28,7 @@ from lmforge.data.chat_datasets import PreferenceDataset
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
-from lmforge.loop import Task, micro_batches, training_loop
+from lmforge.loop import before_after, supervised_task, training_loop
 from lmforge.model import num_params
 from lmforge.prefs import bradley_terry_loss
 from lmforge.runtime import all_mean, run_entry, set_seed
@@ -134,17 +134,14 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
         loss, accuracy = bradley_terry_loss(chosen, rejected)
         return loss, {"accuracy": accuracy.item(), "margin": (chosen - rejected).mean().item()}
 
-    nan = float("nan")
-    task = Task(
-        step=micro_batches(micro_step, cfg.train, info),
-        evaluate=lambda step: pair_accuracy(engine, heldout, info, micro, device),
-        samples_per_step=cfg.train.global_batch_size,
+    task = supervised_task(
+        micro_step,
+        lambda step: pair_accuracy(engine, heldout, info, micro, device),
+        cfg.train,
+        info,
         num_samples=len(train_data),
-        tokens_per_step=2 * cfg.train.global_batch_size * cfg.data.seq_len,
-        summary=lambda last: (
-            f"held-out pair accuracy {last.get('eval_before/accuracy', nan):.3f} -> "
-            f"{last.get('eval/accuracy', nan):.3f}"
-        ),
+        tokens_per_sample=2 * cfg.data.seq_len,  # a chosen and a rejected row
+        summary=lambda last: before_after(last, "accuracy", "held-out pair accuracy"),
     )
     return training_loop(run, task)
 

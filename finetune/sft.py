@@ -28,7 +28,7 @@ from lmforge.data.chat_datasets import PromptDataset, SFTDataset
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
-from lmforge.loop import Task, micro_batches, training_loop
+from lmforge.loop import before_after, supervised_task, training_loop
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.loss import IGNORE_INDEX, LossConfig
 from lmforge.model import num_params
@@ -154,17 +154,14 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         batch = train_data.get_batch(sampler.indices(start, count))
         return engine(**to_device(batch, place.device)), {}
 
-    nan = float("nan")
-    task = Task(
-        step=micro_batches(micro_step, cfg.train, place.info),
-        evaluate=evaluator(cfg, engine, heldout, place),
-        samples_per_step=cfg.train.global_batch_size,
+    task = supervised_task(
+        micro_step,
+        evaluator(cfg, engine, heldout, place),
+        cfg.train,
+        place.info,
         num_samples=len(train_data),
-        tokens_per_step=cfg.train.global_batch_size * cfg.data.seq_len,
-        summary=lambda last: (
-            f"held-out exact match {last.get('eval_before/accuracy', nan):.3f} -> "
-            f"{last.get('eval/accuracy', nan):.3f}"
-        ),
+        tokens_per_sample=cfg.data.seq_len,
+        summary=lambda last: before_after(last, "accuracy", "held-out exact match"),
     )
     return training_loop(run, task)
 

@@ -87,10 +87,12 @@ class Slot:
 
 @dataclass
 class ResumePoint:
-    """A checkpoint to continue from, with its manifest (read and verified once)."""
+    """A checkpoint to continue from, with its manifest (read and verified once), and the same
+    step's checkpoints of the run's other engines (opened once, when first asked for)."""
 
     path: Path
     meta: dict[str, Any]
+    siblings: dict[str, ResumePoint] = dataclasses.field(default_factory=dict)
 
     @property
     def step(self) -> int:
@@ -105,6 +107,20 @@ class ResumePoint:
     def sibling(self, subdir: str) -> Path:
         """The same step's checkpoint of the engine saved under `subdir` ("" = this one)."""
         return self.path.parent / subdir / self.path.name if subdir else self.path
+
+    def open_sibling(self, subdir: str) -> ResumePoint:
+        """The checkpoint of `sibling(subdir)` with its manifest, read and verified once."""
+        if not subdir:
+            return self
+        if subdir not in self.siblings:
+            ckpt = self.sibling(subdir)
+            if not (ckpt / META_FILE).is_file():
+                raise CheckpointError(
+                    f"{ckpt}: missing: the {subdir} checkpoint of {self.path}; restore it or "
+                    "resume from an earlier step"
+                )
+            self.siblings[subdir] = open_point(ckpt)
+        return self.siblings[subdir]
 
 
 def open_point(path: str | Path) -> ResumePoint:
@@ -218,14 +234,9 @@ class Checkpointer:
         (collective); returns how the main engine was read."""
         hows = []
         for slot in self.slots:
-            ckpt = point.sibling(slot.subdir)
-            if not (ckpt / META_FILE).is_file():
-                raise CheckpointError(
-                    f"{ckpt}: missing: the {slot.name} checkpoint of {point.path}; restore it or "
-                    "resume from an earlier step"
-                )
-            meta = point.meta if slot.subdir == "" else read_json(ckpt / META_FILE)
-            hows.append(restore_engine(slot.engine, ckpt, meta, own=self._owns(ckpt)))
+            saved = point.open_sibling(slot.subdir)
+            mine = self._owns(saved.path)
+            hows.append(restore_engine(slot.engine, saved.path, saved.meta, own=mine))
         load_rng(point.path / ENGINE_DIR, self.info.rank)  # the main engine's RNG is the run's
         for key, part in self.parts.items():
             if key not in skip_parts and isinstance(point.meta.get(key), Mapping):

@@ -31,7 +31,7 @@ import torch
 
 from lmforge.checkpointer import MAIN, Checkpointer
 from lmforge.distributed import DistInfo
-from lmforge.engine import TrainEngine
+from lmforge.engine import StatefulEngine, TrainEngine
 from lmforge.faults import DivergenceError, FaultMonitor, Verdict
 from lmforge.runtime import StopFlag, TrainConfig, all_mean
 from lmforge.tracking import Tracker, format_duration
@@ -105,6 +105,35 @@ def micro_batches(micro_step: MicroStep, train: TrainConfig, info: DistInfo) -> 
             yield Micro(loss, metrics)
 
     return step_fn
+
+
+def supervised_task(
+    micro_step: MicroStep,
+    evaluate: Callable[[int], dict[str, float]],
+    train: TrainConfig,
+    info: DistInfo,
+    *,
+    num_samples: int,
+    tokens_per_sample: int,
+    summary: Callable[[dict[str, Any]], str],
+) -> Task:
+    """The Task of a stage that trains on a global batch of samples per step (pretraining, SFT,
+    reward, DPO): `micro_batches(micro_step)`, the cursor advancing by the global batch."""
+    return Task(
+        step=micro_batches(micro_step, train, info),
+        evaluate=evaluate,
+        samples_per_step=train.global_batch_size,
+        num_samples=num_samples,
+        tokens_per_step=train.global_batch_size * tokens_per_sample,
+        summary=summary,
+    )
+
+
+def before_after(last: dict[str, Any], key: str, label: str) -> str:
+    """'label 0.250 -> 0.410' from eval_before/<key> and eval/<key> of a run's last metrics."""
+    nan = float("nan")
+    before, after = last.get(f"eval_before/{key}", nan), last.get(f"eval/{key}", nan)
+    return f"{label} {before:.3f} -> {after:.3f}"
 
 
 class StepWindow:
@@ -264,7 +293,7 @@ def training_loop(run: Run, task: Task) -> dict[str, Any]:
 def _after_step(
     run: Run,
     task: Task,
-    engines: dict[str, Any],
+    engines: dict[str, StatefulEngine],
     window: StepWindow,
     last: dict[str, Any],
     stop: StopFlag,
@@ -293,7 +322,7 @@ def _after_step(
 
 
 def _evaluate(
-    run: Run, task: Task, engines: dict[str, Any], step: int, title: str
+    run: Run, task: Task, engines: dict[str, StatefulEngine], step: int, title: str
 ) -> dict[str, float]:
     """Run the stage's evaluation with every engine in eval mode; log it and print one line."""
     for engine in engines.values():

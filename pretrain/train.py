@@ -27,7 +27,7 @@ from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
 from lmforge.generate import GenerateConfig, generate
-from lmforge.loop import Task, micro_batches, training_loop
+from lmforge.loop import supervised_task, training_loop
 from lmforge.loss import IGNORE_INDEX, LossConfig
 from lmforge.model import ModelConfig, build_model, num_params
 from lmforge.runtime import TrainConfig, all_mean, barrier, run_entry, set_seed
@@ -250,19 +250,20 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         show_samples(ctx)
         return metrics
 
-    task = Task(
-        step=micro_batches(micro_step, cfg.train, info),
-        evaluate=evaluate_and_show,
-        samples_per_step=cfg.train.global_batch_size,
+    task = supervised_task(
+        micro_step,
+        evaluate_and_show,
+        cfg.train,
+        info,
         num_samples=len(dataset),
-        tokens_per_step=cfg.train.global_batch_size * seq,
+        tokens_per_sample=seq,
         summary=lambda last: (
             f"{last.get('tokens', 0) / 1e6:.2f}M tokens; validation "
-            + (validation_summary(last) or "n/a")
+            f"{validation_summary(last) or 'n/a'}"
         ),
-        evaluate_first=False,
-        eval_line=lambda m: ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.endswith("loss")),
     )
+    task.evaluate_first = False  # a fresh model has nothing to compare against
+    task.eval_line = lambda m: ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.endswith("loss"))
     return training_loop(run, task)
 
 
