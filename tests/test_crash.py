@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 from stagerun import spawn_group, tiny_pretrain_args, wait_group
 
-from lmforge.rundir import latest_name
 from lmforge.checkpointer import SAVE_PAUSE_ENV
+from lmforge.rundir import latest_name
 
 pytestmark = pytest.mark.slow
 
