@@ -21,6 +21,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -52,6 +53,10 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30  # Hugging Face's default shard size
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# A Hugging Face hub name as `init_from` takes it: `org/name` (the hub's repo-id characters).
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What loading reads from a hub snapshot (weights never as pickles; chat templates may be .jinja).
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", LATEST_FILE]
 
 
 # ------------------------------------------------------------------------------ file helpers
@@ -308,9 +313,43 @@ def save_checkpoint(
 # ----------------------------------------------------------------------------------- reading
 
 
+def _offline() -> bool:
+    """Whether the network is off for Hugging Face: huggingface_hub's rule (HF_HUB_OFFLINE, else
+    TRANSFORMERS_OFFLINE, is 1/on/yes/true), read now rather than when it was imported."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_snapshot(name: str) -> Path:
+    """The local folder of the hub model `name` (`org/name`): its snapshot in the Hugging Face
+    cache (HF_HUB_CACHE / HF_HOME), downloaded first unless HF_HUB_OFFLINE is set."""
+    from huggingface_hub import snapshot_download
+
+    offline = _offline()
+    try:
+        folder = snapshot_download(name, local_files_only=offline, allow_patterns=_HUB_FILES)
+    except Exception as e:  # huggingface_hub raises many types: missing, gated, unreachable
+        if offline:
+            raise CheckpointError(
+                f"{name}: not a local directory and not in the Hugging Face cache, and "
+                f"HF_HUB_OFFLINE is set; download it first (`hf download {name}` with the "
+                "network on) or give a local path"
+            ) from None
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"{name}: not a local directory, and the Hugging Face hub cannot provide it "
+            f"({detail}); check the name and your access, or give a local path"
+        ) from None
+    return Path(folder)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory whose `latest` file names one."""
+    """A checkpoint directory, a run directory whose `latest` file names one, or a Hugging Face
+    hub name (`org/name`, when no such local path exists): its cached snapshot, which may in
+    turn be either (see `hub_snapshot`)."""
     p = Path(path)
+    if not p.exists() and _HUB_NAME.match(str(path)):
+        p = hub_snapshot(str(path))
     if not p.is_dir():
         raise CheckpointError(f"{p}: no such checkpoint directory")
     if not (p / "config.json").exists() and (p / LATEST_FILE).is_file():
@@ -427,8 +466,39 @@ _TRAINING_ONLY = (
 )
 
 
+# Rope fields each rope_type leaves unread (config.json of a Llama-style model omits them).
+_UNREAD_ROPE = {
+    "default": (
+        "rope_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "rope_original_max_seq_len",
+    ),
+    "linear": ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"),
+    "dynamic": ("rope_low_freq_factor", "rope_high_freq_factor"),
+    "llama3": (),
+}
+
+
+def _architecture(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields of `cfg` that config.json determines, resolved, for comparing the two files.
+
+    Left out: training-only fields; `bias` of an RMSNorm model (it reaches the model only
+    through the resolved linear bias flags); rope fields the rope_type does not read; and
+    max_seq_len of dynamic RoPE, whose config.json holds the original context instead.
+    """
+    arch = dataclasses.asdict(cfg.resolved())
+    unread = [*_TRAINING_ONLY, *_UNREAD_ROPE[cfg.rope_type]]
+    if cfg.norm == "rmsnorm":
+        unread.append("bias")
+    if cfg.rope_type == "dynamic":
+        unread.append("max_seq_len")
+    return {k: v for k, v in arch.items() if k not in unread}
+
+
 def _model_config(ckpt: Path, meta: Mapping[str, Any]) -> ModelConfig:
-    """The architecture from config.json; lmforge.json's copy adds the training-only fields."""
+    """The architecture from config.json; lmforge.json's copy adds the training-only fields
+    (and max_seq_len of a dynamic-RoPE model)."""
     where = ckpt / "config.json"
     cfg = from_hf_config(read_json(where), str(where))
     try:
@@ -441,11 +511,11 @@ def _model_config(ckpt: Path, meta: Mapping[str, Any]) -> ModelConfig:
         ours = ModelConfig(**meta["model"])
     except TypeError as e:
         raise CheckpointError(f"{ckpt / META_FILE}: bad 'model' section ({e})") from None
-    a, b = dataclasses.asdict(cfg.resolved()), dataclasses.asdict(ours.resolved())
-    for key in a:
-        if key not in _TRAINING_ONLY and a[key] != b[key]:
+    a, b = _architecture(cfg), _architecture(ours)
+    for key in sorted(a.keys() | b.keys()):
+        if a.get(key) != b.get(key):
             raise CheckpointError(
-                f"{where}: {key}={a[key]!r} but {META_FILE} says {b[key]!r}; "
+                f"{where}: {key}={a.get(key)!r} but {META_FILE} says {b.get(key)!r}; "
                 "the two files disagree: restore the original config.json"
             )
     return ours

@@ -1,10 +1,13 @@
 """Hugging Face interoperability: config and key tables, and our classes registered with `Auto*`.
 
-Llama-compatible variants (RMSNorm, pre-norm, RoPE, SwiGLU) are written as `model_type: llama`
-with Llama key names, so plain `transformers` loads them with nothing of ours imported. The
-other variants are written as `model_type: lmforge`; `import lmforge` registers `LmforgeConfig`,
-`LmforgeForCausalLM` and `LmforgeForSequenceClassification` with `AutoConfig`,
-`AutoModelForCausalLM` and `AutoModelForSequenceClassification` so that they load too.
+Llama-compatible variants (RMSNorm, pre-norm, RoPE, SwiGLU) are written in their own family's
+`model_type` (`llama`, `qwen2` or `mistral`, ModelConfig.family) with Llama key names, which the
+three share, so plain `transformers` loads them with nothing of ours imported; RoPE scaling
+(linear, dynamic, llama3) travels in `rope_parameters` (transformers 5) or `rope_scaling` (4.x),
+and both spellings are read. The other variants are written as `model_type: lmforge`;
+`import lmforge` registers `LmforgeConfig`, `LmforgeForCausalLM` and
+`LmforgeForSequenceClassification` with `AutoConfig`, `AutoModelForCausalLM` and
+`AutoModelForSequenceClassification` so that they load too.
 
 A checkpoint's head is named by config.json's `architectures`: `*ForCausalLM` is an LM head
 ("lm"), `*ForSequenceClassification` with one label is a reward model or critic ("reward").
@@ -61,14 +64,25 @@ _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
+# model_type -> the prefix of transformers' class names.
+_CLASS_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "lmforge": "Lmforge"}
+_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+# What transformers' config classes assume when config.json leaves a key out.
+_MAX_POSITIONS = {"llama": 2048, "qwen2": 32768, "mistral": 131072}
+_DEFAULT_WINDOW = 4096  # Qwen2Config's and MistralConfig's sliding_window
+
+
 def is_llama_compatible(cfg: ModelConfig) -> bool:
-    """Whether transformers' LlamaForCausalLM computes exactly what this config computes."""
-    return (
-        cfg.norm == "rmsnorm"
-        and cfg.norm_position == "pre"
-        and cfg.position == "rope"
-        and cfg.mlp == "swiglu"
-    )
+    """Whether transformers' class of cfg.family (LlamaForCausalLM, Qwen2ForCausalLM,
+    MistralForCausalLM) computes exactly what this config computes, with Llama's key names."""
+    qkv, out, _ = cfg.linear_biases()
+    # Llama has one attention_bias for q/k/v and o; Qwen2's and Mistral's are fixed (validated).
+    return cfg.llama_style and (cfg.family != "llama" or qkv == out)
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """The `model_type` a checkpoint of this config is written with."""
+    return cfg.family if is_llama_compatible(cfg) else "lmforge"
 
 
 def to_llama_key(name: str) -> str:
@@ -108,39 +122,65 @@ def to_hf_config(
     head "reward" names the sequence-classification class with one label (a scalar score).
     """
     ids = dict(token_ids or {})
-    family = "Llama" if is_llama_compatible(cfg) else "Lmforge"
+    model_type = hf_model_type(cfg)
+    prefix = _CLASS_PREFIX[model_type]
     if head == "reward":
         ids["num_labels"] = 1
-        arch = f"{family}ForSequenceClassification"
+        arch = f"{prefix}ForSequenceClassification"
     else:
-        arch = f"{family}ForCausalLM"
-    if is_llama_compatible(cfg):
-        return transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.dim,
-            intermediate_size=cfg.hidden_dim,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.kv_heads,
-            head_dim=cfg.head_size,
-            max_position_embeddings=cfg.max_seq_len,
-            rms_norm_eps=cfg.norm_eps,
-            rope_theta=cfg.rope_theta,
-            tie_word_embeddings=cfg.tie_embeddings,
-            attention_bias=cfg.bias,
-            mlp_bias=cfg.bias,
-            attention_dropout=cfg.attn_dropout,
-            initializer_range=cfg.init_std,
-            hidden_act="silu",
-            architectures=[arch],
-            dtype=dtype,
-            **ids,
-        )
+        arch = f"{prefix}ForCausalLM"
+    if model_type != "lmforge":
+        return _family_config(cfg, model_type, architectures=[arch], dtype=dtype, **ids)
     return LmforgeConfig(
         **dataclasses.asdict(cfg),
         architectures=[arch],
         dtype=dtype,
         **ids,
+    )
+
+
+def _family_config(cfg: ModelConfig, model_type: str, **extra: Any) -> _HFConfig:
+    """transformers' own config class (LlamaConfig, Qwen2Config, MistralConfig) for cfg."""
+    scaling = cfg.rope_scaling()
+    rope: dict[str, Any] | None = None
+    positions = cfg.max_seq_len
+    if scaling is not None:
+        rope = {"rope_type": scaling.kind, "factor": scaling.factor}
+        if scaling.kind == "llama3":
+            rope["low_freq_factor"] = scaling.low_freq_factor
+            rope["high_freq_factor"] = scaling.high_freq_factor
+            rope["original_max_position_embeddings"] = scaling.original_max_len
+        if scaling.kind == "dynamic":
+            # transformers scales from max_position_embeddings: it must be the original length
+            # (config.json cannot hold max_seq_len then; lmforge.json keeps it).
+            positions = scaling.original_max_len
+    _, out, mlp = cfg.linear_biases()
+    if model_type == "llama":
+        extra.update(attention_bias=out, mlp_bias=mlp)
+    elif model_type == "qwen2":  # full attention in every layer
+        extra.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+    else:
+        extra.update(sliding_window=None)
+    config_class = getattr(transformers, f"{_CLASS_PREFIX[model_type]}Config")
+    return config_class(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_size,
+        max_position_embeddings=positions,
+        rms_norm_eps=cfg.norm_eps,
+        # Both spellings are accepted by transformers 4.x and 5 (which moves them into
+        # rope_parameters); 4.x would not know rope_parameters.
+        rope_theta=cfg.rope_theta,
+        rope_scaling=rope,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_dropout=cfg.attn_dropout,
+        initializer_range=cfg.init_std,
+        hidden_act="silu",
+        **extra,
     )
 
 
@@ -159,57 +199,131 @@ def head_of(hf: dict[str, Any], where: str) -> Head:
     return "reward"
 
 
-def _llama_rope_theta(hf: dict[str, Any], where: str) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type", "default") if params else scaling.get("rope_type", "default")
-    if scaling and scaling.get("type", scaling.get("rope_type")) not in (None, "default"):
-        kind = scaling.get("type", scaling.get("rope_type"))
-    if kind != "default":
+def _rope_fields(hf: dict[str, Any], where: str, max_positions: int) -> dict[str, Any]:
+    """ModelConfig's rope fields (and max_seq_len) from a Llama-style config.json.
+
+    transformers 5 writes `rope_parameters` (rope_theta inside), 4.x `rope_scaling` (`type` or
+    `rope_type`) next to a top-level `rope_theta`; like transformers 5, rope_scaling wins when
+    both are there.
+    """
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    spec = hf.get(key) or {}
+    if not isinstance(spec, dict) or any(isinstance(v, dict) for v in spec.values()):
+        raise CheckpointError(f"{where}: {key} must be one flat mapping (per-layer RoPE is not)")
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    if kind not in _ROPE_TYPES:
         raise CheckpointError(
-            f"{where}: rope scaling '{kind}' is not supported; lmforge loads plain RoPE models"
+            f"{where}: {key}.rope_type {kind!r} is not supported; lmforge implements "
+            f"{', '.join(_ROPE_TYPES)}"
         )
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    partial = spec.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise CheckpointError(f"{where}: partial_rotary_factor={partial} is not supported (1 is)")
+    fields: dict[str, Any] = {
+        "rope_theta": float(spec.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        "rope_type": kind,
+        "max_seq_len": max_positions,
+    }
+
+    def need(name: str) -> float:
+        if spec.get(name) is None:
+            raise CheckpointError(f"{where}: {key}.{name} is missing (rope_type {kind!r} needs it)")
+        return float(spec[name])
+
+    if kind != "default":
+        fields["rope_factor"] = need("factor")
+    if kind == "dynamic":
+        # transformers scales from max_position_embeddings on; the context reached is
+        # factor times longer (the meaning of `factor` in transformers' RopeParameters).
+        fields["rope_original_max_seq_len"] = max_positions
+        fields["max_seq_len"] = max(max_positions, int(max_positions * fields["rope_factor"]))
+    if kind == "llama3":
+        # As transformers: a top-level original_max_position_embeddings (Phi-3 style) first.
+        original = hf.get("original_max_position_embeddings")
+        original = original or spec.get("original_max_position_embeddings") or max_positions
+        fields.update(
+            rope_low_freq_factor=need("low_freq_factor"),
+            rope_high_freq_factor=need("high_freq_factor"),
+            rope_original_max_seq_len=int(original),
+        )
+    return fields
+
+
+def _check_window(hf: dict[str, Any], where: str, kind: str, context: int) -> None:
+    """Refuse a sliding window that a sequence of `context` tokens would reach: lmforge
+    attends over the whole sequence, so such a model would compute something else."""
+    if kind == "qwen2":
+        if not hf.get("use_sliding_window", False):
+            return  # Qwen2Config drops the window then
+        start = hf.get("max_window_layers", 28)
+        layers = hf.get("layer_types") or [
+            "sliding_attention" if i >= start else "full_attention"
+            for i in range(hf["num_hidden_layers"])
+        ]
+        if "sliding_attention" not in layers:
+            return
+    elif kind != "mistral":
+        return
+    window = hf.get("sliding_window", _DEFAULT_WINDOW)
+    if window is not None and window < context:
+        raise CheckpointError(
+            f"{where}: sliding_window={window} is shorter than the context of {context} tokens; "
+            "lmforge attends over the whole sequence (only models whose window is null or at "
+            "least max_position_embeddings load)"
+        )
+
+
+def _llama_style_config(hf: dict[str, Any], where: str, kind: str) -> ModelConfig:
+    """ModelConfig from the config.json of a llama, qwen2 or mistral model."""
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act must be 'silu', got {hf['hidden_act']!r}")
+    rope = _rope_fields(hf, where, hf.get("max_position_embeddings", _MAX_POSITIONS[kind]))
+    _check_window(hf, where, kind, rope["max_seq_len"])
+    biases: dict[str, Any] = {"family": kind}  # qwen2 and mistral: the family's fixed layout
+    if kind == "llama":
+        attention = bool(hf.get("attention_bias", False))
+        mlp = bool(hf.get("mlp_bias", False))
+        # One flag when they agree: the form lmforge wrote before the two flags existed.
+        split = {"attention_bias": attention, "mlp_bias": mlp}
+        biases = {"bias": attention} if attention == mlp else split
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        ffn_dim=hf["intermediate_size"],
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_position="pre",
+        position="rope",
+        mlp="swiglu",
+        attn_dropout=float(hf.get("attention_dropout", 0.0)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        **rope,
+        **biases,
+    )
 
 
 def from_hf_config(hf: dict[str, Any], where: str) -> ModelConfig:
-    """ModelConfig from the dict in a `config.json` (model_type llama or lmforge)."""
+    """ModelConfig from the dict in a `config.json` (model_type llama, qwen2, mistral or
+    lmforge); anything it cannot compute exactly is a one-line CheckpointError naming the key."""
     kind = hf.get("model_type")
     try:
         if kind == "lmforge":
             names = {f.name for f in dataclasses.fields(ModelConfig)}
             return ModelConfig(**{k: v for k, v in hf.items() if k in names})
-        if kind == "llama":
-            if hf.get("hidden_act", "silu") != "silu":
-                raise CheckpointError(f"{where}: hidden_act must be 'silu', got {hf['hidden_act']}")
-            if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
-                raise CheckpointError(f"{where}: attention_bias and mlp_bias must be equal")
-            return ModelConfig(
-                vocab_size=hf["vocab_size"],
-                dim=hf["hidden_size"],
-                n_layers=hf["num_hidden_layers"],
-                n_heads=hf["num_attention_heads"],
-                n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                head_dim=hf.get("head_dim"),
-                ffn_dim=hf["intermediate_size"],
-                max_seq_len=hf.get("max_position_embeddings", 2048),
-                norm="rmsnorm",
-                norm_eps=hf.get("rms_norm_eps", 1e-6),
-                norm_position="pre",
-                position="rope",
-                rope_theta=_llama_rope_theta(hf, where),
-                mlp="swiglu",
-                bias=bool(hf.get("attention_bias", False)),
-                attn_dropout=float(hf.get("attention_dropout", 0.0)),
-                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                init_std=float(hf.get("initializer_range", 0.02)),
-            )
+        if kind in _MAX_POSITIONS:
+            return _llama_style_config(hf, where, kind)
     except KeyError as e:
         raise CheckpointError(f"{where}: missing key {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from None
+    supported = ", ".join(repr(k) for k in (*_MAX_POSITIONS, "lmforge"))
     raise CheckpointError(
-        f"{where}: model_type {kind!r} is not supported; lmforge loads 'llama' and 'lmforge'"
+        f"{where}: model_type {kind!r} is not supported; lmforge loads {supported}"
     )
 
 

@@ -33,10 +33,16 @@ from lmforge.attention import track_key_validity
 from lmforge.config import option
 from lmforge.errors import ConfigError
 from lmforge.loss import LossConfig, linear_cross_entropy
+from lmforge.positions import RopeScaling
 from lmforge.positions import alibi_slopes as alibi_slopes
 from lmforge.positions import apply_rope as apply_rope
 from lmforge.positions import rope_cos_sin as rope_cos_sin
 from lmforge.positions import sinusoidal_table as sinusoidal_table
+
+# Linear biases (wq/wk/wv, wo, w1/w2/w3) that transformers' Qwen2 and Mistral hard-code.
+FAMILY_BIASES = {"qwen2": (True, False, False), "mistral": (False, False, False)}
+# (norm, norm_position, position, mlp) of every Llama-style family.
+LLAMA_PARTS = ("rmsnorm", "pre", "rope", "swiglu")
 
 
 @dataclass
@@ -66,10 +72,35 @@ class ModelConfig:
         "rope", "Position encoding: rotary, ALiBi biases, learned or sinusoidal table, or none."
     )
     rope_theta: float = option(10000.0, "RoPE base frequency (Su et al. 2021).")
+    rope_type: Literal["default", "linear", "dynamic", "llama3"] = option(
+        "default", "RoPE scaling: none, linear, dynamic NTK or Llama 3.1's (see positions.py)."
+    )
+    rope_factor: float = option(1.0, "Context multiplier of rope_type (ignored by default).")
+    rope_low_freq_factor: float = option(
+        1.0, "llama3: wavelengths above original/this are divided by rope_factor (Llama 3.1: 1)."
+    )
+    rope_high_freq_factor: float = option(
+        4.0, "llama3: wavelengths below original/this are kept as they are (Llama 3.1: 4)."
+    )
+    rope_original_max_seq_len: int | None = option(
+        None, "Pretraining context that llama3 and dynamic scale from; null = max_seq_len."
+    )
     mlp: Literal["swiglu", "gelu"] = option(
         "swiglu", "Feed-forward: SwiGLU (Shazeer 2020) or GELU."
     )
     bias: bool = option(False, "Biases in every linear layer (and LayerNorm).")
+    attention_bias: bool | None = option(
+        None, "Biases on wq, wk, wv and wo (HF attention_bias); null = the family's, else bias."
+    )
+    qkv_bias: bool | None = option(
+        None, "Biases on wq, wk, wv alone; null = attention_bias if set, else the family's layout."
+    )
+    mlp_bias: bool | None = option(
+        None, "Biases on w1, w2, w3 (HF mlp_bias); null = the family's, else bias."
+    )
+    family: Literal["llama", "qwen2", "mistral"] = option(
+        "llama", "HF model_type of a Llama-style model; qwen2 and mistral fix the biases too."
+    )
     embed_dropout: float = option(0.0, "Dropout on the summed input embeddings.")
     attn_dropout: float = option(0.0, "Dropout on the attention probabilities.")
     resid_dropout: float = option(
@@ -100,10 +131,45 @@ class ModelConfig:
             return 4 * self.dim
         return 64 * math.ceil(8 * self.dim / 3 / 64)
 
+    def linear_biases(self) -> tuple[bool, bool, bool]:
+        """Whether (wq/wk/wv, wo, w1/w2/w3) have biases, after resolving nulls: Qwen2 biases
+        q/k/v only, Mistral nothing, Llama per attention_bias / mlp_bias, else `bias`."""
+        fixed = FAMILY_BIASES.get(self.family)
+        out = self.attention_bias if self.attention_bias is not None else self.bias
+        mlp = self.mlp_bias if self.mlp_bias is not None else self.bias
+        qkv = self.qkv_bias if self.qkv_bias is not None else out
+        if fixed is not None:  # the family's layout wherever a flag is null
+            out = fixed[1] if self.attention_bias is None else out
+            mlp = fixed[2] if self.mlp_bias is None else mlp
+            qkv = fixed[0] if self.qkv_bias is None and self.attention_bias is None else qkv
+        return qkv, out, mlp
+
+    @property
+    def llama_style(self) -> bool:
+        """RMSNorm, pre-norm, RoPE and SwiGLU: the parts of Llama, Qwen2 and Mistral."""
+        return (self.norm, self.norm_position, self.position, self.mlp) == LLAMA_PARTS
+
+    def rope_scaling(self) -> RopeScaling | None:
+        """The RoPE frequency scaling, None for plain RoPE."""
+        if self.rope_type == "default":
+            return None
+        original = self.rope_original_max_seq_len or self.max_seq_len
+        low, high = self.rope_low_freq_factor, self.rope_high_freq_factor
+        return RopeScaling(self.rope_type, self.rope_factor, original, low, high)
+
     def resolved(self) -> ModelConfig:
-        """A copy with every null (n_kv_heads, head_dim, ffn_dim) replaced by its value."""
+        """A copy with every null (n_kv_heads, head_dim, ffn_dim, the bias flags,
+        rope_original_max_seq_len) replaced by its value."""
+        qkv, out, mlp = self.linear_biases()
         return dataclasses.replace(
-            self, n_kv_heads=self.kv_heads, head_dim=self.head_size, ffn_dim=self.hidden_dim
+            self,
+            n_kv_heads=self.kv_heads,
+            head_dim=self.head_size,
+            ffn_dim=self.hidden_dim,
+            attention_bias=out,
+            qkv_bias=qkv,
+            mlp_bias=mlp,
+            rope_original_max_seq_len=self.rope_original_max_seq_len or self.max_seq_len,
         )
 
     def validate(self, prefix: str = "model") -> None:
@@ -134,6 +200,24 @@ class ModelConfig:
                 raise ConfigError(f"{p}{key}: must be in [0, 1), got {getattr(self, key)}")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ConfigError(f"{p}norm_eps, init_std and rope_theta must be positive")
+        scaling = self.rope_scaling()
+        if scaling is not None and self.position != "rope":
+            raise ConfigError(f"{p}rope_type: {self.rope_type!r} needs position: rope")
+        if scaling is not None:
+            scaling.validate(self.head_size, p)
+        self._validate_family(p)
+
+    def _validate_family(self, p: str) -> None:
+        layout = FAMILY_BIASES.get(self.family)
+        if layout is None:
+            return
+        if not self.llama_style:
+            raise ConfigError(f"{p}family: {self.family} needs {', '.join(LLAMA_PARTS)}")
+        if self.linear_biases() != layout:
+            raise ConfigError(
+                f"{p}family: {self.family} has biases on (wq/wk/wv, wo, mlp) = {layout}, but "
+                f"the bias flags give {self.linear_biases()}; leave them null"
+            )
 
 
 # ----------------------------------------------------------------------------------- layers
@@ -169,10 +253,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head = cfg.n_heads, cfg.kv_heads, cfg.head_size
-        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.dim, self.n_kv * self.head, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.dim, self.n_kv * self.head, bias=cfg.bias)
-        self.wo = nn.Linear(self.n_heads * self.head, cfg.dim, bias=cfg.bias)
+        qkv, out, _ = cfg.linear_biases()
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head, bias=qkv)
+        self.wk = nn.Linear(cfg.dim, self.n_kv * self.head, bias=qkv)
+        self.wv = nn.Linear(cfg.dim, self.n_kv * self.head, bias=qkv)
+        self.wo = nn.Linear(self.n_heads * self.head, cfg.dim, bias=out)
         self.attn_dropout = cfg.attn_dropout
         self.resid_dropout = nn.Dropout(cfg.resid_dropout)
 
@@ -205,9 +290,10 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gated = cfg.mlp == "swiglu"
-        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.bias)
-        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias) if self.gated else None
+        bias = cfg.linear_biases()[2]
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=bias)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=bias)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=bias) if self.gated else None
         self.dropout = nn.Dropout(cfg.resid_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -284,6 +370,7 @@ class GPT(nn.Module):
             self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim)
         self.dropout = nn.Dropout(cfg.embed_dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.rope_scaling = cfg.rope_scaling()  # built once: a constant to torch.compile
         # Post-norm blocks already end in a norm; pre-norm needs a final one (GPT-2).
         self.norm = build_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.output = LMHead(cfg.dim, cfg.vocab_size)
@@ -387,7 +474,10 @@ class GPT(nn.Module):
             )
         rope = None
         if self.cfg.position == "rope":
-            rope = rope_cos_sin(position_ids, self.cfg.head_size, self.cfg.rope_theta, x.dtype)
+            cfg = self.cfg
+            rope = rope_cos_sin(
+                position_ids, cfg.head_size, cfg.rope_theta, x.dtype, self.rope_scaling
+            )
         x = self._run_layers(x, mask, rope, cache)
         if cache is not None and not static:
             cache.length = start + t

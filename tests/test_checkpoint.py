@@ -329,8 +329,8 @@ def test_pickle_weights_are_never_loaded(
     [
         ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
         (
-            {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
-            "rope scaling 'linear' is not supported",
+            {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}},
+            "rope_type 'yarn' is not supported",
         ),
         ({"hidden_act": "gelu"}, "hidden_act"),
     ],
