@@ -313,23 +313,24 @@ def restore_engine(engine: StatefulEngine, ckpt: Path, meta: Mapping[str, Any], 
     is checked against the manifest before it is read."""
     saved = {"world_size": meta.get("world_size"), **meta.get("engine", {})}
     state_dir, whole = ckpt / ENGINE_DIR, ckpt / ENGINE_DIR / CONSOLIDATED_DIR
-    saved_world = saved.get("world_size") or engine.info.world
-    was = f"{saved_world} process(es), ZeRO-{saved.get('zero_stage')}"
-    native = engine.resumes_natively(saved)
-    if native and (own or not whole.is_dir()) and (state_dir / "state").is_dir():
+    was = engine.topology_text(saved)
+    if (
+        engine.resumes_natively(saved)
+        and (own or not whole.is_dir())
+        and (state_dir / "state").is_dir()
+    ):
         verify_files(ckpt, meta, engine=True, select=engine.owns_state_file)
         engine.load_state(state_dir)
         return f"DeepSpeed engine state ({was})"
     if (whole / STATE_FILE).is_file():
         verify_files(ckpt, meta, engine=True, select=lambda rel: f"/{CONSOLIDATED_DIR}/" in rel)
         load_consolidated(engine, whole)
-        now = f"{engine.info.world} process(es), {engine.describe()}"
+        now = engine.topology_text()
         return f"whole fp32 weights and optimizer state, re-sharded from {was} to {now}"
     if state_dir.is_dir():
         raise CheckpointError(
             f"{ckpt}: written by {was} without the whole optimizer state (train.elastic_state); "
-            f"resume it with {saved_world} process(es) and "
-            f"engine.zero_stage={saved.get('zero_stage')}"
+            f"resume it on the same setup ({was})"
         )
     return "weights only: the checkpoint has no optimizer state"
 

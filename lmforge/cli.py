@@ -21,10 +21,31 @@ from typing import Any
 from lmforge.errors import ConfigError, LmforgeError
 
 
+def _prompt_ids(tokenizer: Any, text: str, chat: bool, system: str | None) -> list[int]:
+    """The ids of one prompt: the tokenizer's chat template around a user turn (with a system
+    turn when given, and the generation prompt), or plain text after the tokenizer's BOS — the
+    way pretraining documents start — unless the text already begins with it."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise LmforgeError("--chat: the checkpoint's tokenizer has no chat template")
+        turns = [{"role": "system", "content": system}] if system else []
+        turns.append({"role": "user", "content": text})
+        rendered = tokenizer.apply_chat_template(
+            turns, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(rendered["input_ids"])
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
+
 def _sample(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import load_checkpoint
     from lmforge.generate import GenerateConfig, generate
+    from lmforge.stage import stop_ids
 
+    if args.system and not args.chat:
+        raise LmforgeError("--system: needs --chat (a system turn belongs to a chat)")
     model, tokenizer, _ = load_checkpoint(args.checkpoint)
     if tokenizer is None:
         raise LmforgeError(f"{args.checkpoint}: has no tokenizer files; cannot encode a prompt")
@@ -37,14 +58,13 @@ def _sample(args: argparse.Namespace) -> int:
         stop_strings=args.stop or [],
     )
     prompts = args.prompt or [""]
-    ids = [
-        [tokenizer.bos_token_id, *tokenizer.encode(p, add_special_tokens=False)] for p in prompts
-    ]
-    end = tokenizer.convert_tokens_to_ids("<|end|>") if "<|end|>" in tokenizer.get_vocab() else None
-    eos = [t for t in (tokenizer.eos_token_id, end) if t is not None]
-    out = generate(model, ids, cfg, eos_ids=eos, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer)
+    ids = [_prompt_ids(tokenizer, p, args.chat, args.system) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = generate(
+        model, ids, cfg, eos_ids=stop_ids(tokenizer), pad_id=pad or 0, tokenizer=tokenizer
+    )
     for prompt, text in zip(prompts, out.texts(tokenizer), strict=True):
-        print(prompt + text)
+        print(text if args.chat else prompt + text)
     return 0
 
 
@@ -428,6 +448,13 @@ def _add_sample(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     sample.add_argument("--top-p", type=float, default=1.0)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--stop", action="append", help="stop string (repeatable)")
+    sample.add_argument(
+        "--chat",
+        action="store_true",
+        help="each prompt is a user turn rendered with the checkpoint's chat template; prints "
+        "the assistant's answer",
+    )
+    sample.add_argument("--system", help="with --chat: a system turn before the user's")
 
 
 def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

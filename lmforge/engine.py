@@ -128,6 +128,10 @@ class StatefulEngine(TrainEngine, Protocol):
         """Whether state files written under topology `saved` load into this engine as they are."""
         ...
 
+    def topology_text(self, saved: Mapping[str, Any] | None = None) -> str:
+        """A topology (this engine's, or a saved one) in words for messages."""
+        ...
+
     def save_state(self, directory: Path, client_state: dict[str, Any]) -> None:
         """Write the engine's own state files into `directory`. Collective."""
         ...
@@ -459,6 +463,12 @@ class DeepSpeedEngine:
         world = int(saved.get("world_size") or self.info.world)
         return world == self.info.world and int(saved.get("zero_stage", -1)) == self.zero_stage
 
+    def topology_text(self, saved: Mapping[str, Any] | None = None) -> str:
+        """'2 process(es), ZeRO-3' for this engine or a saved topology."""
+        saved = self.topology() if saved is None else saved
+        world = saved.get("world_size") or self.info.world
+        return f"{world} process(es), ZeRO-{saved.get('zero_stage')}"
+
     def owns_state_file(self, rel: str) -> bool:
         """Whether `rel` is read by this rank: its own ZeRO shard and RNG file, or a shared
         file (the whole-state folder is the checkpointer's business)."""
@@ -476,9 +486,11 @@ class DeepSpeedEngine:
         return tuple(getattr(param, "ds_shape", param.shape))
 
     def save_state(self, directory: Path, client_state: dict[str, Any]) -> None:
-        """Write optimizer, scheduler and partitioned weights for exact resume. Collective."""
+        """Write optimizer, scheduler and partitioned weights for exact resume. Collective. The
+        folder also gets DeepSpeed's own `latest` tag file (and, under ZeRO, its recovery
+        scripts), so DeepSpeed's `zero_to_fp32.py` runs on it with no extra flags."""
         self.ds.save_checkpoint(
-            str(directory), tag="state", client_state=client_state, save_latest=False
+            str(directory), tag="state", client_state=client_state, save_latest=True
         )
 
     def load_state(self, directory: Path) -> dict[str, Any]:
@@ -623,6 +635,23 @@ class DeepSpeedEngine:
                 group["lr"] = lr
         for key, value in state.get("counters", {}).items():
             setattr(self.ds, key, int(value))
+
+
+def check_engine_config(
+    cfg: EngineConfig, optim: OptimConfig, micro_batch: int, global_batch: int, world: int
+) -> None:
+    """Find contradictions between the engine's own config file and the run config before any
+    data is read (ConfigError naming both keys); a global batch that does not split is left to
+    the stage's batch check, which names the key."""
+    if global_batch % (micro_batch * world) == 0:
+        resolve_deepspeed_config(
+            load_deepspeed_json(cfg.deepspeed),
+            cfg=cfg,
+            optim=optim,
+            micro_batch=micro_batch,
+            grad_accum=global_batch // (micro_batch * world),
+            world=world,
+        )
 
 
 def build_engine(

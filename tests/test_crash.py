@@ -104,8 +104,13 @@ def test_ten_kills_resume_from_the_last_complete_checkpoint(
         codes = wait_group(procs)
         assert codes == [-signal.SIGKILL] * 2, f"round {i} ended by itself: {codes}"
         text = log.read_text(errors="replace")
-        partial = [  # saves this round's processes had begun and not finished
-            n for n in hidden(run) if n.endswith(".partial") and stale.get(n) != inode(run / n)
+        # Saves this round's processes had begun and not finished. A kind "save" kill comes after
+        # start-up deleted the stale ones, so every partial left is this round's, even one that
+        # reuses a deleted partial's name and inode (a resumed run saves the same step again).
+        partial = [
+            n
+            for n in hidden(run)
+            if n.endswith(".partial") and (kind == "save" or stale.get(n) != inode(run / n))
         ]
         resumed = RESUME.search(text)
         if resumed:  # it got as far as loading: from the last complete checkpoint

@@ -76,7 +76,8 @@ def test_grpo_nan_step_is_skipped_with_weights_unchanged(task_policy: Path, tmp_
     step = {n: weights(run / f"step-{n:06d}") for n in (2, 3, 4)}
     assert same(step[2], step[3]), "the NaN step changed the weights"
     assert not same(step[3], step[4]), "the step after it did not train"
-    assert metrics(run)[-1]["faults/skipped"] == 1
+    logged = [r for r in metrics(run) if "faults/skipped" in r]
+    assert logged[-1]["faults/skipped"] == 1 and logged[-1]["step"] == 4
 
 
 def test_grpo_rollback_ends_where_skipping_ends(task_policy: Path, tmp_path: Path):
