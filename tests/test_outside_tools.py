@@ -24,23 +24,20 @@ def test_zero_to_fp32_runs_on_the_engine_state_as_it_is(tmp_path: Path) -> None:
     state = run / "step-000002" / "deepspeed"
     assert (state / "latest").read_text() == "state"
     out = tmp_path / "fp32"
+    script = state / "zero_to_fp32.py"  # DeepSpeed copies it into every ZeRO checkpoint
     subprocess.run(
-        [
-            sys.executable,
-            str(state / "zero_to_fp32.py"),
-            str(state),
-            str(out),
-            "--safe_serialization",
-        ],
+        [sys.executable, str(script), str(state), str(out)],  # no --tag: `latest` names it
         env=stage_env(),
         check=True,
         capture_output=True,
         text=True,
         timeout=300,
     )
+    # Its default output is a torch pickle (the tied embedding and output share one tensor,
+    # which its safetensors option refuses); read it with tensors only.
     recovered = {}
-    for file in sorted(out.glob("*.safetensors")):
-        recovered.update(load_file(file))
+    for file in sorted(out.glob("*.bin")):
+        recovered.update(torch.load(file, map_location="cpu", weights_only=True))
     saved = load_file(run / "step-000002" / "model.safetensors")
     assert saved, "no weights saved"
     for name, tensor in recovered.items():
