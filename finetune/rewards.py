@@ -1,9 +1,20 @@
 """Reward functions for PPO and GRPO: built-ins for the embedded tasks, or the user's own.
 
-A reward function scores N completions at once; the four lists have one entry per completion::
+A reward function scores N completions at once; every list has one entry per completion::
 
-    fn(prompts: list[str], completions: list[str], answers: list[str], tasks: list[str])
-        -> list[float]  # N finite numbers (a numpy array or 1-D tensor is accepted too)
+    fn(prompts: list[str], completions: list[str], answers: list[str], tasks: list[str],
+       **fields: list[Any]) -> list[float]  # N finite numbers (numpy array or 1-D tensor too)
+
+- `prompts[i]`: the prompt completion i answers, as the model saw it: the chat template's text
+  (special tokens included) of the record's prompt messages and the generation prompt;
+- `completions[i]`: the generated answer, decoded without special tokens, up to the end of turn;
+- `answers[i]`: the record's reference answer (`answer`, or the `completion` of a
+  prompt/completion record; "" when the record has none);
+- `tasks[i]`: the record's `task` field ("" when it has none; the built-in tasks' names for
+  `data.source: builtin`);
+- `fields`: every other field of the prompt records, one list per field name (None where a
+  record lacks it), e.g. `tests=` or `solution=`. A function receives the fields its signature
+  names, or all of them with `**kwargs`; GRPO repeats each record's values for its G samples.
 
 Built-ins, for the tasks of `lmforge.data.tasks`:
 
@@ -29,6 +40,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import math
 import numbers
 import re
@@ -57,7 +69,20 @@ class Rewards(NamedTuple):
     parts: dict[str, list[float]]  # spec name -> (N,) that function's unweighted values
 
 
-CombinedRewardFn = Callable[[list[str], list[str], list[str], list[str]], Rewards]
+CombinedRewardFn = Callable[..., Rewards]  # (prompts, completions, answers, tasks, **fields)
+
+
+def accepted_fields(fn: Callable[..., Any], fields: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """The extra record fields `fn` takes: all of them when it has **kwargs, else those its
+    signature names (so a function written for the four lists keeps working)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C function: no signature to read
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return fields
+    named = {p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+    return {k: v for k, v in fields.items() if k in named}
 
 
 @dataclass
@@ -279,19 +304,23 @@ def call_reward_fn(
     completions: list[str],
     answers: list[str],
     tasks: list[str],
+    fields: dict[str, list[Any]] | None = None,
 ) -> list[float]:
-    """fn(prompts, completions, answers, tasks) as N finite floats; any failure of the function
-    becomes a one-line RewardError naming it (the original exception is chained)."""
+    """fn(prompts, completions, answers, tasks, **fields it accepts) as N finite floats; any
+    failure of the function becomes a one-line RewardError naming it (the original exception
+    is chained)."""
+    extra = {k: list(v) for k, v in accepted_fields(fn, fields or {}).items()}
     try:  # copies, so the function cannot change the caller's lists
-        out = fn(list(prompts), list(completions), list(answers), list(tasks))
+        out = fn(list(prompts), list(completions), list(answers), list(tasks), **extra)
     except Exception as e:
         raise RewardError(f"reward function '{name}' raised {_first_line(e)}") from e
     return _checked_values(name, out, list(completions))
 
 
 def build_reward_fn(specs: Sequence[RewardSpec], key: str = "rewards") -> CombinedRewardFn:
-    """Load every spec's function once and return `reward(prompts, completions, answers, tasks)`
-    -> Rewards(total, parts): total[i] = Σ_k weight_k · value_k[i], parts = {name: values}.
+    """Load every spec's function once and return `reward(prompts, completions, answers, tasks,
+    **fields)` -> Rewards(total, parts): total[i] = Σ_k weight_k · value_k[i] and parts =
+    {name: values}.
 
     `key` is where the list sits in the config, for errors (`rewards[1].name: ...`). An empty list
     or a name listed twice is a ConfigError.
@@ -306,14 +335,18 @@ def build_reward_fn(specs: Sequence[RewardSpec], key: str = "rewards") -> Combin
         loaded.append((spec.name, float(spec.weight), load_reward_fn(spec.name, at)))
 
     def reward(
-        prompts: list[str], completions: list[str], answers: list[str], tasks: list[str]
+        prompts: list[str],
+        completions: list[str],
+        answers: list[str],
+        tasks: list[str],
+        **fields: list[Any],
     ) -> Rewards:
         n = len(completions)
-        if not len(prompts) == len(answers) == len(tasks) == n:
-            sizes = (len(prompts), n, len(answers), len(tasks))
-            raise ValueError(f"prompts, completions, answers, tasks differ in length: {sizes}")
+        sizes = [len(prompts), len(answers), len(tasks), *(len(v) for v in fields.values())]
+        if any(size != n for size in sizes):
+            raise ValueError(f"the lists differ in length: {n} completions, others {sizes}")
         parts = {
-            name: call_reward_fn(name, fn, prompts, completions, answers, tasks)
+            name: call_reward_fn(name, fn, prompts, completions, answers, tasks, fields)
             for name, _, fn in loaded
         }
         total = [0.0] * n

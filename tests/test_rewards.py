@@ -147,6 +147,28 @@ def test_combined_function_checks_its_inputs() -> None:
     fn = build_reward_fn([RewardSpec()])
     with pytest.raises(ValueError, match="differ in length"):
         fn(["p", "q"], ["1"], ["1"], ["add"])
+    with pytest.raises(ValueError, match="differ in length"):
+        fn(["p"], ["1"], ["1"], ["add"], tests=[[1], [2]])
+
+
+def test_extra_record_fields_reach_the_functions_that_name_them(tmp_path: Path) -> None:
+    """Every extra field of the prompt records arrives as a keyword list: a function naming
+    `tests` gets it, one with **kwargs gets all, one with the four lists gets none."""
+    module = tmp_path / "graded.py"
+    module.write_text(
+        "def passes(prompts, completions, answers, tasks, tests):\n"
+        "    return [float(c in t) for c, t in zip(completions, tests)]\n"
+        "def counts(prompts, completions, answers, tasks, **fields):\n"
+        "    return [float(len(fields))] * len(completions)\n"
+        "def plain(prompts, completions, answers, tasks):\n"
+        "    return [1.0] * len(completions)\n"
+    )
+    specs = [RewardSpec(f"{module}:{name}", 1.0) for name in ("passes", "counts", "plain")]
+    fn = build_reward_fn(specs)
+    out = fn(["p", "q"], ["a", "b"], ["", ""], ["", ""], tests=[["a"], ["c"]], solution=["x", None])
+    assert out.parts[f"{module}:passes"] == [1.0, 0.0]
+    assert out.parts[f"{module}:counts"] == [2.0, 2.0]
+    assert out.total == [4.0, 3.0]
 
 
 # ------------------------------------------------------------------------------ user functions
