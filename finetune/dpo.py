@@ -24,7 +24,7 @@ from lmforge.checkpoint import load_checkpoint
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
 from lmforge.data import GlobalSampler
-from lmforge.data.chat import ChatDataConfig, load_preference_data
+from lmforge.data.chat import ChatDataConfig, chat_tokenizer, load_preference_data
 from lmforge.data.chat_datasets import PreferenceDataset
 from lmforge.engine import build_engine
 from lmforge.errors import ConfigError
@@ -137,6 +137,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     policy, tok, _ = load_start(place, cfg.init_from, load_checkpoint)
     if tok is None:
         raise ConfigError(f"init_from: {cfg.init_from} has no tokenizer files; DPO needs it")
+    tok = chat_tokenizer(tok, cfg.data)  # its own template (or data.chat_template): trained, saved
     reference, _, _ = load_checkpoint(cfg.init_from, with_tokenizer=False, device=device)
     reference.requires_grad_(False)
     policy.train()

@@ -3,8 +3,10 @@ pairs, wrap in the engine, train the Bradley-Terry loss, save as a sequence clas
 
     python finetune/reward.py --config configs/finetune/reward.yaml --init_from=runs/sft
 
-The head reads the last real token of prompt + answer (the `<|end|>` closing it). The saved
-checkpoint loads with `transformers.AutoModelForSequenceClassification` and gives the same scores.
+Pairs are rendered with the tokenizer's own chat template, and the head reads the last token of
+`apply_chat_template(prompt + [answer])` that is not padding (lmforge's template: the newline after
+the answer's `<|end|>`). The saved checkpoint loads with `AutoModelForSequenceClassification`,
+which reads that same token of the same ids, and gives the same scores.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from lmforge.checkpoint import load_reward_model
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
 from lmforge.data import GlobalSampler
-from lmforge.data.chat import ChatDataConfig, load_preference_data
+from lmforge.data.chat import ChatDataConfig, chat_tokenizer, load_preference_data
 from lmforge.data.chat_datasets import PreferenceDataset
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, build_engine
@@ -101,6 +103,7 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
     source = place.resume_from or cfg.init_from
     if tok is None:
         raise ConfigError(f"init_from: {source} has no tokenizer files; the reward model needs it")
+    tok = chat_tokenizer(tok, cfg.data)  # its own template (or data.chat_template): trained, saved
     if cfg.data.seq_len > model.cfg.max_seq_len:
         raise ConfigError(
             f"data.seq_len: {cfg.data.seq_len} exceeds the model's max_seq_len="

@@ -1,5 +1,6 @@
 """Supervised finetuning: parse config, load the pretrained checkpoint and its tokenizer, build
-chat rows (loss on assistant tokens only, packed or padded), wrap in the engine, loop, save.
+chat rows with the tokenizer's own chat template (loss on assistant tokens only, packed or padded),
+wrap in the engine, loop, save (the tokenizer and template it trained with go into the output).
 
     python finetune/sft.py --config configs/finetune/sft.yaml --init_from=runs/demo
 
@@ -23,7 +24,7 @@ from lmforge.checkpoint import load_checkpoint
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
 from lmforge.data import GlobalSampler
-from lmforge.data.chat import ChatDataConfig, load_sft_data
+from lmforge.data.chat import ChatDataConfig, chat_tokenizer, load_sft_data
 from lmforge.data.chat_datasets import PromptDataset, SFTDataset
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, build_engine
@@ -114,6 +115,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     source = place.resume_from or cfg.init_from
     if tok is None:
         raise ConfigError(f"init_from: {source} has no tokenizer files; SFT needs its tokenizer")
+    tok = chat_tokenizer(tok, cfg.data)  # its own template (or data.chat_template): trained, saved
     if cfg.data.seq_len > model.cfg.max_seq_len:
         raise ConfigError(
             f"data.seq_len: {cfg.data.seq_len} exceeds the model's max_seq_len="

@@ -6,6 +6,16 @@ and Ouyang et al. 2022, and what transformers' `LlamaForSequenceClassification` 
 `hidden_states()`, never the LM head. On disk they are one format: `checkpoint.py` writes them so
 that `AutoModelForSequenceClassification` loads them (Llama key names plus `score.weight`).
 
+Which token a chat's score is read at: the last token of `tokenizer.apply_chat_template(prompt +
+[answer])` that is not the pad id. That is where the template's rendering ends, after the answer's
+end-of-turn token and anything the template writes after it: the newline after `<|end|>` for
+lmforge's template (and after ChatML's `<|im_end|>`), `<|eot_id|>` itself for Llama 3's. It is the
+token transformers' classifier reads of the same ids (the last one that is not padding), so a
+chat scored through `apply_chat_template` and `AutoModelForSequenceClassification` gets lmforge's
+score. Training rows (lmforge.data.chat_datasets.PreferenceDataset) end exactly there and pass it
+as `last_index`. A score read at another token (the end-of-turn token when the template writes a
+newline after it) is a different number: rows must be encoded the way the model was trained.
+
 Shapes: B batch, T sequence length, D model width.
 """
 
@@ -124,8 +134,9 @@ class RewardModel(nn.Module):
         """input_ids (B, T) -> fp32 scores (B,) read at each row's last real token.
 
         That token is `last_index` (B,) when given, else the last position where attention_mask
-        (B, T) is 1, else T-1. Position ids default to counting real tokens (see
-        `positions_from_mask`).
+        (B, T) is 1, else T-1. For a chat it is the last non-pad token of its
+        `apply_chat_template` ids (see the module docstring): the one transformers reads.
+        Position ids default to counting real tokens (see `positions_from_mask`).
         """
         h = self._hidden(input_ids, attention_mask, position_ids)  # (B, T, D)
         b, t = input_ids.shape

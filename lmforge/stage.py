@@ -23,6 +23,7 @@ from lmforge.checkpoint import resolve_checkpoint
 from lmforge.checkpointer import Checkpointer, ResumePoint, open_point
 from lmforge.config import dump_config, option
 from lmforge.data.chat_datasets import PromptDataset
+from lmforge.data.templates import pad_token_id, stop_token_ids
 from lmforge.distributed import DistInfo
 from lmforge.engine import EngineConfig
 from lmforge.errors import ConfigError
@@ -139,11 +140,10 @@ def check_batch_sizes(cfg: TrainConfig, world: int) -> int:
 
 
 def stop_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end a generated answer: EOS and, for chat tokenizers, <|end|>."""
-    ids = [tokenizer.eos_token_id]
-    if "<|end|>" in tokenizer.get_vocab():
-        ids.append(tokenizer.convert_tokens_to_ids("<|end|>"))
-    return ids
+    """Token ids that end a generated answer: the model's own EOS and end-of-turn ids (its
+    generation_config.json's eos_token_id list, the tokenizer's EOS, the chat template's
+    end-of-turn token; lmforge's tokenizer: <|eos|> and <|end|>). See `stop_token_ids`."""
+    return stop_token_ids(tokenizer)
 
 
 @torch.no_grad()
@@ -161,11 +161,10 @@ def exact_match(
     each (prompt, completion, answer) is appended to it as a JSON line tagged with the step."""
     completions: list[str] = []
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=0)
+    stops, pad = stop_ids(tokenizer), pad_token_id(tokenizer)  # found once, used by every batch
     for start in range(0, len(prompts), 64):
         batch = prompts.prompt_ids[start : start + 64]
-        out = generate(
-            module, batch, cfg, eos_ids=stop_ids(tokenizer), pad_id=tokenizer.pad_token_id
-        )
+        out = generate(module, batch, cfg, eos_ids=stops, pad_id=pad)
         completions += out.texts(tokenizer)
     if samples_file is not None:
         samples_file.parent.mkdir(parents=True, exist_ok=True)

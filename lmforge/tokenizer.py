@@ -5,11 +5,17 @@ token (as in Llama, Touvron et al. 2023, which helps arithmetic) and the eight s
 at ids 0..7. Any text encodes without unknown tokens and decodes back to the same string. It adds
 no tokens by itself: callers put BOS / EOS where they want them.
 
-Chats use one format, rendered two ways that give the same ids: `CHAT_TEMPLATE` (Jinja, stored in
-tokenizer_config.json so that `transformers` and serving stacks use it) and `encode_chat` (ours, no
-Jinja, which also returns the SFT loss mask)::
+lmforge's own chat format is rendered two ways that give the same ids: `CHAT_TEMPLATE` (Jinja,
+stored in tokenizer_config.json so that `transformers` and serving stacks use it) and `encode_chat`
+(ours, no Jinja, which also returns the SFT loss mask)::
 
     <|bos|><|user|>\\nHi<|end|>\\n<|assistant|>\\nHello!<|end|>\\n
+
+It is one format among others: stages train with whatever template the model's tokenizer carries
+(lmforge.data.templates), and lmforge's marks each assistant turn's content and `<|end|>` with
+`{% generation %}` so that transformers' `return_assistant_tokens_mask` (and TRL) find the tokens
+to learn. Tokenizers saved before the markers existed carry `CHAT_TEMPLATE_V1`, which renders the
+same ids.
 """
 
 from __future__ import annotations
@@ -43,13 +49,30 @@ MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # the specials plus every byte
 DEFAULT_MODEL_MAX_LENGTH = 2048
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
-CHAT_TEMPLATE = (
+# The template of tokenizers saved before the generation markers: same ids, no assistant mask.
+CHAT_TEMPLATE_V1 = (
     "{{- '<|bos|>' -}}"
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
     "{{- raise_exception('unknown chat role: ' ~ message['role']) -}}"
     "{%- endif -%}"
     "{{- '<|' ~ message['role'] ~ '|>\\n' ~ message['content'] ~ '<|end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+# {% generation %} wraps what SFT learns of an assistant turn: its content and the <|end|> that
+# closes it (the newline after <|end|> is the template's, and never learned).
+CHAT_TEMPLATE = (
+    "{{- '<|bos|>' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('unknown chat role: ' ~ message['role']) -}}"
+    "{%- endif -%}"
+    "{{- '<|' ~ message['role'] ~ '|>\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- message['content'] ~ '<|end|>' -}}{%- endgeneration -%}"
+    "{%- else -%}{{- message['content'] ~ '<|end|>' -}}{%- endif -%}"
+    "{{- '\\n' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
 )
@@ -212,8 +235,9 @@ def encode_chat(
     ):
         if text in SPECIAL_TOKENS and len(piece_ids) != 1:
             raise ConfigError(
-                f"tokenizer {tokenizer.name_or_path!r} has no special token {text}: chats need a "
-                "tokenizer trained by lmforge (leave tokenizer.path empty) or one with its tokens"
+                f"tokenizer {tokenizer.name_or_path!r} has no special token {text}: encode_chat "
+                "writes lmforge's own format; encode other tokenizers' chats with their template "
+                "(lmforge.data.templates.ChatEncoder)"
             )
         ids += piece_ids
         if learn_from is None:
@@ -226,9 +250,12 @@ def encode_chat(
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a fast tokenizer from a local Hugging Face directory, or from the hub by name.
 
-    A tokenizer without a pad token gets pad = eos (as is usual for GPT-2 / Llama tokenizers).
+    A tokenizer without a pad token gets an existing token as pad (`fallback_pad_token`: eos, as
+    is usual for GPT-2 / Llama tokenizers), never a new one, so the model keeps its vocabulary.
     So collators must mask padding by position (attention_mask), never by `id == pad_token_id`,
-    or real EOS tokens would be dropped from the loss.
+    or real EOS tokens would be dropped from the loss. The `eos_token_id` of a
+    generation_config.json beside the tokenizer (a checkpoint's) is kept as
+    `tokenizer.generation_eos_ids`: the ids that end generation, with the tokenizer's own.
     """
     local = Path(path).expanduser()
     name = str(path)
@@ -255,10 +282,34 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
             f"tokenizer {source} has no fast (tokenizer.json) version; lmforge needs one"
         )
     if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise CheckpointError(f"tokenizer {source} has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = fallback_pad_token(tokenizer)
+    tokenizer.generation_eos_ids = generation_eos_ids(local) if local.is_dir() else []
     return tokenizer
+
+
+def fallback_pad_token(tokenizer: PreTrainedTokenizerFast) -> str:
+    """The existing token that pads batches for a tokenizer without a pad token: EOS, else BOS,
+    else UNK, else the token of id 0.
+
+    Never a new token, which would need a bigger embedding: padding is excluded by position
+    (attention mask, labels of -100), so any id serves.
+    """
+    for token in (tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token):
+        if token is not None:
+            return str(token)
+    return str(tokenizer.convert_ids_to_tokens(0))
+
+
+def generation_eos_ids(directory: str | Path) -> list[int]:
+    """The `eos_token_id` (one id or a list) of directory/generation_config.json; [] if the file
+    or the key is missing, or the file is unreadable (it is advice to generate, not a contract)."""
+    path = Path(directory) / "generation_config.json"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> list[Path]:

@@ -272,7 +272,10 @@ def test_preference_rows(tok) -> None:
                 ids.shape == labels.shape == mask.shape == (64,) and row[f"{side}_last"].ndim == 0
             )
             assert labelled_text(tok, labels) == record[side] + END
-            assert ids[last] == end_id and mask.sum() == last + 1
+            # The row ends where apply_chat_template ends: with the newline after <|end|>, which
+            # is the token a reward model (and transformers' classifier) reads.
+            assert ids[last - 1] == end_id and tok.decode([int(ids[last])]) == "\n"
+            assert mask.sum() == last + 1
             assert (ids[last + 1 :] == tok.pad_token_id).all() and (labels[last:] == IGNORE).all()
     batch = ds.get_batch([0, 30])
     assert batch["chosen_ids"].shape == (2, 64) and batch["chosen_last"].shape == (2,)
@@ -457,7 +460,7 @@ def test_file_errors(tmp_path: Path) -> None:
 
 
 def test_config() -> None:
-    assert len(describe(ChatDataConfig)) == 11  # every field documented
+    assert len(describe(ChatDataConfig)) == 12  # every field documented
     cfg = from_dict(ChatDataConfig, {"tasks": ["add", "sort"], "seq_len": 64}, prefix="data")
     assert cfg.tasks == ["add", "sort"] and cfg.format == "auto"
     with pytest.raises(ConfigError, match=r"data.tasks: unknown task 'divide'"):

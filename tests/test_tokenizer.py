@@ -17,6 +17,7 @@ from lmforge.tokenizer import (
     ASSISTANT,
     BOS,
     CHAT_TEMPLATE,
+    CHAT_TEMPLATE_V1,
     END,
     EOS,
     MASK,
@@ -338,3 +339,33 @@ def test_config_fields_and_validation() -> None:
         with pytest.raises(ConfigError, match=rf"^tokenizer\.{key}: "):
             TokenizerConfig(**{key: value}).validate("tokenizer")
     TokenizerConfig(vocab_size=MIN_VOCAB_SIZE).validate("tokenizer")
+
+
+@pytest.mark.parametrize("gen", [False, True])
+@pytest.mark.parametrize("name", list(CHATS))
+def test_chat_template_marks_what_encode_chat_learns(
+    tok: PreTrainedTokenizerFast, name: str, gen: bool
+) -> None:
+    # CHAT_TEMPLATE's own {% generation %} markers: transformers' mask is lmforge's, and the ids
+    # are those of the template saved before the markers.
+    out = tok.apply_chat_template(
+        CHATS[name], add_generation_prompt=gen, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert (out["input_ids"], out["assistant_masks"]) == encode_chat(tok, CHATS[name], gen)
+    old = tok.apply_chat_template(
+        CHATS[name], chat_template=CHAT_TEMPLATE_V1, add_generation_prompt=gen
+    )
+    assert hf_chat_ids(tok, CHATS[name], gen) == list(old["input_ids"])
+
+
+def test_load_keeps_generation_eos_ids_and_pads_without_a_new_token(
+    tok: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    save_tokenizer(tok, tmp_path / "with")
+    (tmp_path / "with" / "generation_config.json").write_text('{"eos_token_id": [1, 7]}')
+    assert load_tokenizer(tmp_path / "with").generation_eos_ids == [1, 7]
+    no_eos = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token=BOS)
+    no_eos.save_pretrained(tmp_path / "bos")
+    loaded = load_tokenizer(tmp_path / "bos")
+    assert loaded.pad_token == BOS and len(loaded) == len(tok)  # an existing token pads
+    assert loaded.generation_eos_ids == []

@@ -14,6 +14,10 @@ and are normalised to SFT records {"messages", "answer"} (answer: a reference an
 preference records {"prompt": messages, "chosen": str, "rejected": str}; a string "task" field is
 kept. Any bad record stops loading with one line naming the file and the record, e.g.
 `data.jsonl record 17 (line 18): message 2 has unknown role 'bot'; use system, user or assistant`.
+
+Records become token rows with the model's own chat template (lmforge.data.templates);
+`chat_tokenizer` makes a stage's tokenizer the one it trains with and saves (`data.chat_template`
+gives it a template or replaces its own).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from lmforge.data.corpus import doc_hash, quiet_datasets, validation_mask
 from lmforge.data.diagnose import _json_records
 from lmforge.data.sources import resolve_source
 from lmforge.data.tasks import TASKS, preference_pairs, task_examples
+from lmforge.data.templates import NAMED_TEMPLATES, check_template_value, use_chat_template
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import ROLE_TOKENS, SPECIAL_TOKENS
 
@@ -75,6 +80,11 @@ class ChatDataConfig:
         MAX_RECORD_BYTES, "longest line (one JSON record) a .jsonl/.json file may have"
     )
     tasks: list[str] = option(doc="builtin tasks to use; empty = all", default_factory=list)
+    chat_template: str = option(
+        "",
+        "chat template to train and save with instead of the tokenizer's own: a Jinja file or "
+        f"one of {', '.join(NAMED_TEMPLATES)}; empty = the tokenizer's",
+    )
 
     def validate(self, prefix: str = "data") -> None:
         """Raise ConfigError naming `prefix.key` for a value that cannot work."""
@@ -104,6 +114,7 @@ class ChatDataConfig:
             raise ConfigError(f"{p}tasks: a task is listed twice: {self.tasks}")
         if self.tasks and "builtin" not in (self.source.strip(), self.heldout_source.strip()):
             raise ConfigError(f"{p}tasks: selects builtin tasks, but {p}source is '{self.source}'")
+        check_template_value(self.chat_template, f"{p}chat_template")
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -444,6 +455,15 @@ def chat_records(
 
 def _as_sft(example: Record) -> Record:
     return {"messages": example["messages"], "answer": example["answer"], "task": example["task"]}
+
+
+def chat_tokenizer(
+    tokenizer: PreTrainedTokenizerFast, cfg: ChatDataConfig, prefix: str = "data"
+) -> PreTrainedTokenizerFast:
+    """The tokenizer a chat stage trains with and saves (changed in place): its own chat template,
+    or cfg.chat_template when set; a missing template is a ConfigError naming the key, a missing
+    pad token becomes an existing token (see `use_chat_template`)."""
+    return use_chat_template(tokenizer, cfg.chat_template, f"{prefix}.chat_template")
 
 
 def load_sft_data(

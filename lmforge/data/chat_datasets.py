@@ -1,12 +1,13 @@
 """Tokenised finetuning data: SFT rows (packed or padded), preference pairs, held-out prompts.
 
-Chats are tokenised with `encode_chat`, whose mask is 1 on assistant content and its `<|end|>`.
-A sample of L token ids gives inputs ids[:-1] and labels ids[1:], kept where mask[1:] is 1 and
--100 elsewhere: the model learns the assistant's tokens and the `<|end|>` that ends its turn,
-never the prompt, the role tokens or padding. A record of more than seq_len + 1 tokens is skipped
-and counted (`.skipped`, `.summary()`), never cut: a cut answer would teach the model to stop
-mid-answer, or not to stop at all. Rows come out as int64 tensors: `ds[i]` -> dict of (T,),
-`ds.get_batch(indices)` -> dict of (B, T).
+Chats are tokenised with the tokenizer's own chat template (`ChatEncoder`): the ids are exactly
+`tokenizer.apply_chat_template(messages)`'s, and the mask is 1 on each assistant turn's content
+and its end-of-turn token (lmforge's `<|end|>`, ChatML's `<|im_end|>`, ...). An SFT sample of L
+ids gives inputs ids[:-1] and labels ids[1:], kept where mask[1:] is 1 and -100 elsewhere: the
+model learns the assistant's tokens and the token that ends its turn, never the prompt, the role
+headers or padding. A record that does not fit is skipped and counted (`.skipped`, `.summary()`),
+never cut: a cut answer would teach the model to stop mid-answer, or not to stop at all. Rows
+come out as int64 tensors: `ds[i]` -> dict of (T,), `ds.get_batch(indices)` -> dict of (B, T).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from transformers import PreTrainedTokenizerFast
 
 from lmforge.data.packing import Batch, collate
 from lmforge.data.tasks import check_answer
-from lmforge.errors import DataError
-from lmforge.tokenizer import ASSISTANT, encode_chat
+from lmforge.data.templates import ChatEncoder, pad_token_id
+from lmforge.errors import ConfigError, DataError
 
 IGNORE = -100  # label of a position that is not learned
 
@@ -41,13 +42,17 @@ class _Ragged:
 
 
 def _encode(
-    tokenizer: PreTrainedTokenizerFast, messages: Sequence[Mapping[str, str]], i: int
+    encoder: ChatEncoder,
+    messages: Sequence[Mapping[str, str]],
+    i: int,
+    *,
+    last_turn_only: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask) of a chat as (L,) int64 and (L,) bool arrays; errors name record i."""
     try:
-        ids, mask = encode_chat(tokenizer, messages)
-    except DataError as err:
-        raise DataError(f"record {i}: {err}") from None
+        ids, mask = encoder.encode(messages, last_turn_only=last_turn_only)
+    except (DataError, ConfigError) as err:
+        raise type(err)(f"record {i}: {err}") from None
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
 
 
@@ -102,11 +107,12 @@ class SFTDataset(torch.utils.data.Dataset):
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         self.seq_len, self.pack = seq_len, pack
-        self.pad_id = int(tokenizer.pad_token_id)
+        self.pad_id = pad_token_id(tokenizer)
         self.num_records = len(records)
+        encoder = ChatEncoder(tokenizer)
         inputs, labels, kept, longest = [], [], [], 0
         for i, record in enumerate(records):
-            ids, mask = _encode(tokenizer, record["messages"], i)
+            ids, mask = _encode(encoder, record["messages"], i)
             if not mask.any():
                 raise DataError(
                     f"SFT record {i}: no assistant message, so no token to learn; "
@@ -190,10 +196,14 @@ class SFTDataset(torch.utils.data.Dataset):
 class PreferenceDataset(torch.utils.data.Dataset):
     """Preference pairs: the chosen and the rejected chat, each right-padded to seq_len.
 
-    Per side (chosen_*, rejected_*): ids (T,) the inputs, labels (T,) the next tokens on the
-    answer (its content and `<|end|>`; -100 elsewhere, the prompt's earlier assistant turns
-    included), mask (T,) attention 1/0, last () the index of the last real input token: the
-    `<|end|>` that closes the answer, where a reward model reads its score.
+    Per side (chosen_*, rejected_*): ids (T,) the inputs: all of `apply_chat_template(prompt +
+    [answer])`'s ids, ending where it ends (lmforge's template: with the newline after the
+    answer's `<|end|>`); labels (T,) the next tokens on the answer (its content and end-of-turn
+    token; -100 elsewhere, the prompt's earlier assistant turns and the last position included);
+    mask (T,) attention 1/0; last () the index of the last token that is not the pad id, where a
+    reward model reads its score. That is the token `AutoModelForSequenceClassification` reads
+    of the same ids (the last non-pad one), so both give one score. A pair whose longer side has
+    more than seq_len tokens is skipped.
     """
 
     collate = staticmethod(collate)
@@ -208,31 +218,36 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         self.seq_len = seq_len
-        self.pad_id = int(tokenizer.pad_token_id)
+        self.pad_id = pad_token_id(tokenizer)
         self.num_records = len(records)
-        assistant_id = tokenizer.convert_tokens_to_ids(ASSISTANT)
+        encoder = ChatEncoder(tokenizer)
         parts: dict[str, list[np.ndarray]] = {f"{s}_{k}": [] for s in self.SIDES for k in "xy"}
+        parts.update({f"{s}_last": [] for s in self.SIDES})
         kept, longest = [], 0
         for i, record in enumerate(records):
             sides = []
             for side in self.SIDES:
                 chat = [*record["prompt"], {"role": "assistant", "content": record[side]}]
-                ids, mask = _encode(tokenizer, chat, i)
                 # Only the final answer is learned: not the assistant turns inside the prompt.
-                mask[: int(np.flatnonzero(ids == assistant_id)[-1])] = False
-                sides.append(shift(ids, mask))
-            if max(len(x) for x, _ in sides) > seq_len:
-                longest = max([longest, *(len(x) + 1 for x, _ in sides)])
+                ids, mask = _encode(encoder, chat, i, last_turn_only=True)
+                # Every id is an input (the last one too: the score is read there); the last
+                # position predicts nothing.
+                x, y = ids, np.append(shift(ids, mask)[1], IGNORE)
+                real = np.flatnonzero(ids != self.pad_id)  # transformers pools at the last one
+                sides.append((x, y, np.array([real[-1] if len(real) else len(ids) - 1])))
+            if max(len(x) for x, _, _ in sides) > seq_len:
+                longest = max([longest, *(len(x) for x, _, _ in sides)])
                 continue
-            for side, (x, y) in zip(self.SIDES, sides, strict=True):
+            for side, (x, y, last) in zip(self.SIDES, sides, strict=True):
                 parts[f"{side}_x"].append(x)
                 parts[f"{side}_y"].append(y)
+                parts[f"{side}_last"].append(last)
             kept.append(i)
         self.skipped = self.num_records - len(kept)
         if self.num_records and not kept:
             raise DataError(
-                f"all {self.num_records} preference pairs are longer than seq_len + 1 = "
-                f"{seq_len + 1} tokens (up to {longest}); raise data.seq_len"
+                f"all {self.num_records} preference pairs are longer than seq_len = {seq_len} "
+                f"tokens (up to {longest}); raise data.seq_len"
             )
         self.record_ids = kept  # pair k is records[record_ids[k]]
         self.tokens = {key: _Ragged(value) for key, value in parts.items()}
@@ -260,7 +275,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 ids[b, :n] = self.tokens[f"{side}_x"][k]
                 labels[b, :n] = self.tokens[f"{side}_y"][k]
                 mask[b, :n] = 1
-                last[b] = n - 1
+                last[b] = self.tokens[f"{side}_last"][k][0]
             out[f"{side}_ids"], out[f"{side}_labels"] = ids, labels
             out[f"{side}_mask"], out[f"{side}_last"] = mask, last
         return {key: torch.from_numpy(value.astype(np.int64)) for key, value in out.items()}
@@ -269,7 +284,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         """One line for the log: pairs kept and skipped."""
         return (
             f"preference data: {len(self):,} pairs of {self.seq_len} tokens; {self.skipped:,} of "
-            f"{self.num_records:,} skipped as longer than {self.seq_len + 1} tokens"
+            f"{self.num_records:,} skipped as longer than {self.seq_len} tokens"
         )
 
 
@@ -278,8 +293,10 @@ class PromptDataset:
 
     From SFT records (the chat up to its last assistant message; the answer is the record's
     "answer", else that message) or preference records (the prompt; "answer", else chosen).
-    prompt_ids[i] ends with the generation prompt `<|assistant|>\\n`; a prompt of seq_len tokens
-    or more (no room to answer) is skipped and counted.
+    prompt_ids[i] is `apply_chat_template(prompt, add_generation_prompt=True)`'s ids, so it ends
+    with the template's generation prompt (lmforge's: `<|assistant|>\\n`) and holds one BOS when
+    the template writes one. A prompt of seq_len tokens or more (no room to answer) is skipped
+    and counted.
     """
 
     def __init__(
@@ -295,6 +312,7 @@ class PromptDataset:
         self.answers: list[str] = []
         self.tasks: list[str] = []
         self.record_ids: list[int] = []
+        encoder = ChatEncoder(tokenizer)
         for i, record in enumerate(records):
             if "prompt" in record:
                 prompt, reference = list(record["prompt"]), record["chosen"]
@@ -305,9 +323,9 @@ class PromptDataset:
             if not prompt:
                 continue  # a chat that opens with the assistant has nothing to prompt with
             try:
-                ids, _ = encode_chat(tokenizer, prompt, add_generation_prompt=True)
-            except DataError as err:
-                raise DataError(f"record {i}: {err}") from None
+                ids = encoder.prompt_ids(prompt)
+            except (DataError, ConfigError) as err:
+                raise type(err)(f"record {i}: {err}") from None
             if len(ids) >= seq_len:
                 continue
             self.prompt_ids.append(ids)
