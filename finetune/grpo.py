@@ -28,7 +28,7 @@ from lmforge.checkpoint import load_checkpoint
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
 from lmforge.data import GlobalSampler
-from lmforge.data.chat import ChatDataConfig, chat_records
+from lmforge.data.chat import ChatDataConfig, chat_records, chat_tokenizer
 from lmforge.data.chat_datasets import PromptDataset
 from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
@@ -187,6 +187,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     model, tok, _ = load_start(place, cfg.init_from, load_checkpoint)
     if tok is None:
         raise ConfigError(f"init_from: {cfg.init_from} has no tokenizer files; GRPO needs it")
+    tok = chat_tokenizer(tok, cfg.data)  # its own template (or data.chat_template)
     reference = None
     if cfg.beta > 0:
         reference, _, _ = load_checkpoint(cfg.init_from, with_tokenizer=False, device=device)

@@ -30,7 +30,7 @@ from lmforge.checkpoint import load_checkpoint, load_reward_model
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
 from lmforge.data import GlobalSampler
-from lmforge.data.chat import ChatDataConfig, chat_records
+from lmforge.data.chat import ChatDataConfig, chat_records, chat_tokenizer
 from lmforge.data.chat_datasets import PromptDataset
 from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
@@ -57,6 +57,7 @@ from lmforge.rollout import (
     gather_all,
     logprobs_and_entropy,
     sample_completions,
+    scoring_rows,
     token_logprobs,
 )
 from lmforge.runtime import run_entry, set_seed
@@ -140,8 +141,8 @@ def per_rank_batch(cfg: PPOConfig, world: int) -> int:
 
 
 def build_score(cfg: PPOConfig, tok: Any, device: torch.device) -> ScoreFn:
-    """Raw sequence scores (N,): the reward model at the last response token, or the reward
-    functions on the decoded texts."""
+    """Raw sequence scores (N,): the reward model at the token it was trained to read (the last
+    token of the rendered turn, see `scoring_rows`), or the reward functions on the texts."""
     micro = cfg.train.micro_batch_size
     if not cfg.reward_model:
         reward_fn = build_reward_fn(cfg.rewards, key="rewards")
@@ -155,12 +156,12 @@ def build_score(cfg: PPOConfig, tok: Any, device: torch.device) -> ScoreFn:
     scorer, _, _ = load_reward_model(cfg.reward_model, with_tokenizer=False, device=device)
     scorer.requires_grad_(False)
 
-    def by_model(prompts: list, answers: list, tasks: list, out: Any, seqs: dict) -> Any:
-        ends = torch.tensor([len(p) - 1 for p in prompts]) + out.lengths.cpu()  # (N,)
+    def by_model(prompts: list, answers: list, tasks: list, out: Any, _: Any) -> Any:
+        ids, last = scoring_rows(prompts, out, tok)  # (N, W), (N,): as reward training read them
         parts = []
         for s in range(0, len(prompts), micro):
-            ids = seqs["input_ids"][s : s + micro].to(device)
-            parts.append(scorer(ids, last_index=ends[s : s + micro].to(device)).float().cpu())
+            rows = ids[s : s + micro].to(device)
+            parts.append(scorer(rows, last_index=last[s : s + micro].to(device)).float().cpu())
         return torch.cat(parts)
 
     return by_model
@@ -285,6 +286,7 @@ def load_models(cfg: PPOConfig, place: Launch) -> tuple[Any, Any, Any, Any]:
     actor, tok, _ = load_start(place, cfg.init_from, load_checkpoint)
     if tok is None:
         raise ConfigError(f"init_from: {cfg.init_from} has no tokenizer files; PPO needs it")
+    tok = chat_tokenizer(tok, cfg.data)  # its own template (or data.chat_template)
     if place.point is not None:  # the critic saved beside the resumed actor
         saved = place.point.open_sibling("critic")
         critic, _, _ = load_reward_model(saved.path, meta=saved.meta, with_tokenizer=False)

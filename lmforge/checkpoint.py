@@ -235,10 +235,10 @@ def _save_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
 def _token_ids(tokenizer: Any) -> dict[str, Any]:
     if tokenizer is None:
         return {}
-    eos = [tokenizer.eos_token_id]
-    end = tokenizer.convert_tokens_to_ids("<|end|>") if "<|end|>" in tokenizer.get_vocab() else None
-    if end is not None and end not in eos:
-        eos.append(end)  # chat turns end with <|end|>: generation stops there too
+    from lmforge.data.templates import stop_token_ids
+
+    # EOS, and the chat template's end-of-turn token: generation stops on either.
+    eos = stop_token_ids(tokenizer) or [tokenizer.eos_token_id]
     return {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": eos[0] if len(eos) == 1 else eos,

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.data.chat_datasets import PromptDataset
+from lmforge.data.templates import end_of_turn, pad_token_id
 from lmforge.engine import Engine
 from lmforge.generate import GenerateConfig, Generation, generate
 from lmforge.loss import IGNORE_INDEX
@@ -35,6 +36,26 @@ def build_sequences(
         ids[i, : len(row)] = torch.tensor(row)
         labels[i, len(p) - 1 : len(row) - 1] = torch.tensor(row[len(p) :])  # shifted by one
     return {"input_ids": ids, "labels": labels}
+
+
+def scoring_rows(
+    prompts: list[list[int]], out: Generation, tok: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt + answer ids (N, W) as the chat template renders a finished turn, right-padded,
+    and the index of each row's last token (N,): where a reward model reads its score. An answer
+    that stopped on the end-of-turn token gets the tokens the template writes after it (e.g. the
+    newline of lmforge's and ChatML's templates), as reward training saw its rows end."""
+    end, suffix = end_of_turn(tok) if tok.chat_template else ([], [])
+    rows = []
+    for i, prompt in enumerate(prompts):
+        answer = out.tokens[i, : int(out.lengths[i])].tolist()
+        closed = bool(answer) and answer[-1] in end
+        rows.append(prompt + answer + (suffix if closed else []))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id(tok), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    return ids, torch.tensor([len(r) - 1 for r in rows])
 
 
 def chunk_rows(seqs: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:

@@ -55,7 +55,11 @@ class StageConfig:
         default_factory=ResumeConfig,
         doc="Where to continue from (`resume: auto | never | PATH`) and allowed changes.",
     )
-    init_from: str = option("", "Start from these weights (checkpoint or HF Llama directory).")
+    init_from: str = option(
+        "",
+        "Start from these weights: a checkpoint or run directory, a Hugging Face model "
+        "directory (llama, qwen2, mistral) or a hub name (org/name).",
+    )
     optim: OptimConfig = option(default_factory=OptimConfig, doc="Optimizer and schedule.")
     engine: EngineConfig = option(default_factory=EngineConfig, doc="DeepSpeed.")
     train: TrainConfig = option(default_factory=TrainConfig, doc="Steps, batches, cadence.")
@@ -65,22 +69,16 @@ class StageConfig:
     )
 
     def validate(self, prefix: str = "") -> None:
-        """Checks that span sections, including contradictions between the DeepSpeed JSON and
-        this config (found here, before any data is read)."""
+        """Checks that span sections, including contradictions between the engine's own config
+        file and this config (found here, before any data is read)."""
         from lmforge.distributed import dist_info
-        from lmforge.engine import load_deepspeed_json, resolve_deepspeed_config
+        from lmforge.engine import check_engine_config
 
+        train = self.train
         world = dist_info().world
-        per_step = self.train.micro_batch_size * world
-        if self.train.global_batch_size % per_step == 0:  # else the batch error names the key
-            resolve_deepspeed_config(
-                load_deepspeed_json(self.engine.deepspeed),
-                cfg=self.engine,
-                optim=self.optim,
-                micro_batch=self.train.micro_batch_size,
-                grad_accum=self.train.global_batch_size // per_step,
-                world=world,
-            )
+        check_engine_config(
+            self.engine, self.optim, train.micro_batch_size, train.global_batch_size, world
+        )
 
 
 def resume_point(run_dir: Path, resume: str) -> ResumePoint | None:
