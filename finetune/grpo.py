@@ -135,6 +135,7 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, groups: int) -> An
             out.texts(tok),
             [prompts.answers[i] for i in rows],
             [prompts.tasks[i] for i in rows],
+            **prompts.field_lists(rows),
         )
         scores = torch.tensor(rewards.total, dtype=torch.float32)  # (N,)
         advantages = group_advantages(scores, cfg.group_size, scale=cfg.scale_advantages)
@@ -211,9 +212,9 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     checkpointer.add_engine("model", engine, parent=cfg.init_from)
     run = start_run(cfg, place, checkpointer)
 
-    def score(b: list[list[int]], answers: list[str], tasks: list[str], out: Any, _: Any) -> Any:
+    def score(b: list, answers: list, tasks: list, out: Any, _: Any, **fields: list) -> Any:
         texts = [tok.decode(p) for p in b]
-        return torch.tensor(reward_fn(texts, out.texts(tok), answers, tasks).total)
+        return torch.tensor(reward_fn(texts, out.texts(tok), answers, tasks, **fields).total)
 
     run.tracker.message(
         f"grpo: from {place.resume_from or cfg.init_from}; {len(policy.prompts)} prompts, "

@@ -147,16 +147,18 @@ def build_score(cfg: PPOConfig, tok: Any, device: torch.device) -> ScoreFn:
     if not cfg.reward_model:
         reward_fn = build_reward_fn(cfg.rewards, key="rewards")
 
-        def by_functions(prompts: list, answers: list, tasks: list, out: Any, _: Any) -> Any:
+        def by_functions(
+            prompts: list, answers: list, tasks: list, out: Any, _: Any, **fields: list
+        ) -> Any:
             texts = [tok.decode(p) for p in prompts]
-            result = reward_fn(texts, out.texts(tok), answers, tasks)
+            result = reward_fn(texts, out.texts(tok), answers, tasks, **fields)
             return torch.tensor(result.total, dtype=torch.float32)
 
         return by_functions
     scorer, _, _ = load_reward_model(cfg.reward_model, with_tokenizer=False, device=device)
     scorer.requires_grad_(False)
 
-    def by_model(prompts: list, answers: list, tasks: list, out: Any, _: Any) -> Any:
+    def by_model(prompts: list, answers: list, tasks: list, out: Any, _: Any, **__: list) -> Any:
         ids, last = scoring_rows(prompts, out, tok)  # (N, W), (N,): as reward training read them
         parts = []
         for s in range(0, len(prompts), micro):
@@ -184,7 +186,8 @@ def make_rollout(
 ) -> Rollout:
     """Sample, score (normalised and clipped), add the per-token KL penalty and estimate GAE
     advantages from the critic's values. kw: moments, kl_ctl, place, micro (rows per
-    micro-batch), rows (the prompts' global positions, which seed their samples)."""
+    micro-batch), rows (the prompts' global positions, which seed their samples), fields (the
+    prompt records' other fields, for reward functions)."""
     moments, kl_ctl, place = kw["moments"], kw["kl_ctl"], kw["place"]
     m.critic.train(False)
     out = sample_completions(
@@ -194,7 +197,7 @@ def make_rollout(
     seqs = build_sequences(batch, out.tokens.cpu(), out.lengths.cpu(), m.tok.pad_token_id)
     mask = (seqs["labels"] != IGNORE_INDEX).float()  # (N, L)
     chunks = [{k: v.to(place.device) for k, v in c.items()} for c in chunk_rows(seqs, kw["micro"])]
-    raw = m.score(batch, *answers, out, seqs)
+    raw = m.score(batch, *answers, out, seqs, **kw["fields"])
     scores = raw
     if cfg.normalise_rewards:
         moments.update(gather_all(raw, place.info.world))
@@ -240,7 +243,10 @@ def ppo_step(cfg: PPOConfig, m: Models, prompts: PromptDataset, place: Launch, *
         answers = ([prompts.answers[i] for i in idx], [prompts.tasks[i] for i in idx])
         batch = [prompts.prompt_ids[i] for i in idx]
         rows, micro = list(range(first, first + per_rank)), cfg.train.micro_batch_size
-        r = make_rollout(cfg, m, batch, answers, ctx, place=place, micro=micro, rows=rows, **kw)
+        fields = prompts.field_lists(idx)
+        r = make_rollout(
+            cfg, m, batch, answers, ctx, place=place, micro=micro, rows=rows, fields=fields, **kw
+        )
         t_gen = time.perf_counter() - t0
         m.actor.train(True)
         m.critic.train(True)

@@ -8,10 +8,10 @@ A reward function scores N completions at once; every list has one entry per com
 - `prompts[i]`: the prompt completion i answers, as the model saw it: the chat template's text
   (special tokens included) of the record's prompt messages and the generation prompt;
 - `completions[i]`: the generated answer, decoded without special tokens, up to the end of turn;
-- `answers[i]`: the record's reference answer (`answer`, or the `completion` of a
-  prompt/completion record; "" when the record has none);
-- `tasks[i]`: the record's `task` field ("" when it has none; the built-in tasks' names for
-  `data.source: builtin`);
+- `answers[i]`: the record's reference answer: its `answer` field, else the final assistant
+  message (the `completion` of a prompt/completion record, `chosen` of a preference record);
+- `tasks[i]`: the record's `task` field ("custom" when it has none; the built-in tasks' names
+  for `data.source: builtin`);
 - `fields`: every other field of the prompt records, one list per field name (None where a
   record lacks it), e.g. `tests=` or `solution=`. A function receives the fields its signature
   names, or all of them with `**kwargs`; GRPO repeats each record's values for its G samples.

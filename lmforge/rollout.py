@@ -19,7 +19,7 @@ from lmforge.loss import IGNORE_INDEX
 from lmforge.rl import entropy_from_logits
 from lmforge.stage import accuracy_metrics, exact_match, stop_ids
 
-# score(prompts, answers, tasks, generation, sequences) -> raw sequence rewards (n,)
+# score(prompts, answers, tasks, generation, sequences, **record fields) -> raw rewards (n,)
 ScoreFn = Callable[..., torch.Tensor]
 
 
@@ -149,7 +149,7 @@ def heldout_reward_kl(
         out = generate(policy, batch, gen, eos_ids=stop_ids(tok), pad_id=tok.pad_token_id)
         seqs = build_sequences(batch, out.tokens.cpu(), out.lengths.cpu(), tok.pad_token_id)
         answers, tasks = [heldout.answers[i] for i in rows], [heldout.tasks[i] for i in rows]
-        rewards.append(score(batch, answers, tasks, out, seqs))
+        rewards.append(score(batch, answers, tasks, out, seqs, **heldout.field_lists(rows)))
         if reference is not None:
             logp = token_logprobs(policy, seqs, temperature, device)  # (n, L)
             ref = token_logprobs(reference, seqs, temperature, device)  # (n, L)

@@ -142,3 +142,39 @@ def test_bad_reward_function_is_one_line(
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-2000:]
     assert "score" in errors[0] and needle in errors[0].lower(), errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_extra_record_fields_reach_the_reward_function(policy: Path, tmp_path: Path) -> None:
+    """A user's prompt records carry a `tests` field; a reward function that names `tests`
+    receives, for every completion, the tests of the record its prompt came from."""
+    data = tmp_path / "prompts.jsonl"
+    records = [
+        {"prompt": f"Count to {i}.", "completion": str(i), "tests": [str(i)]} for i in range(40)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    seen = tmp_path / "seen.jsonl"
+    module = tmp_path / "graded.py"
+    module.write_text(
+        "import json\n"
+        "def passes(prompts, completions, answers, tasks, tests):\n"
+        f"    with open({str(seen)!r}, 'a') as f:\n"
+        "        f.write(json.dumps({'answers': answers, 'tests': tests}) + '\\n')\n"
+        "    return [float(c.strip() in t) for c, t in zip(completions, tests)]\n"
+    )
+    run_stage(
+        "finetune/grpo.py",
+        [
+            *COMMON,
+            f"--init_from={policy}",
+            f"--run_dir={tmp_path / 'run'}",
+            f"--data.source={data}",
+            "--data.tasks=[]",
+            f"--rewards=[{{name: '{module}:passes'}}]",
+            "--train.steps=2",
+            "--optim.lr=1e-4",
+        ],
+    )
+    calls = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert calls, "the reward function was never called"
+    for call in calls:
+        assert call["tests"] == [[a] for a in call["answers"]], call

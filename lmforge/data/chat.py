@@ -305,12 +305,21 @@ def _check_fields(record: Any, fmt: str, where: str) -> Record:
     return record
 
 
+# Fields with a meaning of their own; any other field of a record is handed to reward functions.
+_KNOWN_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected", "answer", "task")
+
+
 def _extras(record: Record, where: str) -> Record:
-    """The optional string fields "answer" and "task" that a record may carry."""
+    """The optional string fields "answer" and "task" that a record may carry, and under
+    "fields" every other field it has (e.g. `tests`, `solution`: reward functions receive them
+    as keyword lists)."""
     out: Record = {"answer": None}
     for key in ("answer", "task"):
         if record.get(key) is not None:
             out[key] = _text(record[key], f"'{key}'", where)
+    fields = {k: v for k, v in record.items() if k not in _KNOWN_FIELDS}
+    if fields:
+        out["fields"] = fields
     return out
 
 

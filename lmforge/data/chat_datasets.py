@@ -311,6 +311,7 @@ class PromptDataset:
         self.prompts: list[list[dict[str, str]]] = []
         self.answers: list[str] = []
         self.tasks: list[str] = []
+        self.fields: list[dict[str, Any]] = []  # each prompt's other record fields
         self.record_ids: list[int] = []
         encoder = ChatEncoder(tokenizer)
         for i, record in enumerate(records):
@@ -333,8 +334,11 @@ class PromptDataset:
             answer = record.get("answer")
             self.answers.append(reference if answer is None else answer)
             self.tasks.append(record.get("task") or "custom")
+            self.fields.append(dict(record.get("fields") or {}))
             self.record_ids.append(i)
         self.skipped = self.num_records - len(self.record_ids)
+        # Every field any record has, so each batch hands reward functions the same keywords.
+        self.field_names = sorted({name for fields in self.fields for name in fields})
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -342,6 +346,11 @@ class PromptDataset:
     def __getitem__(self, i: int) -> dict[str, Any]:
         """{"prompt_ids": list of ids, "answer": str, "task": str} of prompt i."""
         return {"prompt_ids": self.prompt_ids[i], "answer": self.answers[i], "task": self.tasks[i]}
+
+    def field_lists(self, rows: Sequence[int]) -> dict[str, list[Any]]:
+        """The other record fields of prompts `rows`, one list per field name (None where a
+        record lacks it): the keyword lists reward functions receive."""
+        return {name: [self.fields[i].get(name) for i in rows] for name in self.field_names}
 
     def exact_match(self, completions: Sequence[str]) -> dict[str, float]:
         """Share of completions equal to their answer (check_answer): "all" and per task."""
