@@ -248,7 +248,8 @@ def encode_chat(
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load a fast tokenizer from a local Hugging Face directory, or from the hub by name.
+    """Load a fast tokenizer from a local Hugging Face directory, a checkpoint or run
+    directory (its latest checkpoint's), or from the hub by name.
 
     A tokenizer without a pad token gets an existing token as pad (`fallback_pad_token`: eos, as
     is usual for GPT-2 / Llama tokenizers), never a new one, so the model keeps its vocabulary.
@@ -259,6 +260,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """
     local = Path(path).expanduser()
     name = str(path)
+    if (local / "latest").is_file() and not (local / "tokenizer.json").is_file():
+        from lmforge.checkpoint import resolve_checkpoint
+
+        local = resolve_checkpoint(local)  # a run directory: its latest checkpoint's tokenizer
     if local.exists():
         if not local.is_dir():
             raise CheckpointError(f"tokenizer path {local} is a file; give its directory instead")

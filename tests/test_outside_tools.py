@@ -71,3 +71,43 @@ def test_sample_chat_renders_the_template_with_one_bos(
     cfg = GenerateConfig(max_new_tokens=6, temperature=0)
     out = generate(model, [ids], cfg, eos_ids=stop_ids(tok), pad_id=tok.pad_token_id)
     assert capsys.readouterr().out == out.texts(tok)[0] + "\n"
+
+
+def test_trl_assistant_only_sft_learns_the_tokens_lmforge_learns(
+    task_base: Path, tmp_path: Path
+) -> None:
+    """TRL's SFTTrainer with assistant_only_loss accepts lmforge's chat template (it has
+    {% generation %} markers), marks exactly the tokens lmforge's SFT learns, and trains."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.data.chat_datasets import IGNORE, SFTDataset
+    from lmforge.data.tasks import task_examples
+    from lmforge.tokenizer import load_tokenizer
+
+    ckpt = resolve_checkpoint(task_base)
+    examples = task_examples("train", 8, 1)
+    args = SFTConfig(
+        output_dir=str(tmp_path / "trl"), assistant_only_loss=True, max_steps=2, max_length=64,
+        per_device_train_batch_size=4, learning_rate=1e-3, report_to=[], use_cpu=True,
+        logging_steps=1, save_strategy="no", dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(ckpt),
+        args=args,
+        train_dataset=Dataset.from_list([{"messages": e["messages"]} for e in examples]),
+        processing_class=AutoTokenizer.from_pretrained(ckpt),
+    )
+    ours = SFTDataset([dict(e) for e in examples], load_tokenizer(ckpt), 64, pack=False)
+    for i in range(len(examples)):
+        row = trainer.train_dataset[i]
+        batch = ours.get_batch([i])
+        n = len(row["input_ids"])  # lmforge's inputs are the chat's ids less the last one
+        assert batch["input_ids"][0, : n - 1].tolist() == list(row["input_ids"])[:-1]
+        learned = [t + 1 for t in range(n - 1) if batch["labels"][0, t] != IGNORE]
+        # TRL keeps the assistant mask as labels: the ids themselves (unshifted), -100 elsewhere
+        assert learned == [t for t, label in enumerate(row["labels"]) if label != -100], i
+    result = trainer.train()
+    assert result.training_loss == result.training_loss  # finite: it trained

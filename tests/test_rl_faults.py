@@ -128,7 +128,7 @@ def test_kill_inside_ppo_save_leaves_both_engines_on_the_previous_checkpoint(
     run_stage("finetune/ppo.py", ppo_args(task_policy, whole, *extra))
     procs = spawn_group(
         "finetune/ppo.py", ppo_args(task_policy, run, *extra), nproc=1,
-        log_dir=tmp_path / "logs", env={SAVE_PAUSE_ENV: "30"},
+        log_dir=tmp_path / "logs", env={SAVE_PAUSE_ENV: "5"},
     )  # fmt: skip
     partial = run / ".step-000003.partial"
     deadline = time.monotonic() + 600

@@ -369,3 +369,16 @@ def test_load_keeps_generation_eos_ids_and_pads_without_a_new_token(
     loaded = load_tokenizer(tmp_path / "bos")
     assert loaded.pad_token == BOS and len(loaded) == len(tok)  # an existing token pads
     assert loaded.generation_eos_ids == []
+
+
+def test_a_run_directory_gives_its_latest_checkpoints_tokenizer(tmp_path) -> None:
+    """tokenizer.path (and every tokenizer load) takes a run directory like a checkpoint one."""
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.model import ModelConfig, build_model
+    from lmforge.tokenizer import load_tokenizer, train_tokenizer
+
+    tok = train_tokenizer(["a run directory holds checkpoints"] * 20, vocab_size=300)
+    cfg = ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32)
+    save_checkpoint(tmp_path / "step-000001", build_model(cfg, seed=0), tok, update_latest=True)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.get_vocab() == tok.get_vocab() and loaded.chat_template == tok.chat_template
