@@ -32,7 +32,7 @@ from lmforge.loop import before_after, supervised_task, training_loop
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.model import GPT, num_params
 from lmforge.prefs import dpo_loss, sequence_logprobs
-from lmforge.runtime import all_mean, run_entry, set_seed
+from lmforge.runtime import global_means, run_entry, set_seed
 from lmforge.stage import StageConfig, check_batch_sizes, launch, load_start, start_run
 
 
@@ -96,33 +96,21 @@ def evaluate(ctx: dict[str, Any]) -> dict[str, float]:
     """Held-out DPO loss, implicit-reward accuracy and margin, and how often the policy alone
     gives the chosen answer the higher log-prob (rows split across ranks)."""
     data, info, ref = ctx["heldout"], ctx["info"], ctx["heldout_ref"]
-    totals = torch.zeros(6, dtype=torch.float64)
+    sums = dict.fromkeys(("loss", "reward_accuracy", "reward_margin"), 0.0)
+    sums.update(prefers_chosen=0.0, logp_margin=0.0)
     rows = list(range(info.rank, len(data), info.world))
     for start in range(0, len(rows), ctx["micro"]):
         idx = rows[start : start + ctx["micro"]]
         pi_c, pi_r = logprobs(ctx["engine"], data.get_batch(idx), ctx["device"]).cpu().chunk(2)
         loss, m = dpo_loss(pi_c, pi_r, ref[idx, 0], ref[idx, 1], **ctx["loss_args"])
         n = len(idx)
-        totals += torch.tensor(
-            [
-                loss.item() * n,
-                m["accuracy"].item() * n,
-                m["margin"].item() * n,
-                (pi_c > pi_r).float().sum().item(),
-                (pi_c - pi_r).sum().item(),
-                n,
-            ],
-            dtype=torch.float64,
-        )
-    totals = all_mean(totals, info.world) * info.world
-    n = totals[5].clamp(min=1)
-    return {
-        "eval/loss": (totals[0] / n).item(),
-        "eval/reward_accuracy": (totals[1] / n).item(),
-        "eval/reward_margin": (totals[2] / n).item(),
-        "eval/prefers_chosen": (totals[3] / n).item(),
-        "eval/logp_margin": (totals[4] / n).item(),
-    }
+        sums["loss"] += loss.item() * n
+        sums["reward_accuracy"] += m["accuracy"].item() * n
+        sums["reward_margin"] += m["margin"].item() * n
+        sums["prefers_chosen"] += (pi_c > pi_r).float().sum().item()
+        sums["logp_margin"] += (pi_c - pi_r).sum().item()
+    means = global_means(sums, len(rows), info.world)
+    return {f"eval/{key}": value for key, value in means.items()}
 
 
 def train(cfg: DPOConfig) -> dict[str, Any]:

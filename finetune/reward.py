@@ -33,7 +33,7 @@ from lmforge.errors import ConfigError
 from lmforge.loop import before_after, supervised_task, training_loop
 from lmforge.model import num_params
 from lmforge.prefs import bradley_terry_loss
-from lmforge.runtime import all_mean, run_entry, set_seed
+from lmforge.runtime import global_means, run_entry, set_seed
 from lmforge.stage import (
     StageConfig,
     check_batch_sizes,
@@ -73,23 +73,16 @@ def pair_accuracy(
     engine: Engine, data: PreferenceDataset, info: DistInfo, micro: int, device: torch.device
 ) -> dict[str, float]:
     """Held-out pair accuracy, loss and mean margin, rows split across ranks."""
-    total = torch.zeros(4, dtype=torch.float64)  # (correct, loss sum, margin sum, pairs)
+    sums = {"accuracy": 0.0, "loss": 0.0, "margin": 0.0}
     rows = list(range(info.rank, len(data), info.world))
     for start in range(0, len(rows), micro):
         chosen, rejected = pair_scores(engine, data.get_batch(rows[start : start + micro]), device)
         loss, accuracy = bradley_terry_loss(chosen, rejected)
-        n = len(chosen)
-        margin = (chosen - rejected).sum().item()
-        total += torch.tensor(
-            [accuracy.item() * n, loss.item() * n, margin, n], dtype=torch.float64
-        )
-    total = all_mean(total, info.world) * info.world
-    n = total[3].clamp(min=1)
-    return {
-        "eval/accuracy": (total[0] / n).item(),
-        "eval/loss": (total[1] / n).item(),
-        "eval/margin": (total[2] / n).item(),
-    }
+        sums["accuracy"] += accuracy.item() * len(chosen)
+        sums["loss"] += loss.item() * len(chosen)
+        sums["margin"] += (chosen - rejected).sum().item()
+    means = global_means(sums, len(rows), info.world)
+    return {f"eval/{key}": value for key, value in means.items()}
 
 
 def train(cfg: RewardConfig) -> dict[str, Any]:

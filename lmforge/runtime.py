@@ -91,6 +91,16 @@ def all_mean(value: torch.Tensor, world: int) -> torch.Tensor:
     return (out / world).cpu().to(value.dtype)
 
 
+def global_means(sums: dict[str, float], count: float, world: int) -> dict[str, float]:
+    """Each of this rank's `sums`, added up over ranks, divided by the ranks' total `count`
+    (at least 1): a mean over every example of a held-out set split across ranks."""
+    keys = list(sums)
+    total = torch.tensor([*(sums[k] for k in keys), count], dtype=torch.float64)
+    total = all_mean(total, world) * world
+    n = total[-1].clamp(min=1)
+    return {key: (total[i] / n).item() for i, key in enumerate(keys)}
+
+
 class StopFlag:
     """SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary and a clean exit (SLURM
     sends one before preemption). All ranks agree through an all-reduce when asked."""
