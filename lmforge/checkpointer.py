@@ -237,6 +237,9 @@ class Checkpointer:
             saved = point.open_sibling(slot.subdir)
             mine = self._owns(saved.path)
             hows.append(restore_engine(slot.engine, saved.path, saved.meta, own=mine))
+            # The optimizer state brought back the hyper-parameters it was saved with; the run's
+            # current ones win (a resume may have changed the learning rate since).
+            slot.engine.set_hyperparameters(self.config.optim)
         load_rng(point.path / ENGINE_DIR, self.info.rank)  # the main engine's RNG is the run's
         for key, part in self.parts.items():
             if key not in skip_parts and isinstance(point.meta.get(key), Mapping):

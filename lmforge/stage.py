@@ -295,6 +295,5 @@ def start_run(
         for line in format_changes(place.changes):
             tracker.message(line)
     for engine in checkpointer.engines().values():
-        engine.set_hyperparameters(cfg.optim)  # the current config's, whatever was restored
-        engine.set_lr_scale(monitor.state.lr_scale)
+        engine.set_lr_scale(monitor.state.lr_scale)  # a rollback's lower rate carries over
     return run
