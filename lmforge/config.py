@@ -470,19 +470,20 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     return from_dict(cls, data)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """`value` as JSON would give it back: config objects as dicts, tuples as lists."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_dict(value)
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain dicts, lists and scalars (YAML/JSON-able), in field order."""
-    return {f.name: _plain(getattr(cfg, f.name)) for f in _init_fields(type(cfg))}
+    return {f.name: plain(getattr(cfg, f.name)) for f in _init_fields(type(cfg))}
 
 
 def dumps(cfg: Any) -> str:

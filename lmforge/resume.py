@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lmforge.config import option, to_dict
+from lmforge.config import option, plain
 from lmforge.errors import ConfigError
 
 # Settings that may differ from the resumed run's config: they take effect from the next step.
@@ -136,25 +136,14 @@ def _leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             if dataclasses.is_dataclass(sub) and not isinstance(sub, type):
                 yield from _leaves(sub, key)
             else:
-                yield key, _plain(sub)
+                yield key, plain(sub)
     elif isinstance(value, Mapping) and value:
         for name, sub in value.items():
             key = f"{prefix}.{name}" if prefix else str(name)
             if isinstance(sub, Mapping) and sub:
                 yield from _leaves(sub, key)
             else:
-                yield key, _plain(sub)
-
-
-def _plain(value: Any) -> Any:
-    """`value` as JSON would give it back: tuples as lists, config objects as dicts."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_dict(value)
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+                yield key, plain(sub)
 
 
 _MISSING = object()
@@ -217,7 +206,7 @@ def config_changes(saved: Mapping[str, Any], current: Any, allow: Sequence[str])
         old = _lookup(saved, key)
         if old is _MISSING or _same(old, new):
             continue
-        old = _plain(old)
+        old = plain(old)
         if any(_covers(entry, key) for entry in (*APPLIED_KEYS, *entries)):
             changes.append(Change(key, old, new))
         else:

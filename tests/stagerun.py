@@ -80,6 +80,24 @@ def run_stage(
     return proc
 
 
+def plain_transformers(script: str, job: dict, cwd: Path) -> dict:
+    """Run `script` (Python reading a JSON job from sys.argv[1]) in a new process, the way a
+    user of plain transformers would, and return the JSON object it prints last. That object's
+    `lmforge_imported` must be false: the process never imported lmforge."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(job)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,  # nothing of the repository importable from the working directory
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["lmforge_imported"] is False, "the plain-transformers process imported lmforge"
+    return report
+
+
 def metrics(run_dir: Path) -> list[dict]:
     """The records of a run's metrics.jsonl."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

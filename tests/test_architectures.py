@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from stagerun import plain_transformers
 from transformers import AutoModelForCausalLM
 
 from lmforge.checkpoint import (
@@ -334,17 +335,7 @@ def test_saved_in_own_model_type_and_loaded_by_plain_transformers(tmp_path: Path
         "inputs": {k: [b.tolist() for b in v] for k, v in batches.items()},
         "out": str(out),
     }
-    result = subprocess.run(
-        [sys.executable, "-c", _PLAIN_TRANSFORMERS, json.dumps(job)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,  # nothing of lmforge importable from the working directory
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["lmforge_imported"] is False
+    report = plain_transformers(_PLAIN_TRANSFORMERS, job, tmp_path)
     logits = load_file(out)
 
     for name, model in models.items():

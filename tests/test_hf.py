@@ -4,9 +4,6 @@ non-Llama variants, HF generate on our wrapper, and sharded checkpoints. All fp3
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import torch
 import transformers
 from conftest import small_config
 from safetensors.torch import load_file
+from stagerun import plain_transformers
 from transformers import AutoModelForCausalLM
 
 from lmforge.checkpoint import load_checkpoint, save_checkpoint
@@ -203,17 +201,7 @@ def test_llama_variant_loads_in_plain_transformers(tmp_path: Path) -> None:
         "text": text,
         "out": str(out),
     }
-    result = subprocess.run(
-        [sys.executable, "-c", _PLAIN_TRANSFORMERS, json.dumps(job)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,  # nothing of lmforge importable from the working directory
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["lmforge_imported"] is False
+    report = plain_transformers(_PLAIN_TRANSFORMERS, job, tmp_path)
     logits = load_file(out)
 
     real = mask.bool()

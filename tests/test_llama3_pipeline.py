@@ -8,13 +8,11 @@ ids lmforge trained on, scores (reward) and answers greedily (policies) exactly 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from stagerun import final_metrics, losses, run_stage, stage_env
+from stagerun import final_metrics, losses, plain_transformers, run_stage
 from test_chat_templates import LLAMA3, byte_bpe
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -78,7 +76,8 @@ OUTSIDE = """
 import json, sys
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-path, kind, messages, answer = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+job = json.loads(sys.argv[1])
+path, kind, messages, answer = job["path"], job["kind"], job["messages"], job["answer"]
 tok = AutoTokenizer.from_pretrained(path)
 out = {"class": None}
 if kind == "lm":
@@ -102,13 +101,8 @@ def outside(run: Path, kind: str, messages: list, answer: str = "") -> dict:
     """What plain transformers does with the run's latest checkpoint folder, in a process
     without lmforge."""
     path = run / (run / "latest").read_text().strip()
-    env = {**stage_env(), "PYTHONPATH": ""}
-    proc = subprocess.run(
-        [sys.executable, "-c", OUTSIDE, str(path), kind, json.dumps(messages), answer],
-        env=env, capture_output=True, text=True, timeout=300, cwd="/",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    job = {"path": str(path), "kind": kind, "messages": messages, "answer": answer}
+    return plain_transformers(OUTSIDE, job, run)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +152,7 @@ def test_policies_render_and_answer_outside_as_in_lmforge(runs: dict[str, Path],
     cfg = GenerateConfig(max_new_tokens=8, temperature=0)
     ours = generate(model, [ids], cfg, eos_ids=stop_ids(tok), pad_id=tok.pad_token_id)
     theirs = outside(runs[name], "lm", messages)
-    assert not theirs["lmforge_imported"] and theirs["class"] == "LlamaForCausalLM"
+    assert theirs["class"] == "LlamaForCausalLM"
     assert theirs["prompt"] == ids and ids.count(tok.bos_token_id) == 1
     answer = ours.tokens[0, : int(ours.lengths[0])].tolist()
     assert theirs["answer"] == answer, (theirs["answer"], answer)
@@ -174,7 +168,7 @@ def test_reward_model_scores_outside_as_in_lmforge(runs: dict[str, Path]) -> Non
     with torch.no_grad():
         ours = model(batch["chosen_ids"], last_index=batch["chosen_last"]).item()
     theirs = outside(runs["reward"], "reward", record["prompt"], record["chosen"])
-    assert theirs["class"] == "LlamaForSequenceClassification" and not theirs["lmforge_imported"]
+    assert theirs["class"] == "LlamaForSequenceClassification"
     assert theirs["ids"] == batch["chosen_ids"][0, : last + 1].tolist()
     assert abs(theirs["score"] - ours) < 1e-4, (theirs["score"], ours)
     end = final_metrics(runs["reward"])

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import torch
 import transformers
 from conftest import small_config
 from safetensors.torch import load_file
+from stagerun import plain_transformers
 from transformers import AutoModelForSequenceClassification
 
 import lmforge  # noqa: F401  (registers LmforgeForSequenceClassification)
@@ -200,17 +198,7 @@ def test_llama_reward_model_loads_in_plain_transformers(tmp_path: Path, tokenize
         "batches": {k: (ids.tolist(), mask.tolist()) for k, (ids, mask) in batches.items()},
         "out": str(out),
     }
-    result = subprocess.run(
-        [sys.executable, "-c", _PLAIN_TRANSFORMERS, json.dumps(job)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,  # nothing of lmforge importable from the working directory
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["lmforge_imported"] is False
+    report = plain_transformers(_PLAIN_TRANSFORMERS, job, tmp_path)
     theirs = load_file(out)
     for name, model in models.items():
         info = report[name]
