@@ -162,6 +162,9 @@ def test_ppo_stopped_on_two_processes_resumes_on_one(task_policy: Path, tmp_path
     assert "re-sharded from 2 process(es), ZeRO-2 to 1 process(es), ZeRO-2" in out, out
     a = {r["step"]: r for r in metrics(whole) if "reward" in r}
     b = {r["step"]: r for r in metrics(split) if "reward" in r}
+    keys = ("reward", "loss", "value_loss", "kl", "kl_coef", "response_length")
+    worst = max(abs(b[step][k] - a[step][k]) for step in (3, 4) for k in keys)
+    print(f"PPO 2 -> 1 processes: max |metric difference| at steps 3-4 = {worst:.2e}")
     for step in (1, 2, 3, 4):
-        for key in ("reward", "loss", "value_loss", "kl", "kl_coef", "response_length"):
+        for key in keys:
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
