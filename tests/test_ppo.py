@@ -100,7 +100,7 @@ def test_learned_reward_raises_heldout_reward_within_kl_bound(
             "--train.global_batch_size=64",
             "--train.micro_batch_size=32",
             "--tracking.log_every=5",
-            "--optim.lr=5e-4",
+            "--optim.lr=1e-3",
             "--adaptive_kl=true",
             "--kl_coef=0.2",
             "--kl_target=2",
