@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lmforge.config import file_mode
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.hf import (
     Head,
@@ -208,6 +209,13 @@ def _hf_state_dict(
     return out
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """One safetensors file with the mode every other file of the checkpoint gets (safetensors
+    itself creates its files readable by their owner only, whatever the umask)."""
+    save_file(tensors, file, metadata={"format": "pt"})
+    os.chmod(file, file_mode())
+
+
 def _save_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -219,12 +227,12 @@ def _save_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
         shards[-1][key] = tensors[key]
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], directory / WEIGHTS_FILE, metadata={"format": "pt"})
+        save_safetensors(shards[0], directory / WEIGHTS_FILE)
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / name, metadata={"format": "pt"})
+        save_safetensors(shard, directory / name)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     write_json(

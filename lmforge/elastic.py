@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from lmforge.checkpoint import read_json, write_json
+from lmforge.checkpoint import read_json, save_safetensors, write_json
 from lmforge.engine import StatefulEngine
 from lmforge.errors import CheckpointError
 
@@ -46,8 +45,8 @@ def save_consolidated(engine: StatefulEngine, directory: Path) -> None:
     if not engine.info.is_main:
         return
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(master, directory / MASTER_FILE, metadata={"format": "pt"})
-    save_file(moments, directory / MOMENTS_FILE, metadata={"format": "pt"})
+    save_safetensors(master, directory / MASTER_FILE)
+    save_safetensors(moments, directory / MOMENTS_FILE)
     state = {
         "optimizer_step": engine.optimizer_step_count(),
         **engine.topology(),

@@ -613,3 +613,25 @@ def test_config_dataclass_is_written_from_model(saved: tuple[Path, GPT]) -> None
     assert ModelConfig(**meta["model"]) == model.cfg
     assert meta["stage"] == "pretrain"
     assert meta["step"] == 10
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_weight_files_follow_the_umask_like_every_other_file(tmp_path: Path, umask: int) -> None:
+    """A team reading a shared run directory can read the weights whenever it can read the
+    config: safetensors files get the umask's mode, not owner-only, sharded or not."""
+    from lmforge.config import file_mode
+
+    model = build_model(small_config(), seed=0)
+    before = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / "one", model, None)
+        save_checkpoint(tmp_path / "sharded", model, None, max_shard_bytes=20_000)
+        expected = file_mode()
+    finally:
+        os.umask(before)
+    assert expected == 0o666 & ~umask
+    for folder in ("one", "sharded"):
+        files = [p for p in (tmp_path / folder).iterdir() if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in files)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in files}
+        assert set(modes.values()) == {expected}, modes

@@ -119,6 +119,12 @@ def test_a_run_honours_umask_keeps_the_wandb_key_out_and_refuses_pickled_state(
         if not path.is_symlink() and mode & 0o027:
             loose.append((str(path.relative_to(tmp_path)), oct(mode)))
     assert not loose, loose
+    # ... and the group reads every weight file, as it reads the configs (safetensors alone
+    # would make them owner-only)
+    weights = [p for p in run.rglob("*.safetensors")]
+    assert weights and all(stat.S_IMODE(p.stat().st_mode) == 0o640 for p in weights), [
+        (str(p.relative_to(run)), oct(stat.S_IMODE(p.stat().st_mode))) for p in weights
+    ]
     # the W&B key is in no log line, no config dump, no file of the run
     assert SECRET not in proc.stdout + proc.stderr
     for path in run.rglob("*"):
