@@ -166,3 +166,6 @@ def test_stop_and_resume_is_exact(policy: Path, tmp_path: Path) -> None:
     for step in (3, 4):
         for key in ("reward", "loss", "value_loss", "kl", "kl_coef"):
             assert b[step][key] == pytest.approx(a[step][key], abs=1e-6), (step, key)
+    # the resumed run's final checkpoint still holds the before-training evaluation
+    before = {k: v for k, v in final_metrics(whole).items() if k.startswith("eval_before/")}
+    assert before and final_metrics(split).items() >= before.items()
