@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +38,8 @@ TEXTS = [f"the quick brown fox {i} jumps over the lazy dog, again and again." fo
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """These models are tiny: one intra-op thread is faster, and immune to the stalls that
-    OpenMP's spinning threads suffer when the cores are shared with other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# These models are tiny: one intra-op thread is faster (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

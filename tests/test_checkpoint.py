@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,14 +35,8 @@ from lmforge.tokenizer import train_tokenizer
 TEXTS = [f"the quick brown fox {i} jumps over the lazy dog, again and again." for i in range(40)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """These models are tiny: one intra-op thread is faster, and immune to the stalls that
-    OpenMP's spinning threads suffer when the cores are shared with other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# These models are tiny: one intra-op thread is faster (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_line_error(err: pytest.ExceptionInfo[CheckpointError], *names: str) -> str:

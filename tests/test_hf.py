@@ -4,7 +4,6 @@ non-Llama variants, HF generate on our wrapper, and sharded checkpoints. All fp3
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,8 @@ ATOL = 1e-4
 TEXTS = [f"the quick brown fox {i} jumps over the lazy dog, again and again." for i in range(40)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """These models are tiny: one intra-op thread is faster, and immune to the stalls that
-    OpenMP's spinning threads suffer when the cores are shared with other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# These models are tiny: one intra-op thread is faster (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -314,7 +314,17 @@ def end_of_turn(tokenizer: PreTrainedTokenizerFast) -> tuple[list[int], list[int
     `<|eot_id|>`), and the tokens it writes after that to close the turn (lmforge and ChatML: the
     newline; a generated answer that stops on the end-of-turn token needs them appended to read
     as the template renders it). ([], []) when the tokenizer has no template or writes no special
-    token there."""
+    token there. Kept on the tokenizer per template: generation asks for it at every rollout."""
+    cached = getattr(tokenizer, "_lmforge_end_of_turn", None)
+    if cached is not None and cached[0] == tokenizer.chat_template:
+        return cached[1]
+    found = _find_end_of_turn(tokenizer)
+    tokenizer._lmforge_end_of_turn = (tokenizer.chat_template, found)
+    return found
+
+
+def _find_end_of_turn(tokenizer: PreTrainedTokenizerFast) -> tuple[list[int], list[int]]:
+    """end_of_turn, computed: render a probe answer and read the tokens after it."""
     try:
         encoder = ChatEncoder(tokenizer)
         chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
