@@ -4,7 +4,7 @@ lmforge pretrain --config configs/pretrain/demo.yaml [--section.key=value ...]
 lmforge sample runs/demo --prompt "The import statement" [--max-new-tokens 64]
 lmforge inspect runs/demo
 lmforge export runs/sft hf/sft [--max-shard-size 2GB] [--dtype bf16]
-lmforge plot runs/demo [-o curves.png]
+lmforge plot runs/demo [runs/other ...] [-o curves.png]
 lmforge estimate --model 7b --gpus 8
 lmforge config-reference [--check]
 """
@@ -92,56 +92,10 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-# What each stage exists for, as (metric label, key before, key after) read from lmforge.json.
-_REPORT = {
-    "pretrain": [("validation loss", None, "eval/causal/loss")],
-    "sft": [
-        ("held-out exact match", "eval_before/accuracy", "eval/accuracy"),
-        ("held-out loss", "eval_before/loss", "eval/loss"),
-    ],
-    "reward": [("held-out pair accuracy", "eval_before/accuracy", "eval/accuracy")],
-    "dpo": [
-        ("held-out implicit-reward accuracy", None, "eval/reward_accuracy"),
-        ("policy prefers chosen", "eval_before/prefers_chosen", "eval/prefers_chosen"),
-        ("mean log-prob margin", "eval_before/logp_margin", "eval/logp_margin"),
-    ],
-    "grpo": [
-        ("held-out exact match (greedy)", "eval_before/accuracy", "eval/accuracy"),
-        ("held-out sampled reward", "eval_before/reward", "eval/reward"),
-        ("held-out KL to the start (nats)", None, "eval/kl"),
-    ],
-    "ppo": [
-        ("held-out reward (sampled)", "eval_before/reward", "eval/reward"),
-        ("held-out KL to the start (nats)", None, "eval/kl"),
-        ("held-out exact match (greedy)", "eval_before/accuracy", "eval/accuracy"),
-    ],
-}
-
-
 def _report(args: argparse.Namespace) -> int:
-    from lmforge.checkpoint import META_FILE, read_json, resolve_checkpoint
+    from lmforge.report import format_report, report_rows
 
-    rows = []
-    for run in args.runs:
-        ckpt = resolve_checkpoint(run)
-        meta = read_json(ckpt / META_FILE)
-        stage, metrics = meta.get("stage", "?"), meta.get("metrics", {})
-        for label, before, after in _REPORT.get(stage, []):
-            old = metrics.get(before) if before else None
-            new = metrics.get(after)
-            rows.append(
-                (
-                    stage,
-                    label,
-                    "" if old is None else f"{old:.3f}",
-                    "" if new is None else f"{new:.3f}",
-                    str(ckpt),
-                )
-            )
-    header = ("stage", "measure", "before", "after", "checkpoint")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print(format_report(report_rows(args.runs)))
     return 0
 
 
@@ -243,7 +197,7 @@ def _export(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from lmforge.plot import save_plot
 
-    print(f"wrote {save_plot(args.run_dir, args.output)}")
+    print(f"wrote {save_plot(args.run_dirs, args.output)}")
     return 0
 
 
@@ -378,16 +332,23 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _add_plot(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The `plot` subcommand: a run's training curves as an image."""
+    """The `plot` subcommand: the curves of one or more runs as an image."""
     plot = sub.add_parser(
         "plot",
-        help="draw a run's loss, learning-rate and throughput curves",
-        description="Draw loss (per objective, evaluation losses as markers), learning rate "
-        "and tokens/s against step from RUN_DIR/metrics.jsonl into a PNG.",
+        help="draw the curves each run's stage measures, several runs overlaid",
+        description="Draw from each RUN_DIR/metrics.jsonl, against step, a panel per measured "
+        "curve: training and held-out loss; reward, KL and response length (GRPO, PPO); "
+        "accuracy; pair accuracy and margins (reward, DPO); learning rate and tokens/s. "
+        "Several runs share the panels, one colour per run.",
     )
-    plot.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding metrics.jsonl")
     plot.add_argument(
-        "-o", "--output", help="image file (.png, .svg, .pdf; default RUN_DIR/curves.png)"
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.jsonl"
+    )
+    plot.add_argument(
+        "-o",
+        "--output",
+        help="image file (.png, .svg, .pdf; default RUN_DIR/curves.png for one run, "
+        "curves.png here for several)",
     )
 
 
@@ -433,7 +394,12 @@ def _add_estimate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The `report` subcommand: what each stage measured."""
-    report = sub.add_parser("report", help="what each stage measured, as a table")
+    report = sub.add_parser(
+        "report",
+        help="what each stage measured, as a table",
+        description="What each run's checkpoint measured before and after training, the "
+        "held-out set behind each number, and which numbers are not comparable.",
+    )
     report.add_argument("runs", nargs="+", help="run or checkpoint directories")
 
 

@@ -2,7 +2,8 @@
 
 Every logged record goes to `metrics.jsonl` in the run directory (one JSON object a line, the
 source of the loss curves and of `lmforge plot`) and, when enabled, to W&B. The console gets
-one line every `log_every` steps with step/total, loss, tokens/s, MFU (on GPUs), memory and ETA.
+one line every `log_every` steps with step/total, loss, lr, gradient norm, for GRPO and PPO the
+reward, KL, response length and generation share, tokens/s, MFU (on GPUs), memory and ETA.
 The W&B API key is never read here: wandb finds it itself (WANDB_API_KEY or `wandb login`).
 """
 
@@ -214,8 +215,9 @@ class Tracker:
         return out
 
     def progress(self, step: int, metrics: dict[str, Any], step_seconds: float) -> None:
-        """One console line: step/total and percent, loss, lr, grad norm, tokens/s, MFU,
-        memory and ETA (from the wall time since the first line, evaluations included)."""
+        """One console line: step/total and percent, loss, lr, grad norm, the RL stages' reward,
+        KL, response length and generation share (`rl_parts`), tokens/s, MFU, memory and ETA
+        (from the wall time since the first line, evaluations included)."""
         if not self.is_main:
             return
         now = time.perf_counter()
@@ -233,6 +235,7 @@ class Tracker:
             parts.append(f"lr {metrics['lr']:.2e}")
         if metrics.get("grad_norm") is not None:
             parts.append(f"gnorm {metrics['grad_norm']:.2f}")
+        parts += rl_parts(metrics)
         if metrics.get("tokens_per_s") is not None:
             parts.append(f"{metrics['tokens_per_s'] / 1e3:.1f}k tok/s")
         if "mfu" in metrics:
@@ -253,6 +256,26 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+# What an RL step reports, as (metric, console label, format): the rollout's mean reward, the
+# policy's KL to the reference, the mean response length in tokens and the share of the step
+# spent generating (the part a faster sampler would save).
+RL_FIELDS = (
+    ("reward", "reward", "{:.3f}"),
+    ("kl", "KL", "{:.4f}"),
+    ("response_length", "len", "{:.1f}"),
+    ("time/generation_share", "gen", "{:.0%}"),
+)
+
+
+def rl_parts(metrics: dict[str, Any]) -> list[str]:
+    """The progress line's RL fields present in `metrics` ('reward 0.625', 'gen 41%')."""
+    return [
+        f"{label} {fmt.format(metrics[key])}"
+        for key, label, fmt in RL_FIELDS
+        if isinstance(metrics.get(key), (int, float)) and math.isfinite(metrics[key])
+    ]
 
 
 def _table_value(value: Any) -> Any:
