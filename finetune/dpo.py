@@ -32,6 +32,7 @@ from lmforge.loop import before_after, supervised_task, training_loop
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.model import GPT, num_params
 from lmforge.prefs import dpo_loss, sequence_logprobs
+from lmforge.report import HELDOUT, chat_heldout
 from lmforge.runtime import global_means, run_entry, set_seed
 from lmforge.stage import StageConfig, check_batch_sizes, launch, load_start, start_run
 
@@ -149,6 +150,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     )
     checkpointer = Checkpointer(place.run_dir, info, cfg, "dpo", tok)
     scaling = cfg.lora.alpha / cfg.lora.rank if cfg.lora.enabled else None
+    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "pairs")
     checkpointer.add_engine("model", engine, parent=cfg.init_from, lora_scaling=scaling)
     run = start_run(cfg, place, checkpointer, model_cfg=policy.cfg, seq_len=cfg.data.seq_len)
     loss_args = {"beta": cfg.beta, "kind": cfg.kind, "label_smoothing": cfg.label_smoothing}

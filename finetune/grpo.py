@@ -35,6 +35,7 @@ from lmforge.errors import ConfigError
 from lmforge.loop import Micro, StepContext, Task, before_after, training_loop
 from lmforge.loss import IGNORE_INDEX
 from lmforge.rl import group_advantages, grpo_loss, masked_mean
+from lmforge.report import HELDOUT, chat_heldout
 from lmforge.rollout import (
     build_sequences,
     chunk_rows,
@@ -118,6 +119,7 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, groups: int) -> An
     sampler = GlobalSampler(len(policy.prompts), cfg.data.seed)
     per_rank, micro, device = groups // place.info.world, cfg.train.micro_batch_size, place.device
     engine, tok, prompts = policy.engine, policy.tok, policy.prompts
+        t_sample = time.perf_counter() - t0  # generation alone: what a faster sampler would save
 
     def step_fn(ctx: StepContext) -> Generator[Micro, None, dict[str, float]]:
         t0 = time.perf_counter()
@@ -149,6 +151,7 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, groups: int) -> An
                 if policy.reference is not None
                 else None
                 for c in chunks
+        t_step = time.perf_counter() - t0
             ]
         t_gen = time.perf_counter() - t0
         engine.train(True)
@@ -166,7 +169,9 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, groups: int) -> An
             **{f"reward/{k}": sum(v) / len(v) for k, v in rewards.parts.items()},
             "response_length": float(out.lengths.float().mean()),
             "generate_seconds": t_gen,
-            "train_seconds": time.perf_counter() - t0 - t_gen,
+            "train_seconds": t_step - t_gen,
+            "time/generation_seconds": t_sample,
+            "time/generation_share": t_sample / max(t_step, 1e-9),
             "sample_entropy": float(-masked_mean(torch.cat(old).cpu(), mask)),
             "tokens": float(mask.sum()),
         }
@@ -198,6 +203,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     heldout = PromptDataset(heldout_records, tok, cfg.data.seq_len)
     engine = build_engine(
         model,
+    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "prompts")
         cfg.engine,
         cfg.optim,
         micro_batch=cfg.train.micro_batch_size,

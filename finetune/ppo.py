@@ -37,6 +37,7 @@ from lmforge.errors import ConfigError
 from lmforge.loop import Micro, StepContext, Task, before_after, training_loop
 from lmforge.loss import IGNORE_INDEX
 from lmforge.rl import (
+from lmforge.report import HELDOUT, chat_heldout
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
@@ -181,10 +182,12 @@ class Rollout:
 
 
 @torch.no_grad()
+    t0 = time.perf_counter()
 def make_rollout(
     cfg: PPOConfig, m: Models, batch: list[list[int]], answers: Any, ctx: StepContext, **kw: Any
 ) -> Rollout:
     """Sample, score (normalised and clipped), add the per-token KL penalty and estimate GAE
+    t_sample = time.perf_counter() - t0  # generation alone: what a faster sampler would save
     advantages from the critic's values. kw: moments, kl_ctl, place, micro (rows per
     micro-batch), rows (the prompts' global positions, which seed their samples), fields (the
     prompt records' other fields, for reward functions)."""
@@ -216,6 +219,7 @@ def make_rollout(
         adv, returns = gae(rewards, old_values[j], mj, cfg.gamma, cfg.lam)
         adv = masked_whiten(adv, mj) if cfg.whiten_advantages else adv
         parts.append({"mask": mj, "adv": adv, "returns": returns, "kl": kl})
+        "time/generation_seconds": t_sample,
     value = torch.cat(
         [masked_mean(v, p["mask"]).reshape(1) for v, p in zip(old_values, parts, strict=True)]
     )
@@ -260,6 +264,7 @@ def ppo_step(cfg: PPOConfig, m: Models, prompts: PromptDataset, place: Launch, *
                 values = m.critic.module.values(c["input_ids"])
                 v_loss, vm = ppo_value_loss(
                     values, r.old_values[j], p["returns"], p["mask"], cfg.value_clip
+        t_step = time.perf_counter() - t0
                 )
                 metrics = {"value_loss": v_loss.item(), **_items(vm)}
                 yield Micro(cfg.vf_coef * v_loss, metrics, engine="critic")
@@ -273,7 +278,8 @@ def ppo_step(cfg: PPOConfig, m: Models, prompts: PromptDataset, place: Launch, *
             "kl": float(seq_kl.mean()),
             "kl_coef": kl_coef_used,
             "generate_seconds": t_gen,
-            "train_seconds": time.perf_counter() - t0 - t_gen,
+            "train_seconds": t_step - t_gen,
+            "time/generation_share": r.report["time/generation_seconds"] / max(t_step, 1e-9),
         }
 
     return step_fn
@@ -324,6 +330,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
             grad_accum=per_rank // cfg.train.micro_batch_size,
             total_steps=cfg.train.steps * cfg.epochs, info=info,
         )
+    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "prompts")
         for model in (actor, critic)
     )  # fmt: skip
     kl_ctl: AdaptiveKLController | FixedKLController = (
