@@ -34,8 +34,8 @@ from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
 from lmforge.loop import Micro, StepContext, Task, before_after, training_loop
 from lmforge.loss import IGNORE_INDEX
-from lmforge.rl import group_advantages, grpo_loss, masked_mean
 from lmforge.report import HELDOUT, chat_heldout
+from lmforge.rl import group_advantages, grpo_loss, masked_mean
 from lmforge.rollout import (
     build_sequences,
     chunk_rows,
@@ -119,7 +119,6 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, groups: int) -> An
     sampler = GlobalSampler(len(policy.prompts), cfg.data.seed)
     per_rank, micro, device = groups // place.info.world, cfg.train.micro_batch_size, place.device
     engine, tok, prompts = policy.engine, policy.tok, policy.prompts
-        t_sample = time.perf_counter() - t0  # generation alone: what a faster sampler would save
 
     def step_fn(ctx: StepContext) -> Generator[Micro, None, dict[str, float]]:
         t0 = time.perf_counter()
@@ -132,6 +131,7 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, groups: int) -> An
             seed=cfg.train.seed, step=ctx.step - 1,
             rows=list(range(first * cfg.group_size, (first + per_rank) * cfg.group_size)),
         )  # fmt: skip
+        t_sample = time.perf_counter() - t0  # generation alone: what a faster sampler would save
         rewards = policy.reward_fn(
             [tok.decode(p) for p in batch],
             out.texts(tok),
@@ -151,7 +151,6 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, groups: int) -> An
                 if policy.reference is not None
                 else None
                 for c in chunks
-        t_step = time.perf_counter() - t0
             ]
         t_gen = time.perf_counter() - t0
         engine.train(True)
@@ -164,6 +163,7 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, groups: int) -> An
                     cfg.clip, cfg.beta,
                 )  # fmt: skip
                 yield Micro(loss, {k: v.item() for k, v in m.items()})
+        t_step = time.perf_counter() - t0
         return {
             "reward": float(scores.mean()),
             **{f"reward/{k}": sum(v) / len(v) for k, v in rewards.parts.items()},
@@ -203,7 +203,6 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     heldout = PromptDataset(heldout_records, tok, cfg.data.seq_len)
     engine = build_engine(
         model,
-    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "prompts")
         cfg.engine,
         cfg.optim,
         micro_batch=cfg.train.micro_batch_size,
@@ -215,6 +214,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         engine, reference, tok, PromptDataset(train_records, tok, cfg.data.seq_len), reward_fn
     )
     checkpointer = Checkpointer(place.run_dir, info, cfg, "grpo", tok)
+    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "prompts")
     checkpointer.add_engine("model", engine, parent=cfg.init_from)
     run = start_run(cfg, place, checkpointer)
 

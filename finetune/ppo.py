@@ -36,8 +36,8 @@ from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
 from lmforge.loop import Micro, StepContext, Task, before_after, training_loop
 from lmforge.loss import IGNORE_INDEX
-from lmforge.rl import (
 from lmforge.report import HELDOUT, chat_heldout
+from lmforge.rl import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
@@ -182,21 +182,21 @@ class Rollout:
 
 
 @torch.no_grad()
-    t0 = time.perf_counter()
 def make_rollout(
     cfg: PPOConfig, m: Models, batch: list[list[int]], answers: Any, ctx: StepContext, **kw: Any
 ) -> Rollout:
     """Sample, score (normalised and clipped), add the per-token KL penalty and estimate GAE
-    t_sample = time.perf_counter() - t0  # generation alone: what a faster sampler would save
     advantages from the critic's values. kw: moments, kl_ctl, place, micro (rows per
     micro-batch), rows (the prompts' global positions, which seed their samples), fields (the
     prompt records' other fields, for reward functions)."""
     moments, kl_ctl, place = kw["moments"], kw["kl_ctl"], kw["place"]
     m.critic.train(False)
+    t0 = time.perf_counter()
     out = sample_completions(
         m.actor, batch, m.tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         seed=cfg.train.seed, step=ctx.step - 1, rows=kw["rows"],
     )  # fmt: skip
+    t_sample = time.perf_counter() - t0  # generation alone: what a faster sampler would save
     seqs = build_sequences(batch, out.tokens.cpu(), out.lengths.cpu(), m.tok.pad_token_id)
     mask = (seqs["labels"] != IGNORE_INDEX).float()  # (N, L)
     chunks = [{k: v.to(place.device) for k, v in c.items()} for c in chunk_rows(seqs, kw["micro"])]
@@ -219,7 +219,6 @@ def make_rollout(
         adv, returns = gae(rewards, old_values[j], mj, cfg.gamma, cfg.lam)
         adv = masked_whiten(adv, mj) if cfg.whiten_advantages else adv
         parts.append({"mask": mj, "adv": adv, "returns": returns, "kl": kl})
-        "time/generation_seconds": t_sample,
     value = torch.cat(
         [masked_mean(v, p["mask"]).reshape(1) for v, p in zip(old_values, parts, strict=True)]
     )
@@ -229,6 +228,7 @@ def make_rollout(
         "value": float(value.mean()),
         "response_length": float(out.lengths.float().mean()),
         "tokens": float(mask.sum()),
+        "time/generation_seconds": t_sample,
     }
     return Rollout(chunks, old, old_values, parts, report)
 
@@ -264,7 +264,6 @@ def ppo_step(cfg: PPOConfig, m: Models, prompts: PromptDataset, place: Launch, *
                 values = m.critic.module.values(c["input_ids"])
                 v_loss, vm = ppo_value_loss(
                     values, r.old_values[j], p["returns"], p["mask"], cfg.value_clip
-        t_step = time.perf_counter() - t0
                 )
                 metrics = {"value_loss": v_loss.item(), **_items(vm)}
                 yield Micro(cfg.vf_coef * v_loss, metrics, engine="critic")
@@ -273,6 +272,7 @@ def ppo_step(cfg: PPOConfig, m: Models, prompts: PromptDataset, place: Launch, *
         mean_kl = float(gather_all(seq_kl, place.info.world).mean())
         if not ctx.skipped:
             kl_ctl.update(mean_kl, cfg.train.global_batch_size)
+        t_step = time.perf_counter() - t0
         return {
             **r.report,
             "kl": float(seq_kl.mean()),
@@ -330,7 +330,6 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
             grad_accum=per_rank // cfg.train.micro_batch_size,
             total_steps=cfg.train.steps * cfg.epochs, info=info,
         )
-    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "prompts")
         for model in (actor, critic)
     )  # fmt: skip
     kl_ctl: AdaptiveKLController | FixedKLController = (
@@ -340,6 +339,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     )
     moments = RunningMoments()
     checkpointer = Checkpointer(place.run_dir, info, cfg, "ppo", tok)
+    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "prompts")
     checkpointer.add_engine("model", actor_engine, parent=cfg.init_from)
     critic_start = cfg.critic_from or cfg.reward_model
     checkpointer.add_engine("critic", critic_engine, subdir="critic", parent=critic_start)
