@@ -32,9 +32,8 @@ from lmforge.loop import before_after, supervised_task, training_loop
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.model import GPT, num_params
 from lmforge.prefs import dpo_loss, sequence_logprobs
-from lmforge.report import HELDOUT, chat_heldout
 from lmforge.runtime import global_means, run_entry, set_seed
-from lmforge.stage import StageConfig, check_batch_sizes, launch, load_start, start_run
+from lmforge.stage import StageConfig, launch, load_start, planned, start_run
 
 
 @dataclass
@@ -139,18 +138,18 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         del reference  # the frozen copy is not needed while training
     if cfg.lora.enabled:
         policy = apply_lora(policy, cfg.lora)
+    plan = cfg.batch_plan(info.world)
     engine = build_engine(
         policy,
         cfg.engine,
         cfg.optim,
-        micro_batch=micro,
-        grad_accum=check_batch_sizes(cfg.train, info.world),
+        micro_batch=plan.micro,
+        grad_accum=plan.accum,
         total_steps=cfg.train.steps,
         info=info,
     )
     checkpointer = Checkpointer(place.run_dir, info, cfg, "dpo", tok)
     scaling = cfg.lora.alpha / cfg.lora.rank if cfg.lora.enabled else None
-    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "pairs")
     checkpointer.add_engine("model", engine, parent=cfg.init_from, lora_scaling=scaling)
     run = start_run(cfg, place, checkpointer, model_cfg=policy.cfg, seq_len=cfg.data.seq_len)
     loss_args = {"beta": cfg.beta, "kind": cfg.kind, "label_smoothing": cfg.label_smoothing}
@@ -168,6 +167,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         f"{cfg.init_from} ({cfg.reference}); {num_params(policy.cfg) / 1e6:.2f}M parameters; "
         f"{train_data.summary()}; {engine.describe()}, {info.world} process(es)"
     )
+    run.tracker.message(plan.describe())
     sampler = GlobalSampler(len(train_data), cfg.data.seed)
 
     def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -190,7 +190,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     task = supervised_task(
         micro_step,
         lambda step: evaluate(ctx),
-        cfg.train,
+        planned(cfg.train, plan),
         info,
         num_samples=len(train_data),
         tokens_per_sample=2 * cfg.data.seq_len,  # a chosen and a rejected row

@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune.rewards import CombinedRewardFn, RewardSpec, build_reward_fn
+from lmforge.batching import BatchPlan
 from lmforge.checkpoint import load_checkpoint
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
@@ -34,7 +35,6 @@ from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
 from lmforge.loop import Micro, StepContext, Task, before_after, training_loop
 from lmforge.loss import IGNORE_INDEX
-from lmforge.report import HELDOUT, chat_heldout
 from lmforge.rl import group_advantages, grpo_loss, masked_mean
 from lmforge.rollout import (
     build_sequences,
@@ -45,14 +45,16 @@ from lmforge.rollout import (
     token_logprobs,
 )
 from lmforge.runtime import run_entry, set_seed
-from lmforge.stage import Launch, StageConfig, launch, load_start, start_run
+from lmforge.stage import Launch, StageConfig, check_batch_sizes, launch, load_start, start_run
 
 
 @dataclass
 class GRPOConfig(StageConfig):
     """Group-relative policy optimisation with verifiable rewards.
 
-    train.global_batch_size counts sequences per step over all processes: prompts × group_size.
+    train.global_batch_size counts sequences per step over all processes: prompts × group_size;
+    each process samples whole groups, and train.micro_batch_size caps the sequences of one
+    forward pass (the batch plan splits the process's sequences into micro-batches).
     """
 
     run_dir: str = option("runs/grpo", "Directory for checkpoints, metrics and the config.")
@@ -72,34 +74,18 @@ class GRPOConfig(StageConfig):
 
     def validate(self, prefix: str = "") -> None:
         """Checks that span sections."""
-        super().validate(prefix)
         if self.group_size < 2:
             raise ConfigError(f"group_size: must be at least 2, got {self.group_size}")
-        if self.train.global_batch_size % self.group_size:
-            raise ConfigError(
-                f"train.global_batch_size: {self.train.global_batch_size} is not a multiple of "
-                f"group_size={self.group_size}"
-            )
+        super().validate(prefix)  # the batch plan in whole groups (batch_plan below)
         if self.beta < 0 or self.clip <= 0 or self.epochs < 1 or self.temperature <= 0:
             raise ConfigError("beta >= 0, clip > 0, epochs >= 1 and temperature > 0 are required")
 
-
-def check_split(cfg: GRPOConfig, world: int) -> tuple[int, int]:
-    """(prompts per step, optimizer micro-batches per update) on this many processes, or a
-    ConfigError naming the key: a group never straddles processes."""
-    groups = cfg.train.global_batch_size // cfg.group_size
-    if groups % world:
-        raise ConfigError(
-            f"train.global_batch_size: {groups} prompts per step do not split over "
-            f"{world} processes; make global_batch_size / group_size a multiple of it"
+    def batch_plan(self, world: int) -> BatchPlan:
+        """Sequences per step split over processes in whole groups (a group never straddles
+        processes: its advantages are normalised together), then into micro-batches."""
+        return check_batch_sizes(
+            self.train, world, group=self.group_size, group_key="group_size", unit="sequences"
         )
-    per_rank = cfg.train.global_batch_size // world  # sequences of this rank per step
-    if per_rank % cfg.train.micro_batch_size:
-        raise ConfigError(
-            f"train.micro_batch_size: {cfg.train.micro_batch_size} does not divide the "
-            f"{per_rank} sequences each process trains on per step"
-        )
-    return groups, per_rank // cfg.train.micro_batch_size
 
 
 @dataclass
@@ -113,11 +99,12 @@ class Policy:
     reward_fn: CombinedRewardFn
 
 
-def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, groups: int) -> Any:
+def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, plan: BatchPlan) -> Any:
     """The step function: sample G completions for this rank's prompts, score and normalise
     them per group, then `epochs` passes of clipped policy-gradient micro-batches."""
     sampler = GlobalSampler(len(policy.prompts), cfg.data.seed)
-    per_rank, micro, device = groups // place.info.world, cfg.train.micro_batch_size, place.device
+    per_rank = plan.per_rank // cfg.group_size  # prompts of this rank per step
+    micro, device = plan.micro, place.device
     engine, tok, prompts = policy.engine, policy.tok, policy.prompts
 
     def step_fn(ctx: StepContext) -> Generator[Micro, None, dict[str, float]]:
@@ -131,7 +118,6 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, groups: int) -> An
             seed=cfg.train.seed, step=ctx.step - 1,
             rows=list(range(first * cfg.group_size, (first + per_rank) * cfg.group_size)),
         )  # fmt: skip
-        t_sample = time.perf_counter() - t0  # generation alone: what a faster sampler would save
         rewards = policy.reward_fn(
             [tok.decode(p) for p in batch],
             out.texts(tok),
@@ -163,15 +149,12 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, groups: int) -> An
                     cfg.clip, cfg.beta,
                 )  # fmt: skip
                 yield Micro(loss, {k: v.item() for k, v in m.items()})
-        t_step = time.perf_counter() - t0
         return {
             "reward": float(scores.mean()),
             **{f"reward/{k}": sum(v) / len(v) for k, v in rewards.parts.items()},
             "response_length": float(out.lengths.float().mean()),
             "generate_seconds": t_gen,
-            "train_seconds": t_step - t_gen,
-            "time/generation_seconds": t_sample,
-            "time/generation_share": t_sample / max(t_step, 1e-9),
+            "train_seconds": time.perf_counter() - t0 - t_gen,
             "sample_entropy": float(-masked_mean(torch.cat(old).cpu(), mask)),
             "tokens": float(mask.sum()),
         }
@@ -187,7 +170,8 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     info, device = place.info, place.device
     if not cfg.init_from:
         raise ConfigError("init_from: GRPO starts from an SFT checkpoint; set init_from")
-    groups, accum = check_split(cfg, info.world)
+    plan = cfg.batch_plan(info.world)
+    groups = cfg.train.global_batch_size // cfg.group_size  # prompts per step
     reward_fn = build_reward_fn(cfg.rewards, key="rewards")
     set_seed(cfg.train.seed, info.rank)
     model, tok, _ = load_start(place, cfg.init_from, load_checkpoint)
@@ -205,8 +189,8 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         model,
         cfg.engine,
         cfg.optim,
-        micro_batch=cfg.train.micro_batch_size,
-        grad_accum=accum,
+        micro_batch=plan.micro,
+        grad_accum=plan.accum,
         total_steps=cfg.train.steps * cfg.epochs,
         info=info,
     )
@@ -214,7 +198,6 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         engine, reference, tok, PromptDataset(train_records, tok, cfg.data.seq_len), reward_fn
     )
     checkpointer = Checkpointer(place.run_dir, info, cfg, "grpo", tok)
-    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "prompts")
     checkpointer.add_engine("model", engine, parent=cfg.init_from)
     run = start_run(cfg, place, checkpointer)
 
@@ -227,8 +210,9 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         f"{groups} per step × G={cfg.group_size}; rewards {[r.name for r in cfg.rewards]}; "
         f"β={cfg.beta}; {engine.describe()}, {info.world} process(es)"
     )
+    run.tracker.message(plan.describe())
     task = Task(
-        step=grpo_step(cfg, policy, place, groups),
+        step=grpo_step(cfg, policy, place, plan),
         evaluate=lambda step: evaluate_policy(
             engine, reference, heldout, tok, score, cfg, place.run_dir, step
         ),

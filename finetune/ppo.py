@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune.rewards import RewardSpec, build_reward_fn
+from lmforge.batching import BatchPlan
 from lmforge.checkpoint import load_checkpoint, load_reward_model
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
@@ -36,7 +37,6 @@ from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
 from lmforge.loop import Micro, StepContext, Task, before_after, training_loop
 from lmforge.loss import IGNORE_INDEX
-from lmforge.report import HELDOUT, chat_heldout
 from lmforge.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -62,14 +62,16 @@ from lmforge.rollout import (
     token_logprobs,
 )
 from lmforge.runtime import run_entry, set_seed
-from lmforge.stage import Launch, StageConfig, launch, load_start, start_run
+from lmforge.stage import Launch, StageConfig, check_batch_sizes, launch, load_start, start_run
 
 
 @dataclass
 class PPOConfig(StageConfig):
     """PPO with a learned reward model (or reward functions) and a KL penalty to the SFT model.
 
-    train.global_batch_size counts prompts per step over all processes (one completion each).
+    train.global_batch_size counts prompts per step over all processes (one completion each);
+    train.micro_batch_size caps the sequences of one forward pass of the actor or the critic
+    (the batch plan splits each process's share into micro-batches).
     """
 
     run_dir: str = option("runs/ppo", "Directory for checkpoints, metrics and the config.")
@@ -112,6 +114,10 @@ class PPOConfig(StageConfig):
         if self.reward_clip < 0:
             raise ConfigError(f"reward_clip: must be >= 0, got {self.reward_clip}")
 
+    def batch_plan(self, world: int) -> BatchPlan:
+        """Prompts per step split over processes, then into micro-batches (one sequence each)."""
+        return check_batch_sizes(self.train, world, unit="prompts")
+
 
 @dataclass
 class Models:
@@ -123,22 +129,6 @@ class Models:
     reference: torch.nn.Module
     score: ScoreFn
     tok: Any
-
-
-def per_rank_batch(cfg: PPOConfig, world: int) -> int:
-    """Prompts each process samples per step, or a ConfigError naming the key."""
-    if cfg.train.global_batch_size % world:
-        raise ConfigError(
-            f"train.global_batch_size: {cfg.train.global_batch_size} prompts do not split over "
-            f"{world} processes"
-        )
-    per_rank = cfg.train.global_batch_size // world
-    if per_rank % cfg.train.micro_batch_size:
-        raise ConfigError(
-            f"train.micro_batch_size: {cfg.train.micro_batch_size} does not divide the "
-            f"{per_rank} sequences each process trains on per step"
-        )
-    return per_rank
 
 
 def build_score(cfg: PPOConfig, tok: Any, device: torch.device) -> ScoreFn:
@@ -191,12 +181,10 @@ def make_rollout(
     prompt records' other fields, for reward functions)."""
     moments, kl_ctl, place = kw["moments"], kw["kl_ctl"], kw["place"]
     m.critic.train(False)
-    t0 = time.perf_counter()
     out = sample_completions(
         m.actor, batch, m.tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         seed=cfg.train.seed, step=ctx.step - 1, rows=kw["rows"],
     )  # fmt: skip
-    t_sample = time.perf_counter() - t0  # generation alone: what a faster sampler would save
     seqs = build_sequences(batch, out.tokens.cpu(), out.lengths.cpu(), m.tok.pad_token_id)
     mask = (seqs["labels"] != IGNORE_INDEX).float()  # (N, L)
     chunks = [{k: v.to(place.device) for k, v in c.items()} for c in chunk_rows(seqs, kw["micro"])]
@@ -228,7 +216,6 @@ def make_rollout(
         "value": float(value.mean()),
         "response_length": float(out.lengths.float().mean()),
         "tokens": float(mask.sum()),
-        "time/generation_seconds": t_sample,
     }
     return Rollout(chunks, old, old_values, parts, report)
 
@@ -238,7 +225,8 @@ def ppo_step(cfg: PPOConfig, m: Models, prompts: PromptDataset, place: Launch, *
     actor and a clipped value micro-batch on the critic; the KL controller follows the step's
     KL unless the loop refused the step. kw: moments, kl_ctl."""
     sampler = GlobalSampler(len(prompts), cfg.data.seed)
-    per_rank, kl_ctl = per_rank_batch(cfg, place.info.world), kw["kl_ctl"]
+    plan, kl_ctl = cfg.batch_plan(place.info.world), kw["kl_ctl"]
+    per_rank = plan.per_rank  # prompts of this rank per step
 
     def step_fn(ctx: StepContext) -> Generator[Micro, None, dict[str, float]]:
         t0 = time.perf_counter()
@@ -246,7 +234,7 @@ def ppo_step(cfg: PPOConfig, m: Models, prompts: PromptDataset, place: Launch, *
         idx = sampler.indices(first, per_rank)
         answers = ([prompts.answers[i] for i in idx], [prompts.tasks[i] for i in idx])
         batch = [prompts.prompt_ids[i] for i in idx]
-        rows, micro = list(range(first, first + per_rank)), cfg.train.micro_batch_size
+        rows, micro = list(range(first, first + per_rank)), plan.micro
         fields = prompts.field_lists(idx)
         r = make_rollout(
             cfg, m, batch, answers, ctx, place=place, micro=micro, rows=rows, fields=fields, **kw
@@ -272,14 +260,12 @@ def ppo_step(cfg: PPOConfig, m: Models, prompts: PromptDataset, place: Launch, *
         mean_kl = float(gather_all(seq_kl, place.info.world).mean())
         if not ctx.skipped:
             kl_ctl.update(mean_kl, cfg.train.global_batch_size)
-        t_step = time.perf_counter() - t0
         return {
             **r.report,
             "kl": float(seq_kl.mean()),
             "kl_coef": kl_coef_used,
             "generate_seconds": t_gen,
-            "train_seconds": t_step - t_gen,
-            "time/generation_share": r.report["time/generation_seconds"] / max(t_step, 1e-9),
+            "train_seconds": time.perf_counter() - t0 - t_gen,
         }
 
     return step_fn
@@ -317,7 +303,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     info = place.info
     if not cfg.init_from:
         raise ConfigError("init_from: PPO starts from an SFT checkpoint; set init_from")
-    per_rank = per_rank_batch(cfg, info.world)
+    plan = cfg.batch_plan(info.world)
     set_seed(cfg.train.seed, info.rank)
     actor, tok, critic, reference = load_models(cfg, place)
     score = build_score(cfg, tok, place.device)
@@ -326,8 +312,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     heldout = PromptDataset(heldout_records, tok, cfg.data.seq_len)
     actor_engine, critic_engine = (
         build_engine(
-            model, cfg.engine, cfg.optim, micro_batch=cfg.train.micro_batch_size,
-            grad_accum=per_rank // cfg.train.micro_batch_size,
+            model, cfg.engine, cfg.optim, micro_batch=plan.micro, grad_accum=plan.accum,
             total_steps=cfg.train.steps * cfg.epochs, info=info,
         )
         for model in (actor, critic)
@@ -339,7 +324,6 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     )
     moments = RunningMoments()
     checkpointer = Checkpointer(place.run_dir, info, cfg, "ppo", tok)
-    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "prompts")
     checkpointer.add_engine("model", actor_engine, parent=cfg.init_from)
     critic_start = cfg.critic_from or cfg.reward_model
     checkpointer.add_engine("critic", critic_engine, subdir="critic", parent=critic_start)
@@ -354,6 +338,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
         f"β={kl_ctl.value:.4g}{' (adaptive)' if cfg.adaptive_kl else ''}; "
         f"{actor_engine.describe()}, {info.world} process(es)"
     )
+    run.tracker.message(plan.describe())
     task = Task(
         step=ppo_step(cfg, models, prompts, place, moments=moments, kl_ctl=kl_ctl),
         evaluate=lambda step: evaluate_policy(

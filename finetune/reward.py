@@ -33,13 +33,12 @@ from lmforge.errors import ConfigError
 from lmforge.loop import before_after, supervised_task, training_loop
 from lmforge.model import num_params
 from lmforge.prefs import bradley_terry_loss
-from lmforge.report import HELDOUT, chat_heldout
 from lmforge.runtime import global_means, run_entry, set_seed
 from lmforge.stage import (
     StageConfig,
-    check_batch_sizes,
     launch,
     load_start,
+    planned,
     start_run,
     to_device,
 )
@@ -105,18 +104,17 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
         )
     model.train()
     train_data, heldout = load_preference_data(cfg.data, tok)
-    micro = cfg.train.micro_batch_size
+    micro, plan = cfg.train.micro_batch_size, cfg.batch_plan(info.world)
     engine = build_engine(
         model,
         cfg.engine,
         cfg.optim,
-        micro_batch=micro,
-        grad_accum=check_batch_sizes(cfg.train, info.world),
+        micro_batch=plan.micro,
+        grad_accum=plan.accum,
         total_steps=cfg.train.steps,
         info=info,
     )
     checkpointer = Checkpointer(place.run_dir, info, cfg, "reward", tok)
-    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "pairs")
     checkpointer.add_engine("model", engine, parent=cfg.init_from)
     run = start_run(cfg, place, checkpointer, model_cfg=model.cfg, seq_len=cfg.data.seq_len)
     run.tracker.message(
@@ -124,6 +122,7 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
         f"{train_data.summary()}; held-out {heldout.summary()}; "
         f"{engine.describe()}, {info.world} process(es)"
     )
+    run.tracker.message(plan.describe())
     sampler = GlobalSampler(len(train_data), cfg.data.seed)
 
     def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -135,7 +134,7 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
     task = supervised_task(
         micro_step,
         lambda step: pair_accuracy(engine, heldout, info, micro, device),
-        cfg.train,
+        planned(cfg.train, plan),
         info,
         num_samples=len(train_data),
         tokens_per_sample=2 * cfg.data.seq_len,  # a chosen and a rejected row

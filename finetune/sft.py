@@ -33,16 +33,15 @@ from lmforge.loop import before_after, supervised_task, training_loop
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.loss import IGNORE_INDEX, LossConfig
 from lmforge.model import num_params
-from lmforge.report import HELDOUT, chat_heldout
 from lmforge.runtime import all_mean, run_entry, set_seed
 from lmforge.stage import (
     Launch,
     StageConfig,
     accuracy_metrics,
-    check_batch_sizes,
     exact_match,
     launch,
     load_start,
+    planned,
     start_run,
     to_device,
 )
@@ -132,18 +131,18 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     )
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
+    plan = cfg.batch_plan(place.info.world)
     engine = build_engine(
         model,
         cfg.engine,
         cfg.optim,
-        micro_batch=cfg.train.micro_batch_size,
-        grad_accum=check_batch_sizes(cfg.train, place.info.world),
+        micro_batch=plan.micro,
+        grad_accum=plan.accum,
         total_steps=cfg.train.steps,
         info=place.info,
     )
     checkpointer = Checkpointer(place.run_dir, place.info, cfg, "sft", tok)
     scaling = cfg.lora.alpha / cfg.lora.rank if cfg.lora.enabled else None
-    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout.prompts), "prompts")
     checkpointer.add_engine("model", engine, parent=cfg.init_from, lora_scaling=scaling)
     run = start_run(cfg, place, checkpointer, model_cfg=model.cfg, seq_len=cfg.data.seq_len)
     run.tracker.message(
@@ -152,6 +151,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         f"{train_data.summary()}; {heldout.prompts.summary()}; {engine.describe()}, "
         f"{place.info.world} process(es)"
     )
+    run.tracker.message(plan.describe())
     sampler = GlobalSampler(len(train_data), cfg.data.seed)
 
     def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -161,7 +161,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     task = supervised_task(
         micro_step,
         evaluator(cfg, engine, heldout, place),
-        cfg.train,
+        planned(cfg.train, plan),
         place.info,
         num_samples=len(train_data),
         tokens_per_sample=cfg.data.seq_len,

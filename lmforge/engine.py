@@ -31,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from lmforge.batching import BatchPlan
 from lmforge.distributed import DistInfo, export_env
 from lmforge.ds_config import AUTO as AUTO
 from lmforge.ds_config import EngineConfig as EngineConfig
@@ -637,21 +638,17 @@ class DeepSpeedEngine:
             setattr(self.ds, key, int(value))
 
 
-def check_engine_config(
-    cfg: EngineConfig, optim: OptimConfig, micro_batch: int, global_batch: int, world: int
-) -> None:
-    """Find contradictions between the engine's own config file and the run config before any
-    data is read (ConfigError naming both keys); a global batch that does not split is left to
-    the stage's batch check, which names the key."""
-    if global_batch % (micro_batch * world) == 0:
-        resolve_deepspeed_config(
-            load_deepspeed_json(cfg.deepspeed),
-            cfg=cfg,
-            optim=optim,
-            micro_batch=micro_batch,
-            grad_accum=global_batch // (micro_batch * world),
-            world=world,
-        )
+def check_engine_config(cfg: EngineConfig, optim: OptimConfig, plan: BatchPlan) -> None:
+    """Find contradictions between the engine's own config file and the run config (the batch
+    plan's sizes included) before any data is read: a ConfigError naming both keys."""
+    resolve_deepspeed_config(
+        load_deepspeed_json(cfg.deepspeed),
+        cfg=cfg,
+        optim=optim,
+        micro_batch=plan.micro,
+        grad_accum=plan.accum,
+        world=plan.world,
+    )
 
 
 def build_engine(
@@ -664,7 +661,9 @@ def build_engine(
     total_steps: int,
     info: DistInfo,
 ) -> DeepSpeedEngine:
-    """Wrap `model` in DeepSpeed with our AdamW groups and learning-rate schedule."""
+    """Wrap `model` in DeepSpeed with our AdamW groups and learning-rate schedule. The batch
+    arguments are a stage's `BatchPlan` (`micro_batch=plan.micro, grad_accum=plan.accum`): rows
+    per forward pass on one process and forward passes per optimizer step."""
     import deepspeed
 
     quiet_deepspeed()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lmforge.batching import BatchPlan, plan_batch
 from lmforge.checkpoint import resolve_checkpoint
 from lmforge.checkpointer import Checkpointer, ResumePoint, open_point
 from lmforge.config import dump_config, option
@@ -74,11 +75,13 @@ class StageConfig:
         from lmforge.distributed import dist_info
         from lmforge.engine import check_engine_config
 
-        train = self.train
-        world = dist_info().world
-        check_engine_config(
-            self.engine, self.optim, train.micro_batch_size, train.global_batch_size, world
-        )
+        # The batch plan first: an impossible split is found here, before any data is read.
+        check_engine_config(self.engine, self.optim, self.batch_plan(dist_info().world))
+
+    def batch_plan(self, world: int) -> BatchPlan:
+        """How a step's global batch splits on `world` processes (see lmforge.batching); a
+        stage whose rows are not plain sequences (GRPO's groups, PPO's prompts) overrides it."""
+        return check_batch_sizes(self.train, world)
 
 
 def resume_point(run_dir: Path, resume: str) -> ResumePoint | None:
@@ -126,15 +129,27 @@ def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def check_batch_sizes(cfg: TrainConfig, world: int) -> int:
-    """Gradient-accumulation steps for the global batch, or a ConfigError naming the key."""
-    per_step = cfg.micro_batch_size * world
-    if cfg.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size: {cfg.global_batch_size} is not a multiple of "
-            f"micro_batch_size × processes = {per_step}"
-        )
-    return cfg.global_batch_size // per_step
+def check_batch_sizes(
+    cfg: TrainConfig, world: int, *, group: int = 1, group_key: str = "", unit: str = ""
+) -> BatchPlan:
+    """The batch plan of `cfg` on `world` processes: the micro-batch is the largest that fits
+    `cfg.micro_batch_size` and divides each process's share, the accumulation follows. Only an
+    impossible split (the global batch over processes, or over whole groups of `group`) is a
+    ConfigError naming the keys and a working value."""
+    return plan_batch(
+        cfg.global_batch_size,
+        cfg.micro_batch_size,
+        world,
+        group=group,
+        group_key=group_key,
+        unit=unit,
+    )
+
+
+def planned(train: TrainConfig, plan: BatchPlan) -> TrainConfig:
+    """The train section as the loop runs it: the plan's micro-batch (the configured
+    micro_batch_size is only its ceiling). config.yaml and resume checks keep the user's."""
+    return dataclasses.replace(train, micro_batch_size=plan.micro)
 
 
 def stop_ids(tokenizer: Any) -> list[int]:

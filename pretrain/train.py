@@ -30,9 +30,8 @@ from lmforge.generate import GenerateConfig, generate
 from lmforge.loop import supervised_task, training_loop
 from lmforge.loss import IGNORE_INDEX, LossConfig
 from lmforge.model import ModelConfig, build_model, num_params
-from lmforge.report import HELDOUT, describe_corpus_heldout, heldout_record
 from lmforge.runtime import TrainConfig, all_mean, barrier, run_entry, set_seed
-from lmforge.stage import Launch, StageConfig, check_batch_sizes, launch, start_run, to_device
+from lmforge.stage import Launch, StageConfig, launch, planned, start_run, to_device
 from lmforge.tokenizer import TokenizerConfig
 from lmforge.tracking import Tracker
 from pretrain.objectives import (
@@ -200,12 +199,13 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     # What this run trains with; `cfg` stays as the user wrote it (config.yaml, resume checks).
     run_cfg = dataclasses.replace(cfg, model=model.cfg, tokenizer=tok_cfg)
     model.loss_cfg = cfg.loss
+    plan = cfg.batch_plan(info.world)
     engine = build_engine(
         model,
         cfg.engine,
         cfg.optim,
-        micro_batch=cfg.train.micro_batch_size,
-        grad_accum=check_batch_sizes(cfg.train, info.world),
+        micro_batch=plan.micro,
+        grad_accum=plan.accum,
         total_steps=cfg.train.steps,
         info=info,
     )
@@ -220,10 +220,6 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         )
     checkpointer = Checkpointer(place.run_dir, info, cfg, "pretrain", tok)
     checkpointer.add_engine("model", engine, parent=source or "")
-    windows = min(len(val), cfg.train.eval_batches * cfg.train.micro_batch_size * info.world)
-    checkpointer.record[HELDOUT] = heldout_record(
-        describe_corpus_heldout(cfg.data), windows, f"windows of {seq} tokens"
-    )
     run = start_run(cfg, place, checkpointer, model_cfg=model.cfg, seq_len=seq)
     special = torch.tensor([tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens])
     ctx = Run(run_cfg, engine, val, info, device, tok, run.tracker, tok.mask_token_id, special)
@@ -231,9 +227,9 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     run.tracker.message(
         f"pretrain: {what}; {num_params(model.cfg) / 1e6:.2f}M parameters, "
         f"{len(dataset)} train sequences of {seq} tokens, {info.world} process(es), "
-        f"{engine.describe()}, {check_batch_sizes(cfg.train, info.world)} accumulation "
-        f"step(s), device {device}"
+        f"{engine.describe()}, device {device}"
     )
+    run.tracker.message(plan.describe())
     sampler = GlobalSampler(len(dataset), cfg.data.seed)
 
     def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -258,7 +254,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     task = supervised_task(
         micro_step,
         evaluate_and_show,
-        cfg.train,
+        planned(cfg.train, plan),
         info,
         num_samples=len(dataset),
         tokens_per_sample=seq,
