@@ -29,8 +29,16 @@ class TrainConfig:
     """Length of training, batch sizes and the evaluation / checkpoint cadence."""
 
     steps: int = option(1000, "Optimizer steps to train.")
-    global_batch_size: int = option(32, "Sequences per optimizer step, over all processes.")
-    micro_batch_size: int = option(8, "Sequences per forward pass on one process.")
+    global_batch_size: int = option(
+        32,
+        "Sequences per optimizer step over all processes (GRPO: prompts × group_size; PPO: "
+        "prompts); the same on any process count, which must divide it.",
+    )
+    micro_batch_size: int = option(
+        8,
+        "The most sequences one process runs in one forward pass: the largest divisor of its "
+        "share (global / processes) up to this is used; gradient accumulation makes up the rest.",
+    )
     seed: int = option(1234, "Seed of initialisation, dropout and masking.")
     eval_every: int = option(
         200, "Evaluate every this many steps (and at the end); 0 = only at the end."
