@@ -44,8 +44,10 @@ masks, or a GPU without a fused kernel for the mask) adds a T×T matrix per head
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from lmforge.errors import ConfigError, LmforgeError
@@ -317,6 +319,18 @@ def configured_layout(cfg: Any, world: int = 1) -> Layout | None:
     return Layout(int(zero["stage"]), offload, precision, checkpointing)
 
 
+def _resumed_model(cfg: Any) -> ModelConfig | None:
+    """The architecture of run_dir's latest checkpoint (a run that resumes reads no init_from),
+    or None."""
+    run_dir = getattr(cfg, "run_dir", "")
+    if not run_dir or not (Path(run_dir) / "latest").is_file():
+        return None
+    try:
+        return stage_model(dataclasses.replace(cfg, init_from=str(run_dir)))
+    except (LmforgeError, TypeError):
+        return None
+
+
 def dry_run_report(cfg: Any, gpus: int | None = None) -> str:
     """The lines --dry-run prints after the config, each starting with '# ' so the output stays
     valid YAML: parameter count, FLOPs and the memory estimate, or why they are unknown. `gpus`
@@ -324,7 +338,9 @@ def dry_run_report(cfg: Any, gpus: int | None = None) -> str:
     try:
         model = stage_model(cfg)
     except LmforgeError as e:
-        return f"# parameters: unknown ({e})"
+        model = _resumed_model(cfg)
+        if model is None:
+            return f"# parameters: unknown ({e})"
     world = gpus or max(1, int(os.environ.get("WORLD_SIZE", "1")))
     layout = configured_layout(cfg, world)
     micro = int(getattr(getattr(cfg, "train", None), "micro_batch_size", 1))

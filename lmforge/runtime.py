@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lmforge.config import dumps, load_config, option
+from lmforge.config import load_config, option
 from lmforge.errors import ConfigError, LmforgeError
 
 T = TypeVar("T")
@@ -196,7 +196,8 @@ def run_entry(
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved config, parameter count and memory estimate; train nothing",
+        help="check what the run would read (resume point, init_from, data, reward functions, "
+        "batch plan) and print the resolved config and memory estimate; train nothing",
     )
     known, overrides = parser.parse_known_args(args)
     if not torch.cuda.is_available():  # say it before DeepSpeed guesses (and warns about it)
@@ -204,12 +205,10 @@ def run_entry(
     quiet_libraries()
     try:
         cfg = load_config(config_cls, known.config, overrides)
-        if known.dry_run:
-            from lmforge.estimate import dry_run_report
+        if known.dry_run:  # check what the run would read; train and write nothing
+            from lmforge.preflight import dry_run
 
-            print(dumps(cfg), end="")
-            print(dry_run_report(cfg))
-            return 0
+            return dry_run(cfg, stage)
         body(cfg)
     except LmforgeError as e:
         rank = os.environ.get("RANK", "0")

@@ -309,10 +309,12 @@ def test_estimate_reads_a_finetuning_config_and_its_init_checkpoint(
 
 
 def test_dry_run_without_the_init_checkpoint_still_shows_the_config(tmp_path, capsys) -> None:
-    assert main(["sft", "--dry-run", f"--init_from={tmp_path / 'later'}"]) == 0
-    out = capsys.readouterr().out
+    args = ["sft", "--dry-run", f"--init_from={tmp_path / 'later'}", f"--run_dir={tmp_path}/r"]
+    assert main(args) == 2  # the missing checkpoint is a problem, listed on stderr
+    out, err = capsys.readouterr()
     assert "# parameters: unknown (init_from:" in out and "later" in out
     assert yaml.safe_load(out)["init_from"] == str(tmp_path / "later")
+    assert "\n  init_from: " in err and "later" in err
 
 
 def test_estimate_without_a_model_is_one_line(capsys) -> None:
@@ -342,6 +344,7 @@ def test_dry_run_prints_config_parameters_and_estimate(stage, run_dir, tmp_path,
     args = [stage, "--dry-run", f"--run_dir={target}"]
     args += ["--model=debug", "--data.seq_len=64"] if stage == "pretrain" else []
     args += [f"--init_from={run_dir}"] if stage != "pretrain" else []
+    args += [f"--reward_model={run_dir}"] if stage == "ppo" else []  # the default is not there
     assert main(args) == 0
     out = capsys.readouterr().out
     expected = num_params(
