@@ -3,9 +3,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Every install is constrained to the exact versions the test suite passed with (`make lock`
+# refreshes the file from .venv). Constraints pin versions without adding packages, so CUDA's
+# extra packages still come on a GPU machine, and pins carry no local label (torch==2.13.0 is
+# met by 2.13.0+cpu and by the CUDA wheel alike).
+CONSTRAINTS := constraints.txt
 # Without CUDA the CPU build of torch is installed first, so pip never pulls the multi-GB CUDA
-# wheel. Point TORCH_INDEX at a CPU wheel index if your pip has no local CPU build.
-TORCH_CPU   ?= torch==2.13.0
+# wheel; its version comes from the constraints. Point TORCH_INDEX at a CPU wheel index if your
+# pip has no local CPU build.
+TORCH_CPU   ?= torch
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 # Test files run on this many workers (whole files stay on one worker, so module fixtures such as
@@ -13,17 +19,25 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 BENCH_ARGS  ?=
 
-.PHONY: setup demo test lint format clean bench
+.PHONY: setup demo test lint format clean bench lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
-	  $(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"; \
+	  $(BIN)/pip install -q -c $(CONSTRAINTS) \
+	    $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"; \
 	fi
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
+
+# Rewrite the constraints from what .venv holds: upgrade there first (for instance
+# `.venv/bin/pip install -U transformers`), run `make test`, then `make lock` and commit the file.
+lock:
+	$(BIN)/python .ci/lock.py > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	test ! -e $(STAMP) || touch $(STAMP)  # .venv already holds these versions
 
 # The pipeline on embedded data: pretrain the tiny preset on Python's own documentation, load it
 # with plain transformers, then SFT -> reward model -> DPO -> GRPO -> PPO on generated chat

@@ -1,16 +1,22 @@
 """The Markdown reference of every stage config (docs/config.md), generated from the config
-dataclasses' `option(doc=...)` strings.
+dataclasses' `option(doc=...)` strings, and the stage index (lmforge/stage_index.json): each
+stage's `--help` text, which `lmforge STAGE --help` prints without importing the stage (its
+config class lists the top-level keys, and it lives in a module that imports torch: seconds).
 
-    python -m lmforge.config_reference            # rewrite docs/config.md
-    python -m lmforge.config_reference --check    # exit 1 when docs/config.md is stale
+    python -m lmforge.config_reference            # rewrite docs/config.md and the index
+    python -m lmforge.config_reference --check    # exit 1 when either is stale
     lmforge config-reference [--check]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
+import io
+import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -21,6 +27,8 @@ from lmforge.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "docs" / "config.md"
+INDEX = Path(__file__).with_name("stage_index.json")
+HELP_COLUMNS = 100  # the width of the stored stage help texts
 REFRESH = ".venv/bin/python -m lmforge.config_reference"
 
 # stage name -> its config class, "module:Class"; the script is the module's file
@@ -103,31 +111,75 @@ def render() -> str:
     return "\n\n".join(["\n".join(head), *body]) + "\n"
 
 
+def stage_help(stage: str) -> str:
+    """The text `python STAGE_SCRIPT --help` prints (the stage's own parser, run_entry's), with
+    lines wrapped at HELP_COLUMNS whatever the terminal, so that the index is the same
+    everywhere."""
+    module = importlib.import_module(STAGES[stage].partition(":")[0])
+    out, columns = io.StringIO(), os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(HELP_COLUMNS)  # argparse wraps at $COLUMNS
+    try:
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            module.main(["--help"])
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
+    return out.getvalue()
+
+
+def stage_index() -> dict[str, dict[str, str]]:
+    """Per stage, its help text ("help"), as `lmforge STAGE --help` prints it."""
+    return {stage: {"help": stage_help(stage)} for stage in STAGES}
+
+
+def render_index() -> str:
+    """The stage index as the JSON text stored in lmforge/stage_index.json."""
+    return json.dumps(stage_index(), indent=2) + "\n"
+
+
+def _sync(path: Path, text: str, check: bool) -> bool:
+    """Whether `path` holds `text`; without `check`, make it so (written whole, then renamed)."""
+    current = path.read_text(encoding="utf-8") if path.exists() else None
+    if check or current == text:
+        return current == text
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Write the reference, or with --check report whether the file on disk is current."""
+    """Write the reference and the stage index, or with --check report whether the files on disk
+    are current."""
     parser = argparse.ArgumentParser(
         prog="lmforge config-reference",
         description="Generate the Markdown reference of every stage config (docs/config.md).",
     )
     parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT, help="file to write")
     parser.add_argument(
+        "--index",
+        type=Path,
+        help="stage index to write (default: lmforge/stage_index.json, unless -o is given)",
+    )
+    parser.add_argument(
         "--check", action="store_true", help="write nothing; exit 1 if the file is out of date"
     )
     args = parser.parse_args(argv)
-    text = render()
-    current = args.output.read_text(encoding="utf-8") if args.output.exists() else None
+    # -o alone writes a Markdown copy elsewhere and leaves the package's index alone
+    index = args.index or (INDEX if args.output == DEFAULT_OUTPUT else None)
+    files = [(args.output, render())] + ([(index, render_index())] if index else [])
+    stale = [path for path, text in files if not _sync(path, text, args.check)]
     if args.check:
-        if current != text:
-            print(f"{args.output} is out of date; refresh it with: {REFRESH}", file=sys.stderr)
-            return 1
-        print(f"{args.output} is up to date")
-        return 0
-    if current != text:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.output.with_name(f".{args.output.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(args.output)
-    print(f"wrote {args.output}")
+        for path in stale:
+            print(f"{path} is out of date; refresh it with: {REFRESH}", file=sys.stderr)
+        if not stale:
+            print(" and ".join(f"{path}" for path, _ in files) + " up to date")
+        return 1 if stale else 0
+    for path, _ in files:
+        print(f"wrote {path}")
     return 0
 
 
