@@ -258,3 +258,24 @@ def test_grpo_run_shows_rl_progress_plots_and_reports_its_heldout_set(
     for panel in ("loss", "reward", "KL to the reference", "response length", "generation share"):
         assert panel in titles
     assert "held-out exact match" in titles  # both runs evaluated it
+
+
+# ------------------------------------------------------------------- configs with one's own data
+
+
+def test_grpo_config_with_ones_own_data_names_the_fix(tmp_path) -> None:
+    from finetune.grpo import GRPOConfig
+    from lmforge.config import load_config
+    from lmforge.errors import ConfigError
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "grpo.yaml"
+    assert "--data.tasks=[]" in config.read_text()  # the config's comments say it first
+    data = tmp_path / "mine.jsonl"
+    data.write_text(json.dumps({"prompt": "2+2?", "completion": "4"}) + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(GRPOConfig, config, [f"--data.source={data}"])
+    message = str(err.value)
+    assert message.startswith("data.tasks: selects builtin tasks (count), but data.source is")
+    assert "set --data.tasks=[]" in message and "\n" not in message
+    cfg = load_config(GRPOConfig, config, [f"--data.source={data}", "--data.tasks=[]"])
+    assert cfg.data.tasks == [] and cfg.data.source == str(data)

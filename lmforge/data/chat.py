@@ -113,7 +113,12 @@ class ChatDataConfig:
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"{p}tasks: a task is listed twice: {self.tasks}")
         if self.tasks and "builtin" not in (self.source.strip(), self.heldout_source.strip()):
-            raise ConfigError(f"{p}tasks: selects builtin tasks, but {p}source is '{self.source}'")
+            # tasks filters the builtin generator; a user's own records have no tasks to pick
+            raise ConfigError(
+                f"{p}tasks: selects builtin tasks ({', '.join(self.tasks)}), but {p}source is "
+                f"'{self.source}' and {p}heldout_source is not builtin; with your own data set "
+                f"--{p}tasks=[] (or `tasks: []` in the config's data section)"
+            )
         check_template_value(self.chat_template, f"{p}chat_template")
 
 
