@@ -290,6 +290,23 @@ def stage_seq_len(cfg: Any, model: ModelConfig) -> int:
     return int(seq) if isinstance(seq, int) else model.max_seq_len
 
 
+def planned_batch(cfg: Any, world: int = 1) -> tuple[int, int]:
+    """(micro-batch, accumulation) a stage config runs with on `world` processes: its batch
+    plan's (which may lower train.micro_batch_size so it divides each process's share), else the
+    configured micro-batch."""
+    train = cfg.train
+    plan_of = getattr(cfg, "batch_plan", None)
+    if callable(plan_of):
+        try:
+            plan = plan_of(world)
+            return int(plan.micro), int(plan.accum)
+        except LmforgeError:
+            pass  # an impossible split: the dry run lists it; estimate the configured sizes
+    return train.micro_batch_size, max(
+        1, train.global_batch_size // (train.micro_batch_size * world)
+    )
+
+
 def configured_layout(cfg: Any, world: int = 1) -> Layout | None:
     """The ZeRO stage, offload, precision and activation checkpointing that a stage config's
     engine section resolves to (its DeepSpeed JSON included), or None without one. Precision
@@ -299,13 +316,12 @@ def configured_layout(cfg: Any, world: int = 1) -> Layout | None:
         return None
     from lmforge.engine import load_deepspeed_json, resolve_deepspeed_config
 
-    train = cfg.train
-    accum = max(1, train.global_batch_size // (train.micro_batch_size * world))
+    micro, accum = planned_batch(cfg, world)
     ds = resolve_deepspeed_config(
         load_deepspeed_json(engine.deepspeed),
         cfg=engine,
         optim=cfg.optim,
-        micro_batch=train.micro_batch_size,
+        micro_batch=micro,
         grad_accum=accum,
         world=world,
     )
@@ -343,7 +359,7 @@ def dry_run_report(cfg: Any, gpus: int | None = None) -> str:
             return f"# parameters: unknown ({e})"
     world = gpus or max(1, int(os.environ.get("WORLD_SIZE", "1")))
     layout = configured_layout(cfg, world)
-    micro = int(getattr(getattr(cfg, "train", None), "micro_batch_size", 1))
+    micro = planned_batch(cfg, world)[0] if hasattr(cfg, "train") else 1
     est = estimate(
         model,
         seq_len=stage_seq_len(cfg, model),

@@ -612,7 +612,9 @@ def dry_run(cfg: Any, stage: str) -> int:
     if not found.problems:
         return 0
     count = len(found.problems)
-    text = f"error: --dry-run found {count} problem{'s' if count > 1 else ''}:\n"
+    rank = os.environ.get("RANK", "0")
+    where = "" if rank == "0" else f" (rank {rank})"
+    text = f"error{where}: --dry-run found {count} problem{'s' if count > 1 else ''}:\n"
     text += "".join(f"  {p}\n" for p in found.problems)
     sys.stderr.write(text)  # one write: ranks' lists never interleave
     sys.stderr.flush()
