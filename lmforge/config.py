@@ -85,8 +85,77 @@ for _yaml_cls in (_Loader, _Dumper):
     )
 
 
+# Most values a YAML text may stand for once its aliases are expanded. A config holds hundreds;
+# an alias bomb ("billion laughs": nine aliases of nine aliases of ...) stands for billions, and
+# every later pass (merging, checking types, printing a value in an error) would expand it.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values `root` stands for with every alias expanded, stopping early past
+    MAX_YAML_VALUES (a node reached through an alias counts each time it is reached). A node
+    that contains itself (`&a [*a]`) has no finite expansion: ComposerError."""
+    sizes: dict[int, int] = {}  # id(node) -> expanded size, each node computed once
+    active: set[int] = set()  # nodes whose children are being counted (a cycle passes one)
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]  # iterative: no recursion limit
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if children_done:
+            active.discard(key)
+            total = 1 + sum(sizes[id(c)] for c in children)
+            sizes[key] = min(total, MAX_YAML_VALUES + 1)
+            continue
+        if key in active:
+            raise yaml.composer.ComposerError(
+                None, None, "an alias refers to the value that contains it", node.start_mark
+            )
+        active.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in active and id(child) not in sizes:
+                raise yaml.composer.ComposerError(
+                    None, None, "an alias refers to the value that contains it", child.start_mark
+                )
+            stack.append((child, False))
+    return sizes[id(root)]
+
+
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # _Loader derives from SafeLoader
+    """Parse YAML with `_Loader`, refusing (yaml.YAMLError) texts whose aliases expand to more
+    than MAX_YAML_VALUES values or that nest too deeply to parse, before anything is built."""
+    loader = _Loader(text)  # derives from SafeLoader
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise yaml.YAMLError("values nested too deeply; flatten the file") from None
+        if node is None:
+            return None
+        if _expanded_size(node) > MAX_YAML_VALUES:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"its aliases expand to more than {MAX_YAML_VALUES:,} values; "
+                "write the values out or use fewer aliases",
+                node.start_mark,
+            )
+        try:
+            return loader.construct_document(node)
+        except RecursionError:
+            raise yaml.YAMLError("values nested too deeply; flatten the file") from None
+        except ValueError as e:  # e.g. an integer past Python's digit limit
+            detail = str(e).split(":")[0] if str(e) else "a value cannot be read"
+            raise yaml.YAMLError(detail) from None
+    finally:
+        loader.dispose()
 
 
 def _read_yaml(path: Path, cls: type | None, stack: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -100,6 +169,11 @@ def _read_yaml(path: Path, cls: type | None, stack: tuple[Path, ...] = ()) -> di
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' not found; check the path") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file '{path}': not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+            f"{e.start}); save it as UTF-8"
+        ) from None
     except OSError as e:
         raise ConfigError(f"config file '{path}' cannot be read ({e.strerror})") from None
     try:
@@ -219,7 +293,10 @@ def _show(value: Any) -> str:
     """`str 'four'`: the type and a short repr of a value, for error messages."""
     if value is None:
         return "null"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print (Python's digit limit)
+        text = f"<{value.bit_length() if isinstance(value, int) else '?'}-bit number>"
     text = text if len(text) <= 60 else text[:57] + "..."
     return f"{type(value).__name__} {text}"
 
@@ -288,6 +365,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return {_convert(kt, k, key): _convert(vt, v, _join(key, str(k))) for k, v in value.items()}
     if isinstance(value, bool) and tp in (int, float):
         raise _type_error(tp, value, key)  # bool is an int subclass; `true` is no layer count
+    if tp is int and isinstance(value, int):
+        return _checked_int(value, key)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             number = float(value)
@@ -299,6 +378,26 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is None and isinstance(tp, type) and isinstance(value, tp):
         return value
     raise _type_error(tp, value, key)
+
+
+INT64 = 2**63  # every int key goes to torch, NumPy or C code as a signed 64-bit integer
+SEED_LIMIT = 2**32  # NumPy's legacy seeding takes [0, 2**32); torch takes that too
+
+
+def _checked_int(value: int, key: str) -> int:
+    """`value` if an int key can hold it: within 64 bits, and a seed (a key named `seed` or
+    `*_seed`) within [0, 2**32), which every seeded generator accepts, with room for the
+    offsets added to it (rank, step)."""
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "seed" or leaf.endswith("_seed"):
+        if not 0 <= value < SEED_LIMIT:
+            raise ConfigError(
+                f"{key}: a seed must be in [0, 2**32) (what NumPy and torch accept), got "
+                f"{_show(value)}; choose a seed in that range"
+            )
+    elif not -INT64 <= value < INT64:
+        raise ConfigError(f"{key}: {_show(value)} does not fit in 64 bits; use a value below 2**63")
+    return value
 
 
 def _build(cls: type[T], value: Any, prefix: str) -> T:
@@ -374,7 +473,8 @@ def _override_pairs(args: Sequence[str]) -> list[tuple[str, str, Any]]:
         try:
             value = _yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
-            raise ConfigError(f"argument '{arg}': cannot parse '{raw}'; quote it") from None
+            shown = arg if len(arg) <= 80 else arg[:77] + "..."
+            raise ConfigError(f"argument '{shown}': cannot parse the value; quote it") from None
         pairs.append((key, raw, value))
         i += 1
     return pairs

@@ -65,22 +65,136 @@ def resolve_precision(precision: Precision) -> str:
 
 def load_deepspeed_json(source: str) -> dict[str, Any]:
     """Parse the DeepSpeed config: inline JSON text or a path (relative paths also tried from
-    the repository root, where configs/ lives)."""
+    the repository root, where configs/ lives). A file that is not a JSON object whose sections
+    have the shapes DeepSpeed reads is a ConfigError naming the file and the key."""
     text = source.strip()
-    if text.startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"engine.deepspeed: inline JSON is invalid ({e})") from None
-    path = Path(source)
-    if not path.exists() and not path.is_absolute():
-        path = Path(__file__).resolve().parents[1] / source
-    if not path.is_file():
-        raise ConfigError(f"engine.deepspeed: file {source} not found; give a path or inline JSON")
+    if text.startswith(("{", "[")):
+        return check_shape(_parse_json(text, "inline JSON"), "inline JSON")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"engine.deepspeed: {path} is not valid JSON ({e})") from None
+        path = Path(source)
+        if not path.exists() and not path.is_absolute():
+            path = Path(__file__).resolve().parents[1] / source
+        found = path.is_file()
+    except (OSError, ValueError):  # a name the OS cannot hold (too long, a NUL byte)
+        found = False
+    if not found:
+        raise ConfigError(
+            f"engine.deepspeed: file {source[:200]!r} not found; give a path or inline JSON"
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"engine.deepspeed: {path} cannot be read ({e.strerror})") from None
+    try:
+        body = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"engine.deepspeed: {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+            f"{e.start}); save it as UTF-8 JSON"
+        ) from None
+    return check_shape(_parse_json(body, str(path)), str(path))
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """json.loads, every failure a ConfigError naming `where` (the file or inline JSON)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"engine.deepspeed: {where} is not valid JSON ({e.msg}: line {e.lineno} column "
+            f"{e.colno})"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"engine.deepspeed: {where}: values nested too deeply") from None
+    except ValueError as e:  # an integer past Python's digit limit
+        raise ConfigError(f"engine.deepspeed: {where} cannot be read ({e})") from None
+
+
+# Sections DeepSpeed reads as objects. Those lmforge fills (or drops) may also be "auto" or null.
+_FILLED_SECTIONS = ("zero_optimization", "bf16", "fp16", "optimizer", "scheduler")
+_OBJECT_SECTIONS = (
+    "amp",
+    "activation_checkpointing",
+    "aio",
+    "autotuning",
+    "checkpoint",
+    "comms_logger",
+    "compression_training",
+    "csv_monitor",
+    "curriculum_learning",
+    "data_efficiency",
+    "data_types",
+    "elasticity",
+    "flops_profiler",
+    "pipeline",
+    "sparse_attention",
+    "tensorboard",
+    "wandb",
+)
+
+
+def _json_kind(value: Any) -> str:
+    """How a JSON value reads in an error message: `a number (5)`, `a list`, `null`."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a bool ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        text = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else "..."
+        return f"a number ({text})"
+    if isinstance(value, str):
+        return f"a string ({value[:40]!r})"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _shape_error(where: str, key: str, wanted: str, value: Any) -> ConfigError:
+    return ConfigError(
+        f"engine.deepspeed: {where}: '{key}' must be {wanted}, got {_json_kind(value)}; "
+        "see the DeepSpeed config documentation or configs/deepspeed/default.json"
+    )
+
+
+def check_shape(ds: Any, where: str = "the DeepSpeed config") -> dict[str, Any]:
+    """`ds` itself when it is a JSON object whose sections have the shapes DeepSpeed and
+    lmforge read: objects where a section belongs (or "auto" / null for the sections lmforge
+    fills), a ZeRO stage 0-3, offload settings as objects. Otherwise a ConfigError naming
+    `where` (the file) and the key."""
+    if not isinstance(ds, dict):
+        raise ConfigError(
+            f"engine.deepspeed: {where}: the top level must be an object "
+            f'({{"zero_optimization": {{...}}, ...}}), got {_json_kind(ds)}'
+        )
+    for key in _FILLED_SECTIONS:
+        value = ds.get(key)
+        if value is not None and value != AUTO and not isinstance(value, dict):
+            raise _shape_error(where, key, 'an object or "auto"', value)
+    for key in _OBJECT_SECTIONS:
+        if key in ds and not isinstance(ds[key], dict):
+            raise _shape_error(where, key, "an object", ds[key])
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, dict):
+        stage = zero.get("stage", AUTO)
+        if stage != AUTO and (type(stage) is not int or stage not in (0, 1, 2, 3)):
+            raise _shape_error(where, "zero_optimization.stage", '0, 1, 2, 3 or "auto"', stage)
+        for name in ("offload_optimizer", "offload_param"):
+            value = zero.get(name)
+            if value is None or value == AUTO or isinstance(value, bool):
+                continue
+            if not isinstance(value, dict):
+                raise _shape_error(where, f"zero_optimization.{name}", "an object", value)
+            device = value.get("device", "none")
+            if not isinstance(device, str):
+                key = f"zero_optimization.{name}.device"
+                raise _shape_error(where, key, '"cpu", "nvme" or "none"', device)
+    for key in ("optimizer", "scheduler"):
+        section = ds.get(key)
+        if not isinstance(section, dict):
+            continue
+        if not isinstance(section.get("type", AUTO), str):
+            raise _shape_error(where, f"{key}.type", "a name", section["type"])
+        if not isinstance(section.get("params", {}), dict):
+            raise _shape_error(where, f"{key}.params", "an object", section["params"])
+    return ds
 
 
 class _Filler:
@@ -112,7 +226,7 @@ def _same_number(a: Any, b: Any) -> bool:
         return all(_same_number(x, y) for x, y in zip(a, b, strict=True))
     try:
         return float(a) == float(b)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float's range
         return False
 
 
@@ -135,8 +249,9 @@ def resolve_deepspeed_config(
     grad_accum: int,
     world: int,
 ) -> dict[str, Any]:
-    """The DeepSpeed dict that `deepspeed.initialize` receives, "auto" values filled."""
-    ds = copy.deepcopy(ds_in)
+    """The DeepSpeed dict that `deepspeed.initialize` receives, "auto" values filled. A dict
+    of the wrong shape (see `check_shape`) or contradicting the run config is a ConfigError."""
+    ds = copy.deepcopy(check_shape(ds_in))
     fill = _Filler(ds)
     fill("train_micro_batch_size_per_gpu", micro_batch, "train.micro_batch_size")
     fill("gradient_accumulation_steps", grad_accum, "train.global_batch_size")

@@ -235,6 +235,13 @@ def read_records(
 def _text(value: Any, what: str, where: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{where}: {what} is {_kind(value)}, not a string")
+    try:  # JSON can escape half of a surrogate pair ("\ud800"): no tokenizer can encode it
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(
+            f"{where}: {what} holds an unpaired surrogate ({value[err.start]!r} at character "
+            f"{err.start}), which is not text; fix the escape in the file"
+        ) from None
     special = next((t for t in SPECIAL_TOKENS if t in value), None)
     if special is not None:
         raise DataError(
@@ -259,6 +266,11 @@ def _messages(value: Any, field: str, where: str) -> list[dict[str, str]]:
         if role is None:
             fields = ", ".join(k for k, v in message.items() if v is not None) or "none"
             raise DataError(f"{where}: {name} {j} has no 'role' (its fields: {fields})")
+        if not isinstance(role, str):
+            raise DataError(
+                f"{where}: {name} {j} has a role that is {_kind(role)}, not a string; use "
+                "system, user or assistant"
+            )
         if role not in ROLE_TOKENS:
             raise DataError(
                 f"{where}: {name} {j} has unknown role {role!r}; use system, user or assistant"

@@ -42,32 +42,36 @@ def _record_problem(record: Any, field: str, where: str) -> DataError | None:
     return None
 
 
+def parse_json(text: str, where: str, what: str = "that line") -> Any:
+    """json.loads(text), every failure a DataError naming `where` (file and line): invalid
+    JSON, nesting too deep for the parser, a number past Python's digit limit."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        place = f" line {err.lineno}" if "\n" in text.strip() else ""  # a whole .json file
+        raise DataError(
+            f"{where}{place}: invalid JSON ({err.msg}, column {err.colno}); fix or remove {what}"
+        ) from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read; flatten {what}") from None
+    except ValueError as err:  # an integer of thousands of digits
+        detail = str(err).split(":")[0]
+        raise DataError(f"{where}: a value cannot be read ({detail}); fix {what}") from None
+
+
 def _json_lines(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     """(where, record) for each non-blank line; raises DataError on invalid JSON."""
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path} line {lineno}: invalid JSON ({err.msg}, column {err.colno}); "
-                "fix or remove that line"
-            ) from None
-        yield f"{path} line {lineno}", record
+        yield f"{path} line {lineno}", parse_json(line, f"{path} line {lineno}")
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
     """(where, record) for a JSON Lines file, or a .json array of objects."""
     text = path.read_text("utf-8")
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path} line {err.lineno}: invalid JSON ({err.msg}, column {err.colno}); "
-                "fix the file"
-            ) from None
+        records = parse_json(text, str(path), "the file")
         for i, record in enumerate(records):
             yield f"{path} record {i}", record
         return

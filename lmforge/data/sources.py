@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from lmforge.data.config import DataConfig
 from lmforge.errors import DataError
 
@@ -116,6 +118,78 @@ class _LineLength:
         self.newlines += len(parts) - 1
 
 
+# Deepest nesting of brackets a JSON record may have. Real records nest a few levels (a chat:
+# object, list of messages, message); pyarrow's JSON reader (what `datasets` uses) crashes the
+# process on a few thousand, and Python's json module stops near its recursion limit (1000).
+MAX_JSON_DEPTH = 500
+
+
+def json_depths(data: bytes, per_line: bool, carry: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(depth after each bracket, its line index in `data`) for the `[`/`{`/`]`/`}` of JSON
+    text outside strings. Strings do not span lines in JSON, so the inside-a-string state
+    restarts at every line; `per_line` restarts the depth too (JSON Lines), otherwise it carries
+    on from `carry` (one document over many lines). Both (n,) int64."""
+    data = data.replace(b"\\\\", b"").replace(b'\\"', b"")  # escapes: no quote, no bracket
+    a = np.frombuffer(data, dtype=np.uint8)  # (N,)
+    newline = a == 0x0A  # (N,)
+    at = np.flatnonzero((a == 0x5B) | (a == 0x7B) | (a == 0x5D) | (a == 0x7D))  # (n,)
+    if at.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lines = np.cumsum(newline, dtype=np.int64)[at]  # (n,) newlines before each bracket
+    quotes = np.cumsum(a == 0x22, dtype=np.int64)  # (N,) quotes up to each byte
+    line_quotes = np.concatenate([[0], quotes[np.flatnonzero(newline)]])  # before each line
+    inside = (quotes[at] - line_quotes[lines]) % 2 == 1  # (n,) in a string of its line
+    step = np.where((a[at] == 0x5B) | (a[at] == 0x7B), 1, -1)  # (n,)
+    step[inside] = 0
+    depth = np.cumsum(step) + carry  # (n,)
+    if per_line:
+        first = np.concatenate([[True], lines[1:] != lines[:-1]])  # (n,) a line's first bracket
+        start = (depth - step)[first]  # depth before each line
+        depth = depth - start[np.cumsum(first) - 1]
+    return depth, lines
+
+
+def _most_opened(data: bytes) -> int:
+    """The most `[` and `{` one line of `data` holds, in or out of strings: a bound on the
+    nesting depth of its JSON records, cheap to count."""
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        return MAX_JSON_DEPTH  # no line can hold more: skip the per-line count
+    a = np.frombuffer(data, dtype=np.uint8)  # (N,)
+    opens = np.flatnonzero((a == 0x5B) | (a == 0x7B))  # (n,)
+    line_of = np.searchsorted(np.flatnonzero(a == 0x0A), opens)  # (n,) line of each
+    return int(np.bincount(line_of).max())
+
+
+class _Nesting:
+    """The nesting depth of a JSON file's records, fed chunk by chunk; raises DataError past
+    MAX_JSON_DEPTH naming the line. Complete lines only are looked at (a line is at most
+    max_record_bytes long); a JSON Lines chunk with too few brackets to be deep is skipped."""
+
+    def __init__(self, path: Path, per_line: bool) -> None:
+        self.path, self.per_line = path, per_line
+        self.pending = b""  # the line in progress
+        self.lines = 0  # complete lines before `pending`
+        self.depth = 0  # carried depth (one document over many lines)
+
+    def feed(self, chunk: bytes, final: bool = False) -> None:
+        data = self.pending + chunk
+        end = len(data) if final else data.rfind(b"\n") + 1
+        self.pending, data = data[end:], data[:end]
+        if not data:
+            return
+        if not self.per_line or _most_opened(data) > MAX_JSON_DEPTH:
+            depth, lines = json_depths(data, self.per_line, self.depth)
+            over = np.flatnonzero(depth > MAX_JSON_DEPTH)
+            if over.size:
+                raise DataError(
+                    f"{self.path} line {self.lines + int(lines[over[0]]) + 1}: JSON nested more "
+                    f"than {MAX_JSON_DEPTH} levels deep; flatten that record"
+                )
+            if not self.per_line and depth.size:
+                self.depth = int(depth[-1])
+        self.lines += data.count(b"\n")
+
+
 def check_file(path: Path, digest: Digest, max_record_bytes: int = 0) -> None:
     """Feed the file's bytes to digest, raising DataError if it is binary or not UTF-8 / parquet,
     or (max_record_bytes > 0) has a line longer than that."""
@@ -123,12 +197,15 @@ def check_file(path: Path, digest: Digest, max_record_bytes: int = 0) -> None:
     decoder = codecs.getincrementaldecoder("utf-8")()
     lines = _LineLength(path, max_record_bytes) if text and max_record_bytes > 0 else None
     starts = {".jsonl": b"{", ".json": b"{["}.get(path.suffix.lower())
+    nesting = _Nesting(path, path.suffix.lower() == ".jsonl") if starts else None
     offset = 0
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
             if lines is not None:
                 lines.feed(chunk)
+            if nesting is not None:
+                nesting.feed(chunk)
             if starts and chunk.strip():  # datasets' JSON reader can crash on a bare value
                 first = chunk.lstrip()[:1]
                 if first not in starts:
@@ -158,6 +235,8 @@ def check_file(path: Path, digest: Digest, max_record_bytes: int = 0) -> None:
             offset += len(chunk)
     if offset == 0:
         raise DataError(f"{path}: the file is empty; add documents or remove it from data.source")
+    if nesting is not None:
+        nesting.feed(b"", final=True)
     if text:
         try:
             decoder.decode(b"", final=True)
