@@ -74,9 +74,13 @@ class StageConfig:
         file and this config (found here, before any data is read)."""
         from lmforge.distributed import dist_info
         from lmforge.engine import check_engine_config
+        from lmforge.memcheck import check_memory
 
         # The batch plan first: an impossible split is found here, before any data is read.
-        check_engine_config(self.engine, self.optim, self.batch_plan(dist_info().world))
+        plan = self.batch_plan(dist_info().world)
+        check_engine_config(self.engine, self.optim, plan)
+        # Then a model or micro-batch that cannot fit: refused before anything is allocated.
+        check_memory(self, plan.micro, plan.world)
 
     def batch_plan(self, world: int) -> BatchPlan:
         """How a step's global batch splits on `world` processes (see lmforge.batching); a
