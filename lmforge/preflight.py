@@ -453,7 +453,7 @@ def check_chat_data(data: Any, stage: str, tok: Any, found: Findings) -> list[di
     from lmforge.data.config import DataConfig
     from lmforge.data.sources import resolve_source
 
-    hub = False
+    hub, before = False, len(found.problems)
     for key in ("source", "heldout_source"):
         value = str(getattr(data, key)).strip()
         if not value or value == "builtin":
@@ -464,7 +464,7 @@ def check_chat_data(data: Any, stage: str, tok: Any, found: Findings) -> list[di
         if resolved is not None and resolved.kind == "hub":
             hub = True
             check_hub_dataset(name, f"data.{key}", found)
-    if hub or any(p.startswith("data.") for p in found.problems):
+    if hub or len(found.problems) > before:  # a source is missing or remote: nothing to read
         return []
     kind = _chat_kind(stage)
     pair = found.attempt("data.source", lambda: chat_records(data, kind))  # type: ignore[arg-type]

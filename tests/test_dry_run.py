@@ -42,7 +42,13 @@ def runs(task_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     reward, _, _ = load_reward_model(task_base, seed=0)
     save_checkpoint(root / "reward" / "step-000001", reward, tok, update_latest=True, step=1)
     save_checkpoint(root / "sft" / "step-000005", model, tok, update_latest=True, step=5)
-    return {"base": task_base, "reward": root / "reward", "sft": root / "sft"}
+    save_checkpoint(root / "bare" / "step-000001", model, update_latest=True, step=1)
+    return {
+        "base": task_base,
+        "reward": root / "reward",
+        "sft": root / "sft",
+        "bare": root / "bare",
+    }
 
 
 def dry(capsys, stage: str, *args: str) -> tuple[int, str, list[str]]:
@@ -149,6 +155,17 @@ def test_missing_init_from(tmp_path, capsys) -> None:
     assert code == 2 and len(problems) == 1
     assert problems[0].startswith("init_from: ") and "moved" in problems[0]
     assert "# parameters: unknown" in out and yaml.safe_load(out)["init_from"].endswith("moved")
+
+
+def test_tokenizers_that_do_not_load(runs, tmp_path, capsys) -> None:
+    code, _, problems = dry(capsys, "sft", f"--init_from={runs['bare']}", *QUICK)
+    assert code == 2 and len(problems) == 1
+    assert problems[0].startswith("init_from: ") and "no tokenizer files" in problems[0]
+    code, _, problems = dry(
+        capsys, "pretrain", "--model=debug", "--data.seq_len=64", f"--tokenizer.path={tmp_path}"
+    )
+    assert code == 2 and len(problems) == 1
+    assert problems[0].startswith("tokenizer.path: ") and "no tokenizer in" in problems[0]
 
 
 def test_missing_reward_model(runs, tmp_path, capsys) -> None:
