@@ -316,7 +316,8 @@ def check_pretrain_start(cfg: Any, resume: Resume, found: Findings) -> Any:
 
 
 def check_ppo_models(cfg: Any, resume: Resume, found: Findings) -> None:
-    """PPO's reward model (read even on resume) and the critic's start (unless resuming)."""
+    """PPO's reward model (read even on resume) and the critic's start: the resumed step's
+    critic saved beside the actor (run_dir/critic/step-N), else critic_from or reward_model."""
     if cfg.reward_model:
         point = read_checkpoint(cfg.reward_model, "reward_model", found)
         if point is not None and point.head != "reward":
@@ -324,12 +325,22 @@ def check_ppo_models(cfg: Any, resume: Resume, found: Findings) -> None:
                 f"reward_model: {point.path} is a language model, not a trained reward model; "
                 "its score head would start random"
             )
-    if resume.point is None and cfg.critic_from:
-        read_checkpoint(cfg.critic_from, "critic_from", found)
-    elif resume.point is None and not cfg.reward_model:
+    if not (cfg.critic_from or cfg.reward_model):
         found.problem(
             "critic_from", "without a reward_model the critic needs a checkpoint", "set critic_from"
         )
+    elif resume.point is not None:
+        critic = resume.point.path.parent / "critic" / resume.point.path.name
+        if (critic / "config.json").is_file():
+            read_checkpoint(str(critic), "resume", found)
+        else:
+            found.problem(
+                "resume",
+                f"{critic}: missing: the critic checkpoint of {resume.point.path}",
+                "restore it or resume from an earlier step",
+            )
+    elif cfg.critic_from:
+        read_checkpoint(cfg.critic_from, "critic_from", found)
 
 
 # ------------------------------------------------------------------------------------ data

@@ -245,6 +245,15 @@ def test_a_resumed_run_does_not_read_a_moved_init_from(runs, tmp_path, capsys) -
     assert code == 2 and len(problems) == 1
     assert problems[0].startswith("init_from: ") and "reference model" in problems[0]
     assert tree(run) == before
+    # PPO resumes its critic from the same step under critic/: missing, then there
+    ppo = [f"--run_dir={run}", f"--init_from={runs['base']}", f"--reward_model={runs['reward']}"]
+    code, _, problems = dry(capsys, "ppo", *ppo, "--train.steps=10", *QUICK)
+    assert code == 2 and len(problems) == 1
+    assert problems[0].startswith(f"resume: {run / 'critic' / 'step-000005'}: missing")
+    shutil.copytree(runs["reward"] / "step-000001", run / "critic" / "step-000005")
+    code, out, problems = dry(capsys, "ppo", *ppo, "--train.steps=10", *QUICK)
+    assert (code, problems) == (0, [])
+    assert f"# checked: resume {run / 'critic' / 'step-000005'}: reward head" in out
 
 
 def test_a_finished_run_passes_and_job_sh_reads_it(runs, tmp_path) -> None:
