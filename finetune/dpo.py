@@ -32,6 +32,7 @@ from lmforge.loop import before_after, supervised_task, training_loop
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.model import GPT, num_params
 from lmforge.prefs import dpo_loss, sequence_logprobs
+from lmforge.report import HELDOUT, chat_heldout
 from lmforge.runtime import global_means, run_entry, set_seed
 from lmforge.stage import StageConfig, launch, load_start, planned, start_run
 
@@ -149,6 +150,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         info=info,
     )
     checkpointer = Checkpointer(place.run_dir, info, cfg, "dpo", tok)
+    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "pairs")
     scaling = cfg.lora.alpha / cfg.lora.rank if cfg.lora.enabled else None
     checkpointer.add_engine("model", engine, parent=cfg.init_from, lora_scaling=scaling)
     run = start_run(cfg, place, checkpointer, model_cfg=policy.cfg, seq_len=cfg.data.seq_len)

@@ -35,6 +35,7 @@ from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
 from lmforge.loop import Micro, StepContext, Task, before_after, training_loop
 from lmforge.loss import IGNORE_INDEX
+from lmforge.report import HELDOUT, chat_heldout
 from lmforge.rl import group_advantages, grpo_loss, masked_mean
 from lmforge.rollout import (
     build_sequences,
@@ -118,6 +119,7 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, plan: BatchPlan) -
             seed=cfg.train.seed, step=ctx.step - 1,
             rows=list(range(first * cfg.group_size, (first + per_rank) * cfg.group_size)),
         )  # fmt: skip
+        t_sample = time.perf_counter() - t0  # generation alone: what a faster sampler would save
         rewards = policy.reward_fn(
             [tok.decode(p) for p in batch],
             out.texts(tok),
@@ -149,12 +151,15 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, plan: BatchPlan) -
                     cfg.clip, cfg.beta,
                 )  # fmt: skip
                 yield Micro(loss, {k: v.item() for k, v in m.items()})
+        t_step = time.perf_counter() - t0
         return {
             "reward": float(scores.mean()),
             **{f"reward/{k}": sum(v) / len(v) for k, v in rewards.parts.items()},
             "response_length": float(out.lengths.float().mean()),
             "generate_seconds": t_gen,
-            "train_seconds": time.perf_counter() - t0 - t_gen,
+            "train_seconds": t_step - t_gen,
+            "time/generation_seconds": t_sample,
+            "time/generation_share": t_sample / max(t_step, 1e-9),
             "sample_entropy": float(-masked_mean(torch.cat(old).cpu(), mask)),
             "tokens": float(mask.sum()),
         }
@@ -198,6 +203,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         engine, reference, tok, PromptDataset(train_records, tok, cfg.data.seq_len), reward_fn
     )
     checkpointer = Checkpointer(place.run_dir, info, cfg, "grpo", tok)
+    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "prompts")
     checkpointer.add_engine("model", engine, parent=cfg.init_from)
     run = start_run(cfg, place, checkpointer)
 

@@ -37,6 +37,7 @@ from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
 from lmforge.loop import Micro, StepContext, Task, before_after, training_loop
 from lmforge.loss import IGNORE_INDEX
+from lmforge.report import HELDOUT, chat_heldout
 from lmforge.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -181,10 +182,12 @@ def make_rollout(
     prompt records' other fields, for reward functions)."""
     moments, kl_ctl, place = kw["moments"], kw["kl_ctl"], kw["place"]
     m.critic.train(False)
+    t0 = time.perf_counter()
     out = sample_completions(
         m.actor, batch, m.tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         seed=cfg.train.seed, step=ctx.step - 1, rows=kw["rows"],
     )  # fmt: skip
+    t_sample = time.perf_counter() - t0  # generation alone: what a faster sampler would save
     seqs = build_sequences(batch, out.tokens.cpu(), out.lengths.cpu(), m.tok.pad_token_id)
     mask = (seqs["labels"] != IGNORE_INDEX).float()  # (N, L)
     chunks = [{k: v.to(place.device) for k, v in c.items()} for c in chunk_rows(seqs, kw["micro"])]
@@ -216,6 +219,7 @@ def make_rollout(
         "value": float(value.mean()),
         "response_length": float(out.lengths.float().mean()),
         "tokens": float(mask.sum()),
+        "time/generation_seconds": t_sample,
     }
     return Rollout(chunks, old, old_values, parts, report)
 
@@ -260,12 +264,14 @@ def ppo_step(cfg: PPOConfig, m: Models, prompts: PromptDataset, place: Launch, *
         mean_kl = float(gather_all(seq_kl, place.info.world).mean())
         if not ctx.skipped:
             kl_ctl.update(mean_kl, cfg.train.global_batch_size)
+        t_step = time.perf_counter() - t0
         return {
             **r.report,
             "kl": float(seq_kl.mean()),
             "kl_coef": kl_coef_used,
             "generate_seconds": t_gen,
-            "train_seconds": time.perf_counter() - t0 - t_gen,
+            "train_seconds": t_step - t_gen,
+            "time/generation_share": r.report["time/generation_seconds"] / max(t_step, 1e-9),
         }
 
     return step_fn
@@ -324,6 +330,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     )
     moments = RunningMoments()
     checkpointer = Checkpointer(place.run_dir, info, cfg, "ppo", tok)
+    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "prompts")
     checkpointer.add_engine("model", actor_engine, parent=cfg.init_from)
     critic_start = cfg.critic_from or cfg.reward_model
     checkpointer.add_engine("critic", critic_engine, subdir="critic", parent=critic_start)

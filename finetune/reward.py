@@ -33,6 +33,7 @@ from lmforge.errors import ConfigError
 from lmforge.loop import before_after, supervised_task, training_loop
 from lmforge.model import num_params
 from lmforge.prefs import bradley_terry_loss
+from lmforge.report import HELDOUT, chat_heldout
 from lmforge.runtime import global_means, run_entry, set_seed
 from lmforge.stage import (
     StageConfig,
@@ -115,6 +116,7 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
         info=info,
     )
     checkpointer = Checkpointer(place.run_dir, info, cfg, "reward", tok)
+    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "pairs")
     checkpointer.add_engine("model", engine, parent=cfg.init_from)
     run = start_run(cfg, place, checkpointer, model_cfg=model.cfg, seq_len=cfg.data.seq_len)
     run.tracker.message(

@@ -33,6 +33,7 @@ from lmforge.loop import before_after, supervised_task, training_loop
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.loss import IGNORE_INDEX, LossConfig
 from lmforge.model import num_params
+from lmforge.report import HELDOUT, chat_heldout
 from lmforge.runtime import all_mean, run_entry, set_seed
 from lmforge.stage import (
     Launch,
@@ -142,6 +143,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         info=place.info,
     )
     checkpointer = Checkpointer(place.run_dir, place.info, cfg, "sft", tok)
+    checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout.prompts), "prompts")
     scaling = cfg.lora.alpha / cfg.lora.rank if cfg.lora.enabled else None
     checkpointer.add_engine("model", engine, parent=cfg.init_from, lora_scaling=scaling)
     run = start_run(cfg, place, checkpointer, model_cfg=model.cfg, seq_len=cfg.data.seq_len)

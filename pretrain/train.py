@@ -30,6 +30,7 @@ from lmforge.generate import GenerateConfig, generate
 from lmforge.loop import supervised_task, training_loop
 from lmforge.loss import IGNORE_INDEX, LossConfig
 from lmforge.model import ModelConfig, build_model, num_params
+from lmforge.report import HELDOUT, describe_corpus_heldout, heldout_record
 from lmforge.runtime import TrainConfig, all_mean, barrier, run_entry, set_seed
 from lmforge.stage import Launch, StageConfig, launch, planned, start_run, to_device
 from lmforge.tokenizer import TokenizerConfig
@@ -219,6 +220,10 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             "use a shorter seq_len or more data"
         )
     checkpointer = Checkpointer(place.run_dir, info, cfg, "pretrain", tok)
+    windows = min(len(val), cfg.train.eval_batches * cfg.train.micro_batch_size * info.world)
+    checkpointer.record[HELDOUT] = heldout_record(
+        describe_corpus_heldout(cfg.data), windows, f"windows of {seq} tokens"
+    )
     checkpointer.add_engine("model", engine, parent=source or "")
     run = start_run(cfg, place, checkpointer, model_cfg=model.cfg, seq_len=seq)
     special = torch.tensor([tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens])
