@@ -31,11 +31,13 @@ function part may be dotted (`module:Class.method`).
 A config lists `RewardSpec`s ({name, weight}); `build_reward_fn(specs)` loads them once and returns
 a function giving the weighted sum per completion and each function's values for logging. Every
 user-fixable failure is one line naming the function: `ConfigError` when loading, `RewardError`
-when a call raises or returns something that is not N finite numbers.
+when a call raises, calls sys.exit, runs past the spec's `timeout_s` or returns something that is
+not N finite numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib
@@ -44,8 +46,10 @@ import inspect
 import math
 import numbers
 import re
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -95,9 +99,13 @@ class RewardSpec:
         "'path/file.py:function'.",
     )
     weight: float = option(1.0, "Multiplier of this function's values; 0 logs it without using it.")
+    timeout_s: float = option(
+        60.0, "Longest one call (all completions of a step) may run, in seconds; past it: error."
+    )
 
     def validate(self, prefix: str = "") -> None:
-        """The name has a valid form (built-in or `module:function`) and the weight is finite.
+        """The name has a valid form (built-in or `module:function`), the weight is finite and
+        the time limit positive.
 
         Whether the module imports is checked by `build_reward_fn`, not while reading the config.
         """
@@ -105,6 +113,10 @@ class RewardSpec:
         _check_name(self.name, f"{at}name")
         if not math.isfinite(self.weight):
             raise ConfigError(f"{at}weight: must be a finite number, got {self.weight}")
+        if not 0 < self.timeout_s < 10**7:  # setitimer's limit is far above a reasonable call
+            raise ConfigError(
+                f"{at}timeout_s: must be a positive number of seconds, got {self.timeout_s}"
+            )
 
 
 # ------------------------------------------------------------------------------- built-ins
@@ -211,7 +223,7 @@ def _import_file(path: str, key: str, name: str) -> Any:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a script that exits when imported
         del sys.modules[module_name]
         raise ConfigError(
             f"{key}: reward function '{name}': running '{path}' failed ({_first_line(e)})"
@@ -231,7 +243,7 @@ def _import_module(module: str, key: str, name: str) -> Any:
         raise ConfigError(
             f"{key}: reward function '{name}': importing '{module}' failed ({_first_line(e)})"
         ) from e
-    except Exception as e:  # the module itself raised while importing
+    except (Exception, SystemExit) as e:  # the module itself raised (or exited) importing
         raise ConfigError(
             f"{key}: reward function '{name}': importing '{module}' failed ({_first_line(e)})"
         ) from e
@@ -297,6 +309,53 @@ def _checked_values(name: str, out: Any, completions: list[str]) -> list[float]:
     return values
 
 
+class _Overrun(BaseException):
+    """Raised inside a reward function when its time is up. A BaseException, so that the
+    function's own `except Exception` cannot swallow it."""
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    """Raise _Overrun in this (the main) thread after `seconds`: SIGALRM interrupts Python code
+    and blocking calls such as sleep or socket reads. The previous handler comes back after."""
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise _Overrun
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _call_limited(fn: Callable[[], Any], seconds: float) -> Any:
+    """fn() with a time limit (_Overrun past it). In the main thread a SIGALRM timer stops the
+    function itself; elsewhere (no signals there) it runs in a daemon thread that is abandoned
+    when it overruns, and the run ends with the error."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        with _alarm(seconds):
+            return fn()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # handed to the caller, as in the main-thread path
+            box["error"] = e
+
+    worker = threading.Thread(target=run, name="lmforge-reward", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise _Overrun
+    if "error" in box:
+        raise box["error"]
+    return box["out"]
+
+
 def call_reward_fn(
     name: str,
     fn: RewardFn,
@@ -305,16 +364,56 @@ def call_reward_fn(
     answers: list[str],
     tasks: list[str],
     fields: dict[str, list[Any]] | None = None,
+    timeout_s: float = 60.0,
 ) -> list[float]:
     """fn(prompts, completions, answers, tasks, **fields it accepts) as N finite floats; any
-    failure of the function becomes a one-line RewardError naming it (the original exception
-    is chained)."""
+    failure of the function (an exception, sys.exit, running past `timeout_s` seconds) becomes
+    a one-line RewardError naming it (the original exception is chained)."""
     extra = {k: list(v) for k, v in accepted_fields(fn, fields or {}).items()}
-    try:  # copies, so the function cannot change the caller's lists
-        out = fn(list(prompts), list(completions), list(answers), list(tasks), **extra)
+    args = (list(prompts), list(completions), list(answers), list(tasks))  # theirs to change
+    try:
+        out = _call_limited(lambda: fn(*args, **extra), timeout_s)
+    except _Overrun:
+        raise RewardError(
+            f"reward function '{name}' did not return within {timeout_s:g} s for "
+            f"{len(completions)} completions; make it faster or raise its timeout_s"
+        ) from None
+    except SystemExit as e:
+        raise RewardError(
+            f"reward function '{name}' called sys.exit({e.code!r}); it must return one score "
+            "per completion (raise an exception to report a problem)"
+        ) from None
     except Exception as e:
         raise RewardError(f"reward function '{name}' raised {_first_line(e)}") from e
     return _checked_values(name, out, list(completions))
+
+
+def agree_on_failure(error: RewardError | None) -> None:
+    """Raise `error`, or the error of another rank, on every rank at once. Each rank scores its
+    own completions; without this, a rank whose function failed would exit while the others
+    wait for it in the next collective (gloo then fails with a traceback, NCCL waits for its
+    timeout). Every rank calls the reward function the same number of times, so every rank
+    reaches this; without a process group it just raises `error`."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        if error is not None:
+            raise error
+        return
+    on_gpu = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+    dist.all_reduce(failed)
+    if failed.item() == 0:
+        return
+    if error is not None:
+        dist.all_gather_object([None] * dist.get_world_size(), str(error))
+        raise error
+    messages: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None)
+    rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+    raise RewardError(f"{message} (on rank {rank})")
 
 
 def build_reward_fn(specs: Sequence[RewardSpec], key: str = "rewards") -> CombinedRewardFn:
@@ -328,11 +427,13 @@ def build_reward_fn(specs: Sequence[RewardSpec], key: str = "rewards") -> Combin
     if not specs:
         raise ConfigError(f"{key}: no reward functions; list one, e.g. [{{name: exact_answer}}]")
     loaded: list[tuple[str, float, RewardFn]] = []
+    limits: dict[str, float] = {}  # name -> seconds one call may take
     for i, spec in enumerate(specs):
         at = f"{key}[{i}].name"
         if any(spec.name == name for name, _, _ in loaded):
             raise ConfigError(f"{at}: '{spec.name}' is listed twice; give it one entry and weight")
         loaded.append((spec.name, float(spec.weight), load_reward_fn(spec.name, at)))
+        limits[spec.name] = float(spec.timeout_s)
 
     def reward(
         prompts: list[str],
@@ -345,10 +446,16 @@ def build_reward_fn(specs: Sequence[RewardSpec], key: str = "rewards") -> Combin
         sizes = [len(prompts), len(answers), len(tasks), *(len(v) for v in fields.values())]
         if any(size != n for size in sizes):
             raise ValueError(f"the lists differ in length: {n} completions, others {sizes}")
-        parts = {
-            name: call_reward_fn(name, fn, prompts, completions, answers, tasks, fields)
-            for name, _, fn in loaded
-        }
+        parts: dict[str, list[float]] = {}
+        failure: RewardError | None = None
+        try:
+            for name, _, fn in loaded:
+                parts[name] = call_reward_fn(
+                    name, fn, prompts, completions, answers, tasks, fields, limits[name]
+                )
+        except RewardError as e:
+            failure = e
+        agree_on_failure(failure)
         total = [0.0] * n
         for name, weight, _ in loaded:
             total = [t + weight * v for t, v in zip(total, parts[name], strict=True)]
