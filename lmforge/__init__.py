@@ -57,12 +57,16 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Load a public name's module on first access (it imports torch)."""
-    if name not in _LAZY:
-        raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value  # later accesses skip this function
-    return value
+    """Load a public name's module on first access (it imports torch). A submodule's name
+    imports it, as when this package imported them eagerly (`lmforge.hf` after `import
+    lmforge`)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later accesses skip this function
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

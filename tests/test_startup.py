@@ -100,6 +100,8 @@ config = AutoConfig.for_model("lmforge")
 assert type(config).__name__ == "LmforgeConfig", type(config)
 assert AutoModelForCausalLM._model_mapping[type(config)].__name__ == "LmforgeForCausalLM"
 assert lmforge.GPT.__name__ == "GPT" and callable(lmforge.load_checkpoint)
+assert lmforge.hf.LmforgeConfig is type(config)  # submodules are attributes, as before
+assert not hasattr(lmforge, "no_such_name")
 print(light)
 """
 
