@@ -27,9 +27,10 @@ starting with the config key it is about and saying what to do.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -575,6 +576,46 @@ def batch_plan(cfg: Any, stage: str, world: int, found: Findings) -> None:
         )
 
 
+# --------------------------------------------------------------------------------- memory
+
+
+@contextlib.contextmanager
+def memory_check_deferred() -> Iterator[None]:
+    """Load a config without its memory check (lmforge.memcheck, run by StageConfig.validate):
+    a dry run makes it one of its checks, so a run too large for this machine is listed with
+    the other problems instead of hiding them."""
+    from lmforge.memcheck import SKIP_ENV
+
+    before = os.environ.get(SKIP_ENV)
+    os.environ[SKIP_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[SKIP_ENV]
+        else:
+            os.environ[SKIP_ENV] = before
+
+
+def check_memory_fit(cfg: Any, world: int, found: Findings) -> None:
+    """The memory check the config load skipped (see `memory_check_deferred`), for the batch
+    plan's micro-batch; skipped when the user skips it or the plan is impossible (listed)."""
+    from lmforge.memcheck import SKIP_ENV, check_memory
+
+    if os.environ.get(SKIP_ENV, "") not in ("", "0"):
+        found.checked.append(f"memory: not compared with this machine ({SKIP_ENV} is set)")
+        return
+    plan_of = getattr(cfg, "batch_plan", None)
+    try:
+        micro = plan_of(world).micro if callable(plan_of) else cfg.train.micro_batch_size
+    except LmforgeError:
+        return  # the batch plan's problem is listed already
+    before = len(found.problems)
+    found.attempt("memory", lambda: check_memory(cfg, micro, world))
+    if len(found.problems) == before:
+        found.checked.append("memory: compared with this machine's, no problem found")
+
+
 # ---------------------------------------------------------------------------------- driver
 
 
@@ -586,6 +627,7 @@ def preflight(cfg: Any, stage: str, world: int = 1) -> Findings:
     if resume.finished:
         return found
     batch_plan(cfg, stage, world, found)
+    check_memory_fit(cfg, world, found)
     tok = check_start(cfg, stage, resume, found)
     if stage == "ppo":
         check_ppo_models(cfg, resume, found)
@@ -604,7 +646,6 @@ def dry_run(cfg: Any, stage: str) -> int:
     comment lines on stdout (so stdout stays a valid config YAML, which launch/slurm/job.sh
     parses), and every problem on stderr, one line each. Returns the exit code: 0, or 2 when
     anything failed. The process count is the launcher's WORLD_SIZE (1 without a launcher)."""
-    import contextlib
     import sys
 
     from lmforge.config import dumps

@@ -204,11 +204,13 @@ def run_entry(
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     quiet_libraries()
     try:
-        cfg = load_config(config_cls, known.config, overrides)
         if known.dry_run:  # check what the run would read; train and write nothing
-            from lmforge.preflight import dry_run
+            from lmforge.preflight import dry_run, memory_check_deferred
 
+            with memory_check_deferred():  # the dry run lists it with its other checks
+                cfg = load_config(config_cls, known.config, overrides)
             return dry_run(cfg, stage)
+        cfg = load_config(config_cls, known.config, overrides)
         body(cfg)
     except LmforgeError as e:
         rank = os.environ.get("RANK", "0")

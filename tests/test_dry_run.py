@@ -222,6 +222,16 @@ def test_several_failures_in_one_list(tmp_path, capsys) -> None:
     assert yaml.safe_load(out)["train"]["global_batch_size"] == 24
 
 
+def test_a_run_too_large_for_this_machine_is_listed_with_the_rest(tmp_path, capsys) -> None:
+    missing = tmp_path / "corpus.jsonl"
+    code, _, problems = dry(
+        capsys, "pretrain", "--model=7b", "--model.n_layers=320", "--data.seq_len=64",
+        f"--data.source={missing}",
+    )  # fmt: skip
+    assert code == 2 and [p.split(" ")[0] for p in problems] == ["memory:", "data.source"]
+    assert "this run needs at least" in problems[0] and "no such file" in problems[1]
+
+
 # -------------------------------------------------------------------------- resumed runs
 
 
