@@ -273,7 +273,9 @@ def test_a_finished_run_passes_and_job_sh_reads_it(runs, tmp_path) -> None:
     run = tmp_path / "sft"
     shutil.copytree(runs["sft"], run)
     script = (REPO / "launch" / "slurm" / "job.sh").read_text()
-    reader = script.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    body = script.split("\nrun_finished() {\n", 1)[1]
+    assert "--dry-run)" in body.split("<<'EOF'", 1)[0]  # the function still reads a dry run
+    reader = body.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
     env = stage_env()
     for steps, finished in ((5, True), (8, False)):
         cmd = [sys.executable, "finetune/sft.py", f"--run_dir={run}", f"--train.steps={steps}"]
