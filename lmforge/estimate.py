@@ -268,7 +268,16 @@ def stage_model(cfg: Any) -> ModelConfig:
         raise ConfigError("init_from: not set, so the model is unknown")
     from lmforge.checkpoint import read_json, resolve_checkpoint
     from lmforge.hf import from_hf_config
+    from lmforge.preflight import cached_hub_model, is_hub_name
 
+    if is_hub_name(source):  # an estimate reads the local cache only: it downloads nothing
+        folder = cached_hub_model(source)
+        if folder is None:
+            raise ConfigError(
+                f"init_from: {source} is not in the local Hugging Face cache, so its size is "
+                f"unknown; download it first (`hf download {source}`)"
+            )
+        source = str(folder)
     try:
         ckpt = resolve_checkpoint(source)
         meta_file = ckpt / "lmforge.json"

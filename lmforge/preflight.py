@@ -118,13 +118,18 @@ def resolve_local(source: str, key: str, found: Findings) -> Path | None:
     hub name only from the local cache), or None with a problem or warning recorded."""
     from lmforge.checkpoint import resolve_checkpoint
 
+    hint = "give a checkpoint directory, a run directory with a 'latest' file, or a hub name"
     if is_hub_name(source):
         folder = cached_hub_model(source)
+        if folder is None and Path(source.split("/")[0]).expanduser().is_dir():
+            # `runs/sft` beside a `runs/` directory: a local path that is missing, not a model
+            # of a hub user called "runs" (the run would ask the hub, and fail there)
+            found.problem(key, f"{source}: no such checkpoint directory", hint)
+            return None
         if folder is None:
             _not_cached(key, source, "model", found)
             return None
         return found.attempt(key, lambda: resolve_checkpoint(folder))
-    hint = "give a checkpoint directory, a run directory with a 'latest' file, or a hub name"
     return found.attempt(key, lambda: resolve_checkpoint(Path(source).expanduser()), hint)
 
 

@@ -175,15 +175,41 @@ def test_missing_reward_model(runs, tmp_path, capsys) -> None:
     assert code == 2 and len(problems) == 1 and problems[0].startswith("reward_model: ")
 
 
-def test_hub_name_not_in_the_cache(runs, tmp_path, capsys, monkeypatch) -> None:
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache, offline (huggingface_hub read the variable at import: its
+    copy is pointed there too)."""
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_a_hub_name_in_the_local_cache_resolves(runs, hub_cache, capsys) -> None:
+    from test_architectures import add_to_hub_cache
+
+    snapshot = add_to_hub_cache(hub_cache, "someone/tiny-chat", runs["base"] / "step-000000")
+    code, out, problems = dry(capsys, "sft", "--init_from=someone/tiny-chat", *QUICK)
+    assert (code, problems) == (0, [])
+    assert f"# checked: init_from someone/tiny-chat -> {snapshot}: lm head" in out
+    assert "# parameters: unknown" not in out
+
+
+def test_hub_name_not_in_the_cache(runs, hub_cache, capsys) -> None:
+    before = tree(hub_cache)
     hub = "--data.source=nobody/no-such-chats"
     code, _, problems = dry(capsys, "sft", f"--init_from={runs['base']}", hub, *QUICK[2:])
     assert code == 2 and len(problems) == 1
     assert problems[0].startswith("data.source: 'nobody/no-such-chats'")
     assert "not in the local Hugging Face cache" in problems[0]
-    assert not (tmp_path / "hub").exists()  # looked only: nothing downloaded or created
+    assert tree(hub_cache) == before  # looked only: nothing downloaded or created
+    code, _, problems = dry(capsys, "sft", "--init_from=someone/not-cached", *QUICK)
+    assert code == 2 and len(problems) == 1 and problems[0].startswith("init_from: ")
+    assert "not in the local Hugging Face cache" in problems[0] and "hf download" in problems[0]
 
 
 def test_reward_function_that_does_not_import(runs, capsys) -> None:
