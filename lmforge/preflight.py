@@ -19,7 +19,9 @@ a process group or downloading anything:
   reader and their first records are tokenised with the stage's tokenizer;
 - reward functions (GRPO, PPO without reward_model) import and return one finite number for a
   sample completion (the first prompt record, answered with its own reference answer);
-- the batch plan (processes × micro-batch × accumulation).
+- the batch plan (processes × micro-batch × accumulation) and the memory check of
+  lmforge.memcheck, which the config load defers to the dry run (`memory_check_deferred`) so
+  that it is listed with the rest.
 
 Every failure is collected, not raised: `Findings.problems` holds one line per failure, each
 starting with the config key it is about and saying what to do.
