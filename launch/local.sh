@@ -15,10 +15,16 @@
 #   PYTHON          interpreter (default: .venv/bin/python when present, else python3)
 #
 # Without CUDA it exports DS_ACCELERATOR=cpu and the stages train on CPU over gloo.
+#
+# Signals: SIGTERM and SIGUSR1 go to every rank itself (not to the launcher, which would tear
+# the ranks down): they checkpoint at the next step boundary and exit, and so does this script,
+# with 0 after a clean save. A first Ctrl-C (SIGINT) does the same; a second one interrupts the
+# ranks at once, without a checkpoint. If this script is killed outright, the ranks notice and
+# checkpoint and stop.
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 stage=$1
@@ -50,4 +56,52 @@ case ${LAUNCHER:-deepspeed} in
 esac
 echo "launch: $nproc process(es) of $stage with ${LAUNCHER:-deepspeed}" \
   "($([[ $gpus -eq 0 ]] && echo CPU || echo "$gpus GPU(s)"))" >&2
-exec "${cmd[@]}" "$stage" "$@"
+
+# The launcher gives each rank its own RANK / LOCAL_RANK; stale ones would also hide which
+# processes are ranks. The ranks watch this script's pid (lmforge.watchdog): if it dies, they
+# checkpoint and stop instead of training on.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
+export LMFORGE_LAUNCHER_PIDS="${LMFORGE_LAUNCHER_PIDS:+$LMFORGE_LAUNCHER_PIDS }$$"
+
+launcher=
+# Forward signal $1 to every rank. Before any rank exists (the launcher is still starting)
+# there is nothing to save: the signal goes to the launcher's process group instead, and before
+# the launcher exists, to this script itself, as if there were no trap.
+# shellcheck disable=SC2317  # run by the traps
+forward() {
+  if [[ -z $launcher ]]; then
+    trap - "$1"
+    kill -s "$1" $$
+  fi
+  "$PYTHON" -m lmforge.watchdog forward "$1" "$launcher" ||
+    kill -s "$1" -- "-$launcher" 2>/dev/null || true
+}
+interrupts=0
+# shellcheck disable=SC2317  # run by the trap
+on_int() {
+  interrupts=$((interrupts + 1))
+  if ((interrupts > 1)) || [[ -z $launcher ]]; then
+    forward INT
+  else
+    echo "launch: interrupted; the ranks checkpoint at the next step boundary and stop" \
+      "(Ctrl-C again to stop them at once)" >&2
+    forward TERM
+  fi
+}
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+trap on_int INT
+
+# Job control: the launcher gets a process group of its own, so a Ctrl-C or a signal to this
+# script's group reaches this script only, which forwards it as above.
+set -m
+"${cmd[@]}" "$stage" "$@" &
+launcher=$!
+# A trapped signal interrupts `wait`: wait again until the launcher itself has exited, then
+# once more for its exit status (bash keeps it).
+status=0
+while kill -0 "$launcher" 2>/dev/null; do
+  wait "$launcher" || true
+done
+wait "$launcher" || status=$?
+exit "$status"

@@ -13,8 +13,8 @@ return step-level metrics (rewards, KL, ...). The loop does everything around it
   the checkpointer, passing over the bad batches afterwards;
 - logging (means over the log window and the ranks, learning rate, gradient norm, throughput,
   MFU), evaluation (before the first step for finetuning stages, every `eval_every` and at the
-  end), checkpoints (every `save_every`, at the end, at `stop_at` and on SIGTERM/SIGUSR1), and
-  the closing summary line.
+  end), checkpoints (every `save_every`, at the end, at `stop_at`, on SIGTERM/SIGUSR1 and when
+  the launcher died), and the closing summary line.
 
 Stages never call `backward` or `step` on an engine and never write a checkpoint themselves.
 """
@@ -316,7 +316,7 @@ def _after_step(
         path = run.checkpointer.save(step, run.cursor, last, tokens_seen=run.tokens)
         run.tracker.message(f"saved {path}")
     if stopping and not final:
-        why = "stop requested" if requested else f"train.stop_at={train.stop_at}"
+        why = stop.reason if requested else f"train.stop_at={train.stop_at}"
         run.tracker.message(f"{why}: saved at step {step}; resume with resume: auto")
     return stopping
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from lmforge.config import load_config, option
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.watchdog import at_start
 
 T = TypeVar("T")
 
@@ -110,25 +111,38 @@ def global_means(sums: dict[str, float], count: float, world: int) -> dict[str, 
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary and a clean exit (SLURM
-    sends one before preemption). All ranks agree through an all-reduce when asked."""
+    """Stop at the next step boundary with a checkpoint and a clean exit when SIGTERM or SIGUSR1
+    arrives (SLURM sends one before preemption) or when this rank's launcher has died (an orphan
+    must not train on; see lmforge.watchdog). All ranks agree through an all-reduce when asked,
+    so every rank saves and exits together."""
 
     def __init__(self) -> None:
-        self._local = False
+        self._signal = ""  # the stop signal this rank received
+        self._launcher = ""  # why this rank's launcher is gone
+        self._watch = at_start()
+        self.reason = ""  # why the run stops, once requested() said so
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self._local = True
+        self._signal = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        """True on every rank if any rank received a stop signal."""
-        flag = torch.tensor([1.0 if self._local else 0.0])
+        """True on every rank if any rank received a stop signal or lost its launcher."""
+        if not self._launcher and self._watch is not None:
+            self._launcher = self._watch.gone()  # a few /proc reads
+        # (2,): [a stop signal arrived, a launcher is gone], each the max over ranks
+        flags = torch.tensor([float(bool(self._signal)), float(bool(self._launcher))])
         if dist.is_initialized() and dist.get_world_size() > 1:
             if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+                flags = flags.cuda()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signalled, orphaned = (bool(v > 0) for v in flags.tolist())
+        if signalled:
+            self.reason = "stop requested"
+        elif orphaned:
+            self.reason = self._launcher or "another rank's launcher exited"
+        return signalled or orphaned
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:

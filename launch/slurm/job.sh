@@ -15,7 +15,9 @@
 # every task. The stages checkpoint at the next step boundary and exit 0. Then, unless the run
 # already reached train.steps, the job requeues itself (scontrol requeue) and the next start
 # passes --resume=auto, so it continues from run_dir/latest. A SIGTERM (scancel, preemption by
-# another job) is forwarded too but never requeues: SLURM decides that itself.
+# another job) is forwarded too (the ranks checkpoint and stop the same way; the job exits 0
+# after their clean save) but never requeues: SLURM decides that itself. A signal that comes
+# before srun has started is forwarded as soon as it has.
 #
 # Environment (all optional except STAGE, which the sbatch scripts set):
 #   STAGE           stage script, e.g. pretrain/train.py or finetune/sft.py
@@ -29,6 +31,7 @@
 set -euo pipefail
 
 preempted=0
+terminated=0
 srun_pid=
 # shellcheck disable=SC2317  # run by the trap
 on_usr1() {
@@ -39,6 +42,7 @@ on_usr1() {
 }
 # shellcheck disable=SC2317  # run by the trap
 on_term() {
+  terminated=1
   [[ -n $srun_pid ]] && kill -TERM "$srun_pid" 2>/dev/null
   return 0
 }
@@ -79,13 +83,16 @@ srun_pid=$!
 if ((preempted)); then # the warning came before srun started
   kill -USR1 "$srun_pid"
 fi
-# A trapped signal interrupts `wait`; keep waiting until srun itself has exited.
-status=0
-while :; do
-  status=0
-  wait "$srun_pid" || status=$?
-  kill -0 "$srun_pid" 2>/dev/null || break
+if ((terminated)); then
+  kill -TERM "$srun_pid"
+fi
+# A trapped signal interrupts `wait`; keep waiting until srun itself has exited, then once more
+# for its exit status (bash keeps it), which a trap's interruption would have replaced.
+while kill -0 "$srun_pid" 2>/dev/null; do
+  wait "$srun_pid" || true
 done
+status=0
+wait "$srun_pid" || status=$?
 
 # Has the run reached train.steps? Reads the resolved config (--dry-run) and run_dir/latest.
 run_finished() {
