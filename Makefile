@@ -10,7 +10,8 @@ STAMP  := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 # Without CUDA the CPU build of torch is installed first, so pip never pulls the multi-GB CUDA
 # wheel; its version comes from the constraints. Point TORCH_INDEX at a CPU wheel index if your
-# pip has no local CPU build.
+# pip has no local CPU build: torch alone comes from there (such an index need not hold the
+# pinned versions of torch's dependencies; they come with lmforge's, from the usual index).
 TORCH_CPU   ?= torch
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
@@ -27,7 +28,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
 	  $(BIN)/pip install -q -c $(CONSTRAINTS) \
-	    $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"; \
+	    $(if $(TORCH_INDEX),--no-deps --index-url $(TORCH_INDEX)) "$(TORCH_CPU)"; \
 	fi
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
