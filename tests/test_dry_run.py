@@ -233,6 +233,18 @@ def test_reward_function_with_a_bad_result(runs, tmp_path, capsys) -> None:
     assert "chatter" not in out  # what the function printed stays off the YAML
 
 
+def test_a_reward_function_that_hangs_is_stopped(runs, tmp_path, capsys) -> None:
+    rewards = tmp_path / "slow_rewards.py"
+    rewards.write_text(
+        "import time\n\ndef slow(prompts, completions, answers, tasks):\n"
+        "    time.sleep(60)\n    return [0.0] * len(completions)\n"
+    )
+    spec = f"--rewards=[{{name: '{rewards}:slow', timeout_s: 1}}]"
+    code, _, problems = dry(capsys, "grpo", f"--init_from={runs['base']}", *QUICK, spec)
+    assert code == 2 and len(problems) == 1
+    assert problems[0].startswith("rewards: ") and "slow" in problems[0], problems
+
+
 def test_several_failures_in_one_list(tmp_path, capsys) -> None:
     code, out, problems = dry(
         capsys, "grpo", f"--init_from={tmp_path / 'sft'}", f"--data.source={tmp_path / 'p.jsonl'}",
