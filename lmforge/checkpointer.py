@@ -6,21 +6,26 @@ controller, the reward statistics), each of which saves and loads its own state 
 `state_dict` / `load_state_dict`. Then:
 
 - `save(step, cursor, metrics)` writes one checkpoint per engine in the shared format
-  (lmforge.checkpoint): every rank writes its engine state files and RNG, the whole fp32 state
-  for a resume on another topology (lmforge.elastic), rank 0 the consolidated weights, the
-  tokenizer and lmforge.json, whose manifest covers every file. The main engine's checkpoint is
-  committed last and only then does `latest` move, so a kill anywhere inside a save leaves every
-  engine on the previous checkpoint. The parts' states go into the main lmforge.json under their
-  names (`faults`, `kl_controller`, `reward_moments`), where earlier versions put them.
+  (lmforge.checkpoint): every rank writes its engine state files (DeepSpeed's partitioned
+  optimizer state: the one copy of it) and RNG, rank 0 the consolidated weights, the tokenizer
+  and lmforge.json, whose manifest covers every file. With train.save_optimizer=false only the
+  weights, the tokenizer and lmforge.json are written. A disk that fills during a save is a
+  CheckpointError; the partial checkpoint is removed and `latest` stays where it was. The main
+  engine's checkpoint is committed last and only then does `latest` move, so a kill anywhere
+  inside a save leaves every engine on the previous checkpoint. The parts' states go into the
+  main lmforge.json under their names (`faults`, `kl_controller`, `reward_moments`), where
+  earlier versions put them.
 - `restore(point)` loads every engine (the engine's own state files on the same topology, else
-  the whole fp32 state re-sharded), this rank's RNG and every part, checking each file it reads
-  against the manifest read once at start (`open_point`).
+  the whole fp32 state read from them and re-sharded: lmforge.elastic), this rank's RNG and
+  every part, checking each file it reads against the manifest read once at start
+  (`open_point`).
 - `rollback(before_step)` goes back to the newest checkpoint saved before a run of bad steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -37,6 +42,8 @@ from lmforge.checkpoint import (
     ENGINE_DIR,
     META_FILE,
     commit,
+    load_checkpoint,
+    load_reward_model,
     partial_dir,
     read_json,
     resolve_checkpoint,
@@ -45,12 +52,19 @@ from lmforge.checkpoint import (
     write_model_files,
 )
 from lmforge.distributed import DistInfo
-from lmforge.elastic import CONSOLIDATED_DIR, STATE_FILE, load_consolidated, save_consolidated
+from lmforge.elastic import (
+    CONSOLIDATED_DIR,
+    STATE_FILE,
+    load_consolidated,
+    load_whole,
+    save_consolidated,
+)
 from lmforge.engine import StatefulEngine
 from lmforge.errors import CheckpointError
 from lmforge.rundir import (
     apply_retention,
     checkpoint_bytes,
+    format_bytes,
     latest_name,
     rollback_target,
     space_problem,
@@ -129,7 +143,25 @@ def open_point(path: str | Path) -> ResumePoint:
     ckpt = resolve_checkpoint(path)
     meta = read_json(ckpt / META_FILE)
     verify_files(ckpt, meta)
+    refuse_weights_only(ckpt, meta)
     return ResumePoint(ckpt, meta)
+
+
+def saved_optimizer(meta: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint was saved with its optimizer state (train.save_optimizer)."""
+    train = meta.get("config", {}).get("train", {}) if isinstance(meta, Mapping) else {}
+    return bool(train.get("save_optimizer", True)) if isinstance(train, Mapping) else True
+
+
+def refuse_weights_only(ckpt: Path, meta: Mapping[str, Any]) -> None:
+    """A run does not resume from a checkpoint saved with train.save_optimizer=false: without
+    the optimizer state and schedule it could not continue the run it claims to continue."""
+    if not saved_optimizer(meta):
+        raise CheckpointError(
+            f"{ckpt}: saved with train.save_optimizer=false (weights only), so training cannot "
+            f"resume from it exactly; start a new run from its weights with init_from={ckpt} "
+            "and a new run_dir, or keep train.save_optimizer=true in runs you mean to resume"
+        )
 
 
 class Checkpointer:
@@ -272,15 +304,17 @@ def save_engine(
     lora_scaling: float | None = None,
 ) -> Path:
     """Collective save of one engine into checkpoint `path`: every rank writes its engine state
-    files and RNG into the partial directory (and, with train.elastic_state, the whole fp32
-    state); rank 0 writes the consolidated weights (LoRA merged) and the tokenizer, then renames
-    the directory into place and points `latest` at it. The train settings come from
-    meta["config"]["train"]. Too little free disk space on any rank is a CheckpointError on
-    every rank before anything is written."""
+    files and RNG into the partial directory (unless train.save_optimizer is false; with
+    train.elastic_state also a consolidated copy of the whole fp32 state); rank 0 writes the
+    consolidated weights (LoRA merged) and the tokenizer, then renames the directory into place
+    and points `latest` at it. The train settings come from meta["config"]["train"]. Too little
+    free disk space on any rank is a CheckpointError on every rank before anything is written;
+    a disk that fills during the save is one too, after the partial directory is removed."""
     info = engine.info
     train = dict(meta.get("config", {}).get("train", {}))
-    elastic = bool(train.get("elastic_state", True))
-    _check_space(engine, path, int(train.get("min_free_bytes", 0)), elastic)
+    with_state = bool(train.get("save_optimizer", True))
+    elastic = with_state and bool(train.get("elastic_state", False))
+    need = _check_space(engine, path, int(train.get("min_free_bytes", 0)), with_state, elastic)
     topology = engine.topology()
     meta = {**meta, "world_size": topology["world_size"], "engine": topology}
     tmp = partial_dir(path)
@@ -289,53 +323,116 @@ def save_engine(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    engine.save_state(tmp / ENGINE_DIR, client_state={"step": meta.get("step")})
-    save_rng(tmp / ENGINE_DIR, info.rank)
-    if elastic:
-        save_consolidated(engine, tmp / ENGINE_DIR / CONSOLIDATED_DIR)
-    state = engine.full_state_dict()
-    barrier()
-    if info.is_main:
-        assert state is not None
-        if lora_scaling is not None:
-            state = merge_lora_state(state, lora_scaling)
-        model_cfg = engine.module.cfg
-        write_model_files(tmp, model_cfg, state, tokenizer)
-        pause = float(os.environ.get(SAVE_PAUSE_ENV, "0") or 0)
-        if pause > 0:
-            time.sleep(pause)
-        commit(tmp, path, {"model": dataclasses.asdict(model_cfg), **meta}, update_latest=True)
+    try:
+        if with_state:
+            # The weights file holds the module's weights as they are unless LoRA is merged
+            # into it: then DeepSpeed's copy of the module is the only one of the adapters.
+            omitted = engine.save_state(
+                tmp / ENGINE_DIR,
+                client_state={"step": meta.get("step")},
+                without_module=lora_scaling is None,
+            )
+            meta["engine"] = {**topology, "module_in_weights": omitted}
+            save_rng(tmp / ENGINE_DIR, info.rank)
+            if elastic:
+                save_consolidated(engine, tmp / ENGINE_DIR / CONSOLIDATED_DIR)
+        state = engine.full_state_dict()
+        barrier()
+        if info.is_main:
+            assert state is not None
+            if lora_scaling is not None:
+                state = merge_lora_state(state, lora_scaling)
+            model_cfg = engine.module.cfg
+            write_model_files(tmp, model_cfg, state, tokenizer)
+            pause = float(os.environ.get(SAVE_PAUSE_ENV, "0") or 0)
+            if pause > 0:
+                time.sleep(pause)
+            commit(tmp, path, {"model": dataclasses.asdict(model_cfg), **meta}, update_latest=True)
+    except Exception as e:  # the tokenizers library reports a full disk as a plain Exception
+        if not _disk_full(e, path.parent, need):
+            raise
+        raise CheckpointError(_abandon_save(tmp, path, need)) from None
     barrier()
     return path
 
 
+def _disk_full(error: Exception, parent: Path, need: int) -> bool:
+    """Whether a write failed because the disk (or quota) is full. torch.save reports it as a
+    RuntimeError without an errno (then the free space decides), the tokenizers library as an
+    Exception whose text has the OS message."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    if "No space left" in text:
+        return True
+    if isinstance(error, RuntimeError) and "write" in text.lower():
+        return shutil.disk_usage(_existing(parent)).free < need
+    return False
+
+
+def _existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _abandon_save(tmp: Path, path: Path, need: int) -> str:
+    """Remove what a failed save left (the partial directory; the new checkpoint too if it was
+    renamed into place but `latest` could not move to it) and say what happened."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    parent = path.parent
+    latest = latest_name(parent)
+    if path.is_dir() and latest != path.name:
+        shutil.rmtree(path, ignore_errors=True)
+    (parent / ".latest.tmp").unlink(missing_ok=True)
+    free = shutil.disk_usage(_existing(parent)).free
+    kept = f"`latest` still names {latest}" if latest else "no earlier checkpoint exists"
+    return (
+        f"{parent}: the disk filled up while saving {path.name}: it needs about "
+        f"{format_bytes(need)} ({need} bytes) and {format_bytes(free)} ({free} bytes) are free; "
+        f"the partial checkpoint was removed and {kept}; free disk space (or keep fewer "
+        "checkpoints: train.keep_last) and resume"
+    )
+
+
 def restore_engine(engine: StatefulEngine, ckpt: Path, meta: Mapping[str, Any], own: bool) -> str:
     """Load the training state of checkpoint `ckpt` into `engine` (collective); returns how.
-    The engine's own state files are read on the same topology when the checkpoint is the run's
-    own (`own`) or has no whole state; otherwise the whole fp32 state is re-sharded. Each file
-    is checked against the manifest before it is read."""
+    The engine's own state files are read as they are on the same topology when the checkpoint
+    is the run's own (`own`) or has no consolidated copy; an older checkpoint's consolidated
+    copy is re-sharded otherwise; else the whole fp32 state is read from the old shards and
+    re-sharded. Each file is checked against the manifest before it is read."""
     saved = {"world_size": meta.get("world_size"), **meta.get("engine", {})}
     state_dir, whole = ckpt / ENGINE_DIR, ckpt / ENGINE_DIR / CONSOLIDATED_DIR
     was = engine.topology_text(saved)
-    if (
-        engine.resumes_natively(saved)
-        and (own or not whole.is_dir())
-        and (state_dir / "state").is_dir()
-    ):
+    has_state = (state_dir / "state").is_dir()
+    weights = _module_weights(ckpt, meta) if saved.get("module_in_weights") and has_state else None
+    if engine.resumes_natively(saved) and (own or not whole.is_dir()) and has_state:
         verify_files(ckpt, meta, engine=True, select=engine.owns_state_file)
-        engine.load_state(state_dir)
+        engine.load_state(state_dir, weights)
         return f"DeepSpeed engine state ({was})"
+    now = engine.topology_text()
     if (whole / STATE_FILE).is_file():
         verify_files(ckpt, meta, engine=True, select=lambda rel: f"/{CONSOLIDATED_DIR}/" in rel)
         load_consolidated(engine, whole)
-        now = engine.topology_text()
         return f"whole fp32 weights and optimizer state, re-sharded from {was} to {now}"
-    if state_dir.is_dir():
-        raise CheckpointError(
-            f"{ckpt}: written by {was} without the whole optimizer state (train.elastic_state); "
-            f"resume it on the same setup ({was})"
+    if has_state:
+        # Every rank may need a piece of every old shard: check them all before reading.
+        verify_files(ckpt, meta, engine=True, select=lambda rel: "/state/" in rel)
+        load_whole(engine, engine.read_state_files(state_dir, weights))
+        return (
+            f"whole fp32 weights and optimizer state, re-sharded from {was} to {now} "
+            "(read from the engine shards)"
         )
+    refuse_weights_only(ckpt, meta)
     return "weights only: the checkpoint has no optimizer state"
+
+
+def _module_weights(ckpt: Path, meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights under the engine module's parameter names, in their stored
+    precision (the engine state left the module's weights to this file)."""
+    loader = load_reward_model if meta.get("head") == "reward" else load_checkpoint
+    model, _, _ = loader(ckpt, dtype=None, verify=False, with_tokenizer=False, meta=meta)
+    return dict(model.state_dict())
 
 
 def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
@@ -386,18 +483,25 @@ def _any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(value.item() > 0)
 
 
-def _space_needed(engine: StatefulEngine, parent: Path, elastic: bool) -> int:
+def _space_needed(engine: StatefulEngine, parent: Path, with_state: bool, elastic: bool) -> int:
     """Bytes the next checkpoint in `parent` will take: the last one's size, or an estimate
-    from the parameter count (weights twice, fp32 master and moments, the whole state again)."""
+    from the parameter count: the weights, plus (with the optimizer state) DeepSpeed's copy of
+    the module and the fp32 master and moments, plus the consolidated copy with elastic_state."""
     name = latest_name(parent)
     previous = checkpoint_bytes(parent / name) if name and (parent / name).is_dir() else 0
     if previous:
         return int(previous * 1.1)
     low = 4 if engine.topology().get("precision") == "fp32" else 2
-    return int(engine.num_parameters() * (2 * low + 12 + (12 if elastic else 0)) * 1.1)
+    per = low + ((low + 12) if with_state else 0) + (12 if elastic else 0)
+    return int(engine.num_parameters() * per * 1.1)
 
 
-def _check_space(engine: StatefulEngine, path: Path, margin: int, elastic: bool) -> None:
-    problem = space_problem(path.parent, _space_needed(engine, path.parent, elastic), margin)
+def _check_space(
+    engine: StatefulEngine, path: Path, margin: int, with_state: bool, elastic: bool
+) -> int:
+    """Refuse (on every rank) a save that would not fit; returns the bytes it needs."""
+    need = _space_needed(engine, path.parent, with_state, elastic)
+    problem = space_problem(path.parent, need, margin)
     if _any_rank(problem is not None, engine.info):
         raise CheckpointError(problem or f"{path.parent}: another rank has too little disk space")
+    return need

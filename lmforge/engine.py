@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import pickle
+import re
 import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -133,16 +135,31 @@ class StatefulEngine(TrainEngine, Protocol):
         """A topology (this engine's, or a saved one) in words for messages."""
         ...
 
-    def save_state(self, directory: Path, client_state: dict[str, Any]) -> None:
-        """Write the engine's own state files into `directory`. Collective."""
+    def save_state(
+        self, directory: Path, client_state: dict[str, Any], *, without_module: bool = False
+    ) -> bool:
+        """Write the engine's own state files into `directory`. Collective. With
+        without_module the module's weights may be left out (the checkpoint's weights file
+        holds them exactly); returns whether they were."""
         ...
 
-    def load_state(self, directory: Path) -> dict[str, Any]:
-        """Load what save_state wrote. Collective."""
+    def load_state(
+        self, directory: Path, weights: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, Any]:
+        """Load what save_state wrote (`weights`: the module's, where it left them out).
+        Collective."""
         ...
 
     def owns_state_file(self, rel: str) -> bool:
         """Whether state file `rel` (relative to the checkpoint) is read by this rank."""
+        ...
+
+    def read_state_files(
+        self, directory: Path, weights: Mapping[str, torch.Tensor] | None = None
+    ) -> Any:
+        """What save_state wrote into `directory`, under any topology, as whole tensors
+        (`names`, `tensor(name, key)`, `optimizer_step()`, `schedule_state()`); `weights` are
+        the module's weights where the state files leave them out."""
         ...
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -278,6 +295,180 @@ def _weights_only_loads(ds_engine: Any) -> Iterator[None]:
         yield
     finally:
         del reader.load  # back to the class's method
+
+
+def _load_state_file(path: Path) -> Any:
+    """One of DeepSpeed's pickled state files, memory-mapped (tensors are read only where they
+    are used) and with weights_only loading plus the allow-list of DeepSpeed's plain classes."""
+    from lmforge.errors import CheckpointError
+
+    try:
+        with torch.serialization.safe_globals(_ds_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: it holds more than tensors and plain values "
+            f"({detail[:200]}); lmforge did not write it this way, so do not resume from it"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); restore the file") from None
+
+
+_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+_GROUPS_KEY = "lmforge_param_groups"  # client_state: parameter names per optimizer group
+_MODULE_KEY = "lmforge_module_in_weights"  # client_state: the module was left to the weights
+
+
+class EngineStateFiles:
+    """DeepSpeed's partitioned engine state of one checkpoint (`save_state`'s folder), read back
+    as whole fp32 tensors one parameter at a time, whatever process count and ZeRO stage wrote
+    it: how a resume on another topology gets the master weights and AdamW moments without a
+    second, consolidated copy on disk. Files are memory-mapped, so only the slices of each old
+    rank's shard that a parameter occupies are read when it is asked for.
+
+    Layouts (DeepSpeed 0.19): ZeRO-1/2 keep one flat fp32 partition per optimizer group and
+    rank (`single_partition_of_fp32_groups`, moments in `base_optimizer_state`) with each
+    parameter's fragment in `param_slice_mappings`; ZeRO-3 partitions every parameter on its own
+    (ceil(numel / ranks) elements per rank, in `param_shapes` order) in `fp32_flat_groups`;
+    without ZeRO the optimizer state sits in the model-states file, keyed by parameter index,
+    the master copy in `fp32_groups` (bf16/fp16) or the module's own weights (fp32)."""
+
+    def __init__(self, directory: Path, weights: Mapping[str, torch.Tensor] | None = None):
+        from lmforge.errors import CheckpointError
+
+        self.where = directory
+        folder = directory / "state"
+        shards = sorted(
+            (int(m.group(1)), f) for f in folder.glob("*.pt") if (m := _SHARD.search(f.name))
+        )
+        first = folder / "mp_rank_00_model_states.pt"
+        if not first.is_file():
+            first = folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+        if not first.is_file():
+            raise CheckpointError(f"{folder}: no DeepSpeed model-states file; restore the folder")
+        self.model = _load_state_file(first)
+        self.shards = [_load_state_file(f)["optimizer_state_dict"] for _, f in shards]
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        # name -> [(shard, group, start, numel), ...] in rank order (ZeRO) or (group, index)
+        self.pieces: dict[str, list[tuple[int, int, int, int]]] = {}
+        self.weights = weights  # the module's weights when the state files leave them out
+        if not self.shards:
+            self.layout = "zero0"
+            self._index_zero0()
+        elif "fp32_flat_groups" in self.shards[0]:
+            self.layout = "zero3"
+            self._index_zero3()
+        else:
+            self.layout = "zero12"
+            self._index_zero12()
+
+    @property
+    def names(self) -> list[str]:
+        """The trained parameters the state holds."""
+        return list(self.pieces)
+
+    def _index_zero12(self) -> None:
+        for groups in self.model["param_shapes"]:
+            self.shapes.update({k: tuple(v) for k, v in groups.items()})
+        for rank, shard in enumerate(self.shards):
+            for group, mapping in enumerate(shard["param_slice_mappings"]):
+                for name, frag in mapping.items():
+                    self.pieces.setdefault(name, []).append((rank, group, frag.start, frag.numel))
+
+    def _index_zero3(self) -> None:
+        ranks = len(self.shards)
+        for group, shapes in enumerate(self.model["param_shapes"]):
+            offset = 0
+            for name, shape in shapes.items():
+                self.shapes[name] = tuple(shape)
+                part = -(-math.prod(shape) // ranks)  # each rank's (padded) share
+                self.pieces[name] = [(r, group, offset, part) for r in range(ranks)]
+                offset += part
+
+    def _index_zero0(self) -> None:
+        from lmforge.errors import CheckpointError
+
+        groups = self.model.get(_GROUPS_KEY)
+        optimizer = self.model.get("optimizer") or {}
+        if groups is None or "fp32_groups_flat" in optimizer:
+            raise CheckpointError(
+                f"{self.where}: this ZeRO-0 engine state cannot be re-sharded (no parameter "
+                "list, or a fused fp16 master copy); resume it on the setup that wrote it"
+            )
+        index = 0
+        for group, names in enumerate(groups):
+            for j, name in enumerate(names):
+                self.pieces[name] = [(0, group, j, index)]
+                index += 1
+
+    def _zero0_tensor(self, name: str, key: str | None) -> torch.Tensor:
+        from lmforge.errors import CheckpointError
+
+        ((_, group, j, index),) = self.pieces[name]
+        optimizer = self.model["optimizer"]
+        inner = optimizer.get("optimizer_state_dict", optimizer)
+        if key is not None:
+            return inner["state"][index][key]
+        if "fp32_groups" in optimizer:
+            return optimizer["fp32_groups"][group][j]
+        module = self.model.get("module") or {}
+        if name in module:
+            return module[name]
+        if self.weights is not None and name in self.weights:
+            return self.weights[name]
+        raise CheckpointError(f"{self.where}: no weights for {name!r}; restore the checkpoint")
+
+    def tensor(self, name: str, key: str | None = None) -> torch.Tensor:
+        """The whole fp32 master weight (key None) or AdamW moment `key` of parameter `name`,
+        shaped like the parameter."""
+        if self.layout == "zero0":
+            value = self._zero0_tensor(name, key)
+            return value.detach().float().clone()
+        numel = math.prod(self.shapes[name])
+        parts = []
+        for rank, group, start, count in self.pieces[name]:
+            flat = self._flat(self.shards[rank], group, key)
+            parts.append(flat.narrow(0, start, min(count, flat.numel() - start)))
+        whole = torch.cat(parts)[:numel]  # (numel,): ZeRO-3 pads each parameter's last share
+        return whole.float().reshape(self.shapes[name]).clone()
+
+    def _flat(self, shard: Mapping[str, Any], group: int, key: str | None) -> torch.Tensor:
+        """One rank's flat fp32 partition of optimizer group `group` (key None) or of its
+        moment `key`: (partition numel,)."""
+        if self.layout == "zero3":
+            master, state = shard["fp32_flat_groups"], shard["optimizer_state_dict"]["state"]
+        else:
+            master = shard["single_partition_of_fp32_groups"]
+            state = shard["base_optimizer_state"]["state"]
+        return master[group] if key is None else state[group][key]
+
+    def optimizer_step(self) -> int:
+        """AdamW's step counter (0 before the first applied step)."""
+        if self.layout == "zero0":
+            optimizer = self.model["optimizer"]
+            state = optimizer.get("optimizer_state_dict", optimizer)["state"]
+        elif self.layout == "zero3":
+            state = self.shards[0]["optimizer_state_dict"]["state"]
+        else:
+            state = self.shards[0]["base_optimizer_state"]["state"]
+        for value in state.values():
+            if "step" in value:
+                return int(value["step"])
+        return 0
+
+    def has_moments(self) -> bool:
+        """Whether the optimizer had state yet (it has after its first applied step)."""
+        return self.optimizer_step() > 0
+
+    def schedule_state(self) -> dict[str, Any]:
+        """The learning-rate schedule and DeepSpeed's step counters, as `schedule_state` of
+        the engine that wrote the files returned them."""
+        sched = self.model.get("lr_scheduler") or {}
+        return {
+            "scheduler": {k: v for k, v in sched.items() if k != "lr_lambdas"},
+            "counters": {k: int(self.model.get(k) or 0) for k in _COUNTERS},
+        }
 
 
 class DeepSpeedEngine:
@@ -486,32 +677,95 @@ class DeepSpeedEngine:
         """ZeRO-3 keeps a partitioned parameter's whole shape in ds_shape."""
         return tuple(getattr(param, "ds_shape", param.shape))
 
-    def save_state(self, directory: Path, client_state: dict[str, Any]) -> None:
+    def save_state(
+        self, directory: Path, client_state: dict[str, Any], *, without_module: bool = False
+    ) -> bool:
         """Write optimizer, scheduler and partitioned weights for exact resume. Collective. The
         folder also gets DeepSpeed's own `latest` tag file (and, under ZeRO, its recovery
-        scripts), so DeepSpeed's `zero_to_fp32.py` runs on it with no extra flags."""
-        self.ds.save_checkpoint(
-            str(directory), tag="state", client_state=client_state, save_latest=True
-        )
+        scripts), so DeepSpeed's `zero_to_fp32.py` runs on it with no extra flags.
 
-    def load_state(self, directory: Path) -> dict[str, Any]:
+        With without_module (the checkpoint's weights file holds the module's weights as they
+        are), ZeRO-0/1/2 leave the module's parameters out of `mp_rank_00_model_states.pt`
+        (its buffers stay): DeepSpeed would store a second copy of the weights there. Under
+        ZeRO-3 that file holds only placeholders anyway. Returns whether they were left out."""
+        omit = without_module and self.zero_stage < 3
+        client_state = {**client_state, _GROUPS_KEY: self._group_names(), _MODULE_KEY: omit}
+        if omit:
+            # Every name a parameter has, a tied one's second name (output.weight) included.
+            params = {n for n, _ in self.module.named_parameters(remove_duplicate=False)}
+            full = self.ds.module_state_dict
+
+            def buffers_only(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+                state = full(*args, **kwargs) or {}
+                return {k: v for k, v in state.items() if k not in params}
+
+            self.ds.module_state_dict = buffers_only
+        try:
+            self.ds.save_checkpoint(
+                str(directory), tag="state", client_state=client_state, save_latest=True
+            )
+        finally:
+            if omit:
+                del self.ds.module_state_dict  # back to the class's method
+        return omit
+
+    def _group_names(self) -> list[list[str]]:
+        """The names of the optimizer's parameters per group, in its order (without ZeRO the
+        state files key the optimizer state by position; under ZeRO they name parameters)."""
+        if self.zero_stage > 0:
+            return []
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        wrapper = self.ds.optimizer
+        groups = getattr(wrapper, "fp16_groups", None) or [
+            g["params"] for g in self.optimizer.param_groups
+        ]
+        return [[names[id(p)] for p in group] for group in groups]
+
+    def read_state_files(
+        self, directory: Path, weights: Mapping[str, torch.Tensor] | None = None
+    ) -> EngineStateFiles:
+        """The engine state `save_state` wrote into `directory` (by any topology), whole."""
+        return EngineStateFiles(directory, weights)
+
+    def load_state(
+        self, directory: Path, weights: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, Any]:
         """Restore what save_state wrote; returns its client_state. Collective. The pickled
         DeepSpeed files are read with torch.load(weights_only=True): tensors, containers and a
-        short list of DeepSpeed's own plain classes, never arbitrary code."""
+        short list of DeepSpeed's own plain classes, never arbitrary code. `weights` (every
+        parameter by name, as the checkpoint's weights file holds them) stand in for the
+        module's parameters where save_state left them out."""
         with _weights_only_loads(self.ds):
             path, client = self.ds.load_checkpoint(
                 str(directory),
                 tag="state",
-                load_module_strict=True,
+                load_module_strict=weights is None,
                 load_optimizer_states=True,
                 load_lr_scheduler_states=True,
             )
+        if weights is not None and self.zero_stage < 3:
+            self._copy_weights(directory, weights)
         self.ds.optimizer._lmforge_linked = False  # new state tensors: views must be remade
         if path is None:
             from lmforge.errors import CheckpointError
 
             raise CheckpointError(f"{directory}: no DeepSpeed engine state to resume from")
         return client or {}
+
+    @torch.no_grad()
+    def _copy_weights(self, directory: Path, weights: Mapping[str, torch.Tensor]) -> None:
+        """Put the module's parameters back from the weights file. ZeRO-1/2 already rebuilt
+        them from the fp32 master partitions (the same values); without ZeRO (fp32) they are
+        the only copy of the weights."""
+        from lmforge.errors import CheckpointError
+
+        for name, param in self.module.named_parameters():
+            if name not in weights or tuple(weights[name].shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{directory}: the checkpoint's weights lack {name!r} (or its shape "
+                    "differs), and the engine state left the module's weights to them"
+                )
+            param.data.copy_(weights[name])
 
     # -- whole (process-count independent) training state, for resuming on another topology --
 

@@ -54,10 +54,17 @@ class TrainConfig:
     min_free_bytes: int = option(
         0, "Refuse to start a save that would leave less free disk space than this (bytes)."
     )
-    elastic_state: bool = option(
+    save_optimizer: bool = option(
         True,
-        "Also save the whole fp32 weights and optimizer state, so another process count or "
-        "ZeRO stage can resume (a gather to rank 0; about 3x the fp32 weights on disk).",
+        "Save the optimizer state with each checkpoint (DeepSpeed's shards, one copy), so the "
+        "run can resume, on any process count or ZeRO stage; false = weights only: smaller, "
+        "a valid init_from, but the run cannot resume from it.",
+    )
+    elastic_state: bool = option(
+        False,
+        "Also save a second, consolidated copy of the fp32 weights and optimizer state as "
+        "safetensors (a gather to rank 0; about 3x the fp32 weights). Not needed to resume on "
+        "another process count or ZeRO stage: that reads the shards.",
     )
     stop_at: int = option(
         0,

@@ -168,7 +168,7 @@ def test_stop_signal_saves_at_the_next_step_and_exits_zero(
     assert seen <= stopped <= seen + 3, (seen, stopped)
     assert latest_name(run) == f"step-{stopped:06d}"
     assert max(steps_logged(log)) == stopped and not hidden(run)
-    assert (run / f"step-{stopped:06d}" / "deepspeed" / "consolidated").is_dir()
+    assert (run / f"step-{stopped:06d}" / "deepspeed" / "state").is_dir()
 
 
 def test_sft_stops_on_sigterm(task_base: Path, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Elastic resume: a checkpoint written by 2 processes under ZeRO-2 or ZeRO-3 resumes on 1
 process, and a 1-process checkpoint on 2, through the whole fp32 weights and optimizer state
-saved beside DeepSpeed's partitioned state; the loss continues where the uninterrupted run's
-goes (the global batches do not depend on the process count)."""
+read back from DeepSpeed's partitioned state (the checkpoint's one copy of it); the loss
+continues where the uninterrupted run's goes (the global batches do not depend on the process
+count)."""
 
 from __future__ import annotations
 
@@ -66,10 +67,12 @@ def test_two_process_checkpoint_resumes_on_one(
     out = root / f"zero{saved}"
     run(out, root / "cache", f"--engine.zero_stage={saved}", "--train.stop_at=3", nproc=2)
     assert (out / "latest").read_text().strip() == "step-000003"
+    assert not list(out.rglob("consolidated")), "the optimizer state is stored once"
     log = run(out, root / "cache", f"--engine.zero_stage={resumed}", nproc=1)
     assert (
         f"resume: step 3 from {out / 'step-000003'} via whole fp32 weights and optimizer state, "
-        f"re-sharded from 2 process(es), ZeRO-{saved} to 1 process(es), ZeRO-{resumed}"
+        f"re-sharded from 2 process(es), ZeRO-{saved} to 1 process(es), ZeRO-{resumed} "
+        "(read from the engine shards)"
     ) in log
     diffs = check_continues(out, uninterrupted)
     print(f"ZeRO-{saved} x2 -> ZeRO-{resumed} x1: |loss - uninterrupted| at steps 4-6 = {diffs}")
@@ -81,7 +84,7 @@ def test_one_process_checkpoint_resumes_on_two(root: Path, uninterrupted: Path) 
     log = run(out, root / "cache", "--engine.zero_stage=3", f"--resume={source}", nproc=2)
     assert (
         f"resume: step 3 from {source} via whole fp32 weights and optimizer state, re-sharded "
-        "from 1 process(es), ZeRO-2 to 2 process(es), ZeRO-3"
+        "from 1 process(es), ZeRO-2 to 2 process(es), ZeRO-3 (read from the engine shards)"
     ) in log
     diffs = check_continues(out, uninterrupted)
     print(f"ZeRO-2 x1 -> ZeRO-3 x2: |loss - uninterrupted| at steps 4-6 = {diffs}")
