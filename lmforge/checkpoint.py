@@ -134,13 +134,56 @@ def staging(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+def plain_name_problem(name: str) -> str | None:
+    """Why `name` cannot be what a `latest` file holds (None if it can): the plain name of a
+    directory beside that file, like step-000100: one path component, not hidden, printable."""
+    if not name:
+        return "is empty"
+    if "/" in name or "\\" in name or os.sep in name or name in (".", ".."):
+        return "is a path, not the plain name of a checkpoint directory beside it"
+    if name.startswith("."):
+        return "is a hidden name (an unfinished save), not a checkpoint"
+    if not name.isprintable() or len(name) > 255:
+        return "is not a checkpoint name"
+    return None
+
+
 def write_latest(run_dir: Path, name: str) -> None:
-    """Point `run_dir/latest` at the checkpoint `name`, atomically."""
+    """Point `run_dir/latest` at the checkpoint `name` (a directory in run_dir), atomically."""
+    problem = plain_name_problem(name)
+    if problem:
+        raise ValueError(f"latest: {name!r} {problem}")
     tmp = run_dir / f".{LATEST_FILE}.tmp"
     tmp.write_text(name + "\n")
     _fsync(tmp)
     os.replace(tmp, run_dir / LATEST_FILE)
     _fsync(run_dir)
+
+
+def read_latest(run_dir: Path) -> str | None:
+    """The checkpoint name `run_dir/latest` holds; None when there is no such file. Anything
+    but the plain name of a directory beside it (a path, `..`, an absolute path, a hidden name,
+    bytes that are not UTF-8 text) is a CheckpointError naming the file: a run directory only
+    ever continues from its own checkpoints. Whether the named checkpoint exists is
+    `resolve_checkpoint`'s check."""
+    file = run_dir / LATEST_FILE
+    try:
+        data = file.read_bytes()[: 64 << 10]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror}); fix or delete it") from None
+    fix = "write the name of a step-* directory beside it into it, or delete it"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file}: holds binary bytes, not a checkpoint name; {fix}") from None
+    name = text.strip()
+    problem = plain_name_problem(name)
+    if problem:
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        raise CheckpointError(f"{file}: holds {shown!r}, which {problem}; {fix}")
+    return name
 
 
 def commit(tmp: Path, path: Path, meta: Mapping[str, Any], *, update_latest: bool) -> Path:
@@ -352,19 +395,23 @@ def hub_snapshot(name: str) -> Path:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, a run directory whose `latest` file names one, or a Hugging Face
-    hub name (`org/name`, when no such local path exists): its cached snapshot, which may in
-    turn be either (see `hub_snapshot`)."""
+    """A checkpoint directory, a run directory whose `latest` file names one of its own
+    checkpoint directories (`read_latest`), or a Hugging Face hub name (`org/name`, when no
+    such local path exists): its cached snapshot, which may in turn be either (see
+    `hub_snapshot`)."""
     p = Path(path)
     if not p.exists() and _HUB_NAME.match(str(path)):
         p = hub_snapshot(str(path))
     if not p.is_dir():
         raise CheckpointError(f"{p}: no such checkpoint directory")
     if not (p / "config.json").exists() and (p / LATEST_FILE).is_file():
-        name = (p / LATEST_FILE).read_text().strip()
-        target = p / name
-        if not name or not (target / "config.json").exists():
-            raise CheckpointError(f"{p / LATEST_FILE}: names {name!r}, which is not a checkpoint")
+        name = read_latest(p)
+        target = p / str(name)
+        if not (target / "config.json").exists():
+            raise CheckpointError(
+                f"{p / LATEST_FILE}: names {name!r}, which is not a checkpoint in {p} (no "
+                f"{name}/config.json); point it at an existing step-* directory or delete it"
+            )
         return target
     if not (p / "config.json").exists():
         raise CheckpointError(f"{p}: not a checkpoint (no config.json and no '{LATEST_FILE}' file)")

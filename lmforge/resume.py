@@ -73,8 +73,9 @@ APPLIED_KEYS: tuple[str, ...] = (
 )
 
 # Keys that never matter for a resume: where to resume from is not a setting of the run, and
-# the run directory is where the checkpoints were found (a moved run directory is the same run).
-IGNORED_KEYS: tuple[str, ...] = ("resume", "run_dir")
+# the run directory is where the checkpoints were found (a moved run directory is the same run),
+# as is whether it may sit among files lmforge did not write.
+IGNORED_KEYS: tuple[str, ...] = ("resume", "run_dir", "allow_foreign_run_dir")
 
 # How a recorded change starts in config.yaml; `previous_change_lines` looks for it.
 CHANGE_PREFIX = "# resumed at step "

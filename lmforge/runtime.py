@@ -239,4 +239,8 @@ def run_entry(
         sys.stderr.write(f"error{where}: {e}\n")  # one write: ranks' lines never interleave
         sys.stderr.flush()
         return e.exit_code
+    finally:  # the run directory's lock ends with the run, also when a stage runs in-process
+        from lmforge.runlock import release_all
+
+        release_all()
     return 0

@@ -20,14 +20,14 @@ from typing import Any
 import torch
 
 from lmforge.batching import BatchPlan, plan_batch
-from lmforge.checkpoint import resolve_checkpoint
+from lmforge.checkpoint import LATEST_FILE, read_latest, resolve_checkpoint
 from lmforge.checkpointer import Checkpointer, ResumePoint, open_point
 from lmforge.config import dump_config, option
 from lmforge.data.chat_datasets import PromptDataset
 from lmforge.data.templates import pad_token_id, stop_token_ids
 from lmforge.distributed import DistInfo
 from lmforge.engine import EngineConfig
-from lmforge.errors import ConfigError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.faults import FaultConfig, FaultMonitor
 from lmforge.generate import GenerateConfig, generate
 from lmforge.loop import Run
@@ -42,7 +42,8 @@ from lmforge.resume import (
     previous_change_lines,
     record_changes,
 )
-from lmforge.rundir import clean_leftovers
+from lmforge.rundir import clean_leftovers, run_dir_path
+from lmforge.runlock import claim_run_dir
 from lmforge.runtime import TrainConfig
 from lmforge.tracking import Tracker, TrackingConfig, measure_peak_flops
 
@@ -52,6 +53,11 @@ class StageConfig:
     """Sections every stage has; a stage's config adds its own (model, data, loss, ...)."""
 
     run_dir: str = option("runs/stage", "Directory for checkpoints, metrics and the config.")
+    allow_foreign_run_dir: bool = option(
+        False,
+        "Let run_dir be an existing, non-empty directory that lmforge did not make (lmforge adds "
+        "its own files and deletes nothing else); without it such a directory is refused.",
+    )
     resume: ResumeConfig = option(
         default_factory=ResumeConfig,
         doc="Where to continue from (`resume: auto | never | PATH`) and allowed changes.",
@@ -88,31 +94,47 @@ class StageConfig:
         return check_batch_sizes(self.train, world)
 
 
-def resume_point(run_dir: Path, resume: str) -> ResumePoint | None:
+def resume_point(run_dir: Path, resume: str, stage: str = "") -> ResumePoint | None:
     """The checkpoint to resume from — run_dir's latest (auto), none (never) or a path — with
-    its manifest read and its weights verified once."""
+    its manifest read and its weights verified once. `latest` must name a checkpoint directory
+    of run_dir itself (lmforge.checkpoint.read_latest), and the checkpoint must be one of this
+    `stage`: a run only ever continues itself; another run's weights are what init_from is for."""
     if resume == "never":
-        if (run_dir / "latest").exists():
+        if (run_dir / LATEST_FILE).exists():
             raise ConfigError(
                 f"run_dir: {run_dir} already holds checkpoints; use resume: auto to continue "
                 "or choose a new run_dir"
             )
         return None
     if resume == "auto":
-        return open_point(run_dir) if (run_dir / "latest").exists() else None
-    return open_point(resolve_checkpoint(resume))
+        if read_latest(run_dir) is None:
+            return None
+        point, where = open_point(run_dir), f"{run_dir / LATEST_FILE}: names {run_dir}/"
+    else:
+        point, where = open_point(resolve_checkpoint(resume)), "resume: "
+    saved = point.meta.get("stage")
+    if stage and saved and saved != stage:
+        raise CheckpointError(
+            f"{where}{point.path.name if resume == 'auto' else point.path}, a {saved} checkpoint, "
+            f"but this is a {stage} run, which continues only its own checkpoints; to start "
+            f"from its weights use init_from={point.path} with a new run_dir"
+        )
+    return point
 
 
 def finished_run(
     point: ResumePoint | None, steps: int, info: DistInfo, stage: str
 ) -> dict[str, Any] | None:
-    """If the run already reached `steps`, report it (rank 0) and return its metrics."""
+    """If the run already reached `steps`, report it (rank 0) and return its metrics. The point
+    is this stage's own (`resume_point` refuses another stage's checkpoints)."""
     if point is None or point.step < steps:
         return None
     metrics = dict(point.meta.get("metrics", {}))
     if info.is_main:
         shown = ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval/") and v is not None
+            f"{k} {v:.4f}"
+            for k, v in metrics.items()
+            if k.startswith("eval/") and isinstance(v, (int, float))
         )
         print(
             f"{stage}: {point.path.parent} already trained to step {point.step} "
@@ -216,20 +238,28 @@ class Launch:
 
 
 def launch(cfg: StageConfig, stage: str) -> tuple[Launch, dict[str, Any] | None]:
-    """Start the process group, find the resume point and check what changed since it was
-    saved (a refused change is a ConfigError before any data is read). The second value is
-    the finished run's metrics when run_dir already reached train.steps."""
+    """Claim the run directory (rank 0 checks, creates and locks it before anything is written
+    into it), start the process group, settle the claim on every rank (a refusal is raised on
+    all of them), find the resume point, check what changed since it was saved (a refused
+    change is a ConfigError before any data is read) and clean what interrupted saves left.
+    The second value is the finished run's metrics when run_dir already reached train.steps.
+    The lock is held until the process ends or lmforge.runlock.release_all runs (run_entry
+    does, after the stage)."""
     from lmforge.distributed import dist_info
     from lmforge.engine import init_distributed
 
+    run_dir = run_dir_path(cfg.run_dir)  # every rank sees the same config: no collective needed
     info = dist_info()
+    claim = claim_run_dir(run_dir, cfg.allow_foreign_run_dir, info.rank)  # rank 0: check, lock
+    if info.world == 1:
+        claim.settle(1)  # refused before DeepSpeed starts: one process has no one to tell
     init_distributed(info, cfg.engine.backend)
-    run_dir = Path(cfg.run_dir)
-    point = resume_point(run_dir, cfg.resume.checkpoint)
+    claim.settle(info.world)  # collective: rank 0's outcome on every rank, none left waiting
+    point = resume_point(run_dir, cfg.resume.checkpoint, stage)
     changes: list[Change] = []
     if point is not None and isinstance(point.meta.get("config"), dict):
         changes = config_changes(point.meta["config"], cfg, cfg.resume.allow_changes)
-    if info.is_main and run_dir.is_dir():
+    if info.is_main:
         removed = clean_leftovers(run_dir)
         if removed:
             print(f"removed what interrupted saves left: {', '.join(removed)}", flush=True)
@@ -255,9 +285,10 @@ def open_tracker(
     model_cfg: ModelConfig | None = None,
     seq_len: int = 0,
 ) -> Tracker:
-    """The run's tracker; rank 0 also creates run_dir and writes the resolved config.yaml (with
-    the changes a resume applied, and when). A resumed run continues its W&B run. With
-    `model_cfg` and `seq_len` the tracker reports MFU against this device's measured peak."""
+    """The run's tracker; rank 0 also writes the resolved config.yaml into run_dir (created and
+    locked by `launch`), with the changes a resume applied, and when. A resumed run continues
+    its W&B run. With `model_cfg` and `seq_len` the tracker reports MFU against this device's
+    measured peak."""
     flops, peak = 0.0, None
     if model_cfg is not None and seq_len:
         flops = model_flops_per_token(model_cfg, seq_len)
