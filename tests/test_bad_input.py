@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import string
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,10 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+ASSISTANT = {"role": "assistant", "content": "hello"}
+CHAT_LINE = json.dumps({"messages": [{"role": "user", "content": "hi"}, ASSISTANT]}) + "\n"
+
+
 def write_data(folder: Path, kind: str) -> Path:
     """A bad data file of the given kind."""
     if kind == "empty":
@@ -126,6 +131,21 @@ def write_data(folder: Path, kind: str) -> Path:
         path = folder / "data.jsonl"
         big = "y" * (50 * 2**20)
         path.write_text(json.dumps({"prompt": "hi", "completion": big}) + "\n")
+    elif kind == "deep json":  # pyarrow's reader crashed the process on this (a segfault)
+        deep = "[" * 100_000 + "]" * 100_000
+        (path := folder / "data.jsonl").write_text('{"text": "fine"}\n{"text": ' + deep + "}\n")
+    elif kind == "huge number":  # past Python's int digit limit: a ValueError in json.loads
+        line = CHAT_LINE[:-2] + ', "n": ' + "7" * 5000 + "}\n"
+        (path := folder / "data.jsonl").write_text(CHAT_LINE + line)
+    elif kind == "chat role list":
+        bad = {"messages": [{"role": ["user"], "content": "hi"}, ASSISTANT]}
+        (path := folder / "data.jsonl").write_text(CHAT_LINE + json.dumps(bad) + "\n")
+    elif kind == "chat content object":
+        bad = {"messages": [{"role": "user", "content": {"text": "hi"}}, ASSISTANT]}
+        (path := folder / "data.jsonl").write_text(CHAT_LINE + json.dumps(bad) + "\n")
+    elif kind == "chat surrogate":
+        bad_line = CHAT_LINE.replace('"hi"', '"a\\ud800"')  # half a surrogate pair
+        (path := folder / "data.jsonl").write_text(CHAT_LINE + bad_line)
     else:
         raise ValueError(kind)
     return path
@@ -159,6 +179,47 @@ PRETRAIN_CASES = [
     ("missing field", [], "missing field", "'text'"),
     ("other text field", ["--data.text_field=body"], "valid", "'body'"),
     ("enormous line", [], "enormous line", "max_record_bytes"),
+    ("deeply nested json", [], "deep json", "line 2: JSON nested more than"),
+    ("seed past 64 bits", ["--train.seed=99999999999999999999999"], None, "train.seed"),
+    ("negative seed", ["--data.seed=-1"], None, "data.seed"),
+    ("int past 64 bits", ["--train.steps=" + "9" * 25], None, "train.steps: int 999"),
+    (
+        "model too large for memory",
+        ["--model.dim=65536", "--model.n_heads=64", "--model.n_layers=64"],
+        None,
+        "memory: this run needs",
+    ),
+    (
+        "micro-batch too large for memory",
+        ["--train.micro_batch_size=4000000", "--train.global_batch_size=4000000"],
+        None,
+        "train.micro_batch_size=4000000",
+    ),
+    ("deepspeed top-level list", ["--engine.deepspeed='[1, 2]'"], None, "top level must be"),
+    (
+        "deepspeed section a number",
+        ["--engine.deepspeed='{\"zero_optimization\": 2}'"],
+        None,
+        "'zero_optimization' must be an object",
+    ),
+    (
+        "deepspeed section a string",
+        ['--engine.deepspeed=\'{"bf16": "yes"}\''],
+        None,
+        "'bf16' must be an object",
+    ),
+    (
+        "deepspeed stage a string",
+        ['--engine.deepspeed=\'{"zero_optimization": {"stage": "two"}}\''],
+        None,
+        "'zero_optimization.stage' must be 0, 1, 2, 3",
+    ),
+    (
+        "deepspeed offload a list",
+        ['--engine.deepspeed=\'{"zero_optimization": {"offload_param": ["cpu"]}}\''],
+        None,
+        "'zero_optimization.offload_param' must be an object",
+    ),
 ]
 
 
@@ -273,6 +334,11 @@ SFT_CASES = [
     ("missing field", [], "chat missing field", "content"),
     ("enormous line", [], "chat enormous line", "max_record_bytes"),
     ("unknown key", ["--data.sorce=x"], None, "did you mean 'data.source'"),
+    ("huge number", [], "huge number", "line 2: a value cannot be read"),
+    ("role a list", [], "chat role list", "message 0 has a role that is a list"),
+    ("content an object", [], "chat content object", "the content of message 0 is an object"),
+    ("unpaired surrogate", [], "chat surrogate", "unpaired surrogate"),
+    ("deeply nested json", [], "deep json", "line 2: JSON nested more than"),
 ]
 
 
@@ -297,6 +363,127 @@ def test_sft_bad_input(
     code = main(args)
     one_error(code, capsys.readouterr().err, needle)
     assert snapshot(run_dir) == before
+
+
+def _alias_bomb() -> str:
+    """A "billion laughs" YAML: nine aliases of nine aliases ... (9**9 values once expanded),
+    under a key that exists, so nothing refuses it before its values are looked at."""
+    layers = ["&a0 [x, x, x, x, x, x, x, x, x]"]
+    layers += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return f"resume:\n  allow_changes: [{', '.join(layers)}]\n"
+
+
+CONFIG_FILES = [
+    ("not utf-8", b"train:\n  steps: 2\n# caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset"),
+    ("alias bomb", _alias_bomb().encode(), "aliases expand to more than 100,000 values"),
+    ("alias loop", b"train: &t {steps: 2, more: *t}\n", "an alias refers to the value that"),
+    ("nested too deep", b"train: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+    ("number past the digit limit", b"train: {steps: " + b"9" * 5000 + b"}\n", "Exceeds the limit"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"), [c[1:] for c in CONFIG_FILES], ids=[c[0] for c in CONFIG_FILES]
+)
+def test_bad_config_file(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], text: bytes, needle: str
+) -> None:
+    from pretrain.train import main
+
+    config = tmp_path / "run.yaml"
+    config.write_bytes(text)
+    before = snapshot(run_dir)
+    start = time.perf_counter()
+    code = main([f"--config={config}", f"--run_dir={run_dir}"])
+    elapsed = time.perf_counter() - start
+    one_error(code, capsys.readouterr().err, str(config), needle)
+    assert snapshot(run_dir) == before
+    assert elapsed < 30, f"took {elapsed:.1f} s"  # the alias bomb took 68 s to be refused
+
+
+REWARDS = """
+import os, sys, time
+
+def leave(prompts, completions, answers, tasks):
+    sys.exit(0)
+
+def fail(prompts, completions, answers, tasks):
+    raise KeyError("no score for this")
+
+def stall(prompts, completions, answers, tasks):
+    while True:  # swallowing every Exception must not keep it alive past its timeout_s
+        try:
+            time.sleep(0.05)
+        except Exception:
+            pass
+
+def fail_on_rank_one(prompts, completions, answers, tasks):
+    if os.environ.get("RANK") == "1":
+        raise ValueError("rank one cannot score")
+    return [0.0] * len(completions)
+"""
+GRPO_BASE = [
+    "--train.steps=2",
+    "--train.global_batch_size=4",
+    "--train.micro_batch_size=4",
+    "--group_size=2",
+    "--max_new_tokens=4",
+    "--data.num_train=16",
+    "--data.num_heldout=2",
+    "--train.eval_every=0",
+]
+REWARD_CASES = [  # a function that raises: tests/test_rewards.py
+    ("sys.exit(0)", "leave", 60, "called sys.exit(0)"),
+    ("never returns", "stall", 1, "did not return within 1 s"),
+]
+
+
+@pytest.mark.parametrize(
+    ("function", "timeout", "needle"),
+    [c[1:] for c in REWARD_CASES],
+    ids=[c[0] for c in REWARD_CASES],
+)
+def test_reward_function_failures(
+    task_base: Path, tmp_path: Path, function: str, timeout: int, needle: str
+) -> None:
+    """A reward function that exits or hangs ends the GRPO run (a real process: DeepSpeed keeps
+    per-process state) with one line naming it and a non-zero exit, before any step is saved."""
+    from stagerun import run_stage
+
+    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    name = f"{tmp_path / 'my_rewards.py'}:{function}"
+    run = tmp_path / "grpo"
+    proc = run_stage(
+        "finetune/grpo.py",
+        [*GRPO_BASE, f"--init_from={task_base}", f"--run_dir={run}",
+         f"--rewards=[{{name: '{name}', timeout_s: {timeout}}}]"],
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    one_error(proc.returncode, proc.stderr, f"reward function '{name}'", needle)
+    assert not (run / "latest").exists()  # nothing trained, nothing saved
+
+
+def test_reward_failure_on_one_rank_stops_every_rank(task_base: Path, tmp_path: Path) -> None:
+    """Two ranks (srun-style, no launcher to tear them down): the function fails on rank 1
+    only, and rank 0 stops with the same one line instead of waiting for rank 1 forever."""
+    from stagerun import spawn_group, wait_group
+
+    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    name = f"{tmp_path / 'my_rewards.py'}:fail_on_rank_one"
+    args = [*GRPO_BASE, f"--init_from={task_base}", f"--run_dir={tmp_path / 'grpo'}",
+            f"--rewards=[{{name: '{name}'}}]"]  # fmt: skip
+    procs = spawn_group("finetune/grpo.py", args, nproc=2, log_dir=tmp_path / "logs")
+    try:
+        codes = wait_group(procs, timeout=300)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    logs = [(tmp_path / "logs" / f"rank{r}.log").read_text() for r in range(2)]
+    assert codes == [2, 2], logs
+    one_error(1, logs[0], "raised ValueError: rank one cannot score (on rank 1)")
+    one_error(1, logs[1].replace("error (rank 1):", "error:"), "rank one cannot score")
 
 
 # -- fuzzing --------------------------------------------------------------------------------
@@ -438,3 +625,125 @@ def test_fuzz_corpus_reader(tmp_path: Path, items: list[str], field: str) -> Non
     cfg = DataConfig(source=str(path), text_field=field, cache_dir=str(tmp_path / "cache"))
     with contextlib.suppress(LmforgeError):
         load_corpus(resolve_source(cfg), cfg, tmp_path / "hf")
+
+
+# Lines that broke the readers before: nesting past any parser's depth, an integer past
+# Python's digit limit, half a surrogate pair, roles and contents of every JSON type.
+odd_lines = st.sampled_from(
+    [
+        '{"text": ' + "[" * 3000 + "]" * 3000 + "}",
+        '{"text": "a", "n": ' + "9" * 5000 + "}",
+        '{"text": "a\\ud800b"}',
+        '{"messages": [{"role": "user", "content": "x\\udfff"}]}',
+        "[" * 800 + "]" * 800,
+        '{"text": NaN, "x": Infinity}',
+    ]
+)
+message = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": st.sampled_from(["user", "assistant", "system", "bot"]) | json_values,
+        "content": st.text(max_size=8) | json_values,
+    },
+)
+chat_record = st.fixed_dictionaries(
+    {},
+    optional={
+        "messages": st.lists(message, max_size=3) | json_values,
+        "prompt": st.text(max_size=8) | st.lists(message, max_size=2) | json_values,
+        "completion": st.text(max_size=8) | st.lists(message, max_size=2),
+        "chosen": st.text(max_size=8) | st.lists(message, max_size=2),
+        "rejected": st.text(max_size=8) | json_values,
+        "answer": st.text(max_size=4) | json_values,
+    },
+)
+
+
+@FUZZ
+@given(
+    st.lists(chat_record.map(json.dumps) | odd_lines, min_size=1, max_size=4),
+    st.sampled_from(["sft", "preference"]),
+    st.sampled_from([".jsonl", ".json"]),
+)
+def test_fuzz_chat_records(tmp_path: Path, items: list[str], kind: str, suffix: str) -> None:
+    """Chat files (JSON Lines, or a .json array of the same records) with odd records."""
+    path = tmp_path / f"chat{suffix}"
+    text = "\n".join(items) if suffix == ".jsonl" else "[\n" + ",\n".join(items) + "\n]"
+    path.write_bytes(text.encode("utf-8", errors="surrogatepass"))
+    with contextlib.suppress(LmforgeError):
+        read_chat_records(str(path), "auto", kind)  # type: ignore[arg-type]
+
+
+@settings(FUZZ, max_examples=30)
+@given(st.lists(records.map(json.dumps) | odd_lines, min_size=1, max_size=4))
+def test_fuzz_corpus_odd_lines(tmp_path: Path, items: list[str]) -> None:
+    """Corpus files whose records nest deeply, hold huge numbers or broken escapes: `datasets`
+    (pyarrow) must never see a record that crashes the process."""
+    path = _write_lines(tmp_path, items)
+    cfg = DataConfig(source=str(path), cache_dir=str(tmp_path / "cache"))
+    with contextlib.suppress(LmforgeError):
+        load_corpus(resolve_source(cfg), cfg, tmp_path / "hf")
+
+
+DS_KEYS = [
+    "zero_optimization", "stage", "offload_optimizer", "offload_param", "device", "bf16", "fp16",
+    "enabled", "optimizer", "scheduler", "type", "params", "lr", "betas", "eps", "weight_decay",
+    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+    "gradient_clipping", "activation_checkpointing", "amp",
+]  # fmt: skip
+ds_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.sampled_from(["auto", "cpu", "none", "adamw", "WarmupLR"])
+    | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(DS_KEYS) | st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@FUZZ
+@given(
+    ds_values | st.dictionaries(st.sampled_from(DS_KEYS), ds_values, max_size=5),
+    st.sampled_from([None, 0, 1, 2, 3]),
+    st.sampled_from([None, True, False]),
+    st.sampled_from([None, True, False]),
+    st.sampled_from(["auto", "bf16", "fp16", "fp32"]),
+)
+def test_fuzz_deepspeed_json(
+    tmp_path: Path,
+    value: Any,
+    stage: int | None,
+    offload_optimizer: bool | None,
+    offload_params: bool | None,
+    precision: str,
+) -> None:
+    """Any JSON as the DeepSpeed config (inline, in a file, or a dict handed to the resolver):
+    it resolves or raises LmforgeError."""
+    from lmforge.engine import EngineConfig, load_deepspeed_json, resolve_deepspeed_config
+    from lmforge.optim import OptimConfig
+
+    text = json.dumps(value)
+    engine = EngineConfig(
+        deepspeed=text,
+        zero_stage=stage,
+        offload_optimizer=offload_optimizer,
+        offload_params=offload_params,
+        precision=precision,  # type: ignore[arg-type]
+    )
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    for source in (text, str(path)):
+        with contextlib.suppress(LmforgeError):
+            ds = load_deepspeed_json(source)
+            resolve_deepspeed_config(
+                ds, cfg=engine, optim=OptimConfig(), micro_batch=4, grad_accum=2, world=2
+            )
+    with contextlib.suppress(LmforgeError):  # a dict built in code takes the same checks
+        resolve_deepspeed_config(
+            value, cfg=engine, optim=OptimConfig(), micro_batch=4, grad_accum=2, world=2
+        )
