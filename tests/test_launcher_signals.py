@@ -1,9 +1,15 @@
 """Signals to each launcher of a 2-process run (deepspeed, torchrun, launch/local.sh): SIGTERM,
 SIGUSR1 and SIGKILL to the launcher process, mid-run. In every case every process of the run is
-gone soon after, the ranks checkpointed at a step boundary and stopped (through a signal that
-reached them, or because they noticed their launcher died), the launcher's exit status is the one
-the README's table states, and an orphan left by a killed torchrun stops and its run resumes in
-the same run directory to its final step."""
+gone soon after, the ranks stopped together at a step boundary (through a signal that reached
+them, or because they noticed their launcher died), and the launcher's exit status is the one
+the README's table states.
+
+The matrix runs the real launchers with light ranks (`LIGHT_RANK`: the real StopFlag and its
+all-reduce over gloo, 50 ms steps, no model), so nine launches fit the time budget. A real
+2-process pretraining checks the orphan path end to end: an orphan left by a killed torchrun
+saves a real checkpoint at a step boundary and stops, and the run resumes in the same run
+directory to its final step (what a forwarded SIGTERM does to a real run is
+tests/test_crash.py's). Stand-in launchers (no torch) check the watchdog itself."""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,27 +29,53 @@ from stagerun import REPO, free_port, launch_command, stage_env, tiny_pretrain_a
 
 from lmforge.watchdog import ranks_below
 
-STEPS = 20000  # never reached: the run stops at the signal (a lost signal fails the time bound)
+STEPS = 20000  # never reached: a run stops at the signal (a lost signal fails the time bound)
 BOUND = 90.0  # seconds from the signal until every process of the run is gone (busy 2 cores)
 STOP_LINE = re.compile(r"^(.+): saved at step (\d+); resume with resume: auto$", re.M)
+ORPHAN = re.compile(r"launcher \S+ \(pid \d+\) exited")
 
-# launcher, signal -> (exit status of the signalled launcher, why the ranks stopped). `orphan`:
+# launcher, signal -> (exit status of the signalled launcher, why the ranks stopped). ORPHAN:
 # the signal never reached the ranks; they stopped because that launcher process died.
 CASES = {
     # torchrun forwards SIGTERM to the ranks (they save and exit 0) but exits 1 itself.
     ("torchrun", "SIGTERM"): (1, "stop requested"),
-    ("torchrun", "SIGUSR1"): (-signal.SIGUSR1, "orphan"),  # no handler: USR1 kills it
+    ("torchrun", "SIGUSR1"): (-signal.SIGUSR1, ORPHAN),  # no handler: USR1 kills it
+    ("torchrun", "SIGKILL"): (-signal.SIGKILL, ORPHAN),
     # The deepspeed runner handles no signal on one node: it dies, deepspeed.launcher.launch and
     # the ranks are left; the ranks notice their grandparent is gone.
-    ("deepspeed", "SIGTERM"): (-signal.SIGTERM, "orphan"),
-    ("deepspeed", "SIGUSR1"): (-signal.SIGUSR1, "orphan"),
-    ("deepspeed", "SIGKILL"): (-signal.SIGKILL, "orphan"),
-    # local.sh forwards SIGTERM / SIGUSR1 to the ranks and exits 0 after their clean save
-    # (with its default launcher, deepspeed, and with torchrun).
+    ("deepspeed", "SIGTERM"): (-signal.SIGTERM, ORPHAN),
+    ("deepspeed", "SIGUSR1"): (-signal.SIGUSR1, ORPHAN),
+    ("deepspeed", "SIGKILL"): (-signal.SIGKILL, ORPHAN),
+    # local.sh forwards SIGTERM / SIGUSR1 to the ranks and exits 0 after their clean stop (with
+    # its default launcher, deepspeed, and with torchrun); killed, its ranks notice.
     ("local.sh", "SIGTERM"): (0, "stop requested"),
     ("local.sh torchrun", "SIGUSR1"): (0, "stop requested"),
-    ("local.sh torchrun", "SIGKILL"): (-signal.SIGKILL, "orphan"),
+    ("local.sh", "SIGKILL"): (-signal.SIGKILL, ORPHAN),
 }
+
+# A light rank: the real StopFlag (watchdog, signal handlers, all-reduce over gloo) around 50 ms
+# "steps"; rank 0 appends each step to OUT/steps; on stop each rank writes OUT/rank<R>.json.
+LIGHT_RANK = """
+import json, os, sys, time
+from pathlib import Path
+import torch.distributed as dist
+from lmforge.runtime import StopFlag
+
+out = Path(next(a for a in sys.argv[1:] if not a.startswith("--")))  # deepspeed adds --local_rank
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo")
+stop, step = StopFlag(), 0
+while step < 4000:
+    step += 1
+    time.sleep(0.05)
+    if rank == 0:
+        with open(out / "steps", "a") as f:
+            f.write(f"{step}\\n")
+    if stop.requested():
+        break
+(out / f"rank{rank}.json").write_text(json.dumps({"step": step, "reason": stop.reason}))
+dist.destroy_process_group()
+"""
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:
@@ -92,8 +125,9 @@ def last_step(run_dir: Path) -> int:
     return step
 
 
-def start(launcher: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start a 2-process pretraining under `launcher` in a session of its own, output to log."""
+def launch(launcher: str, script: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start 2 ranks of `script` under `launcher` ("local.sh LAUNCHER" picks local.sh's) in a
+    session of its own, output to `log`."""
     env = stage_env()
     if launcher.startswith("local.sh"):
         env.update(
@@ -101,25 +135,15 @@ def start(launcher: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
             NPROC_PER_NODE="2",
             MASTER_PORT=str(free_port()),
             CUDA_VISIBLE_DEVICES="",
-            LAUNCHER=launcher.split()[-1] if " " in launcher else "deepspeed",
+            LAUNCHER=launcher.split()[1] if " " in launcher else "deepspeed",
         )
-        cmd = ["launch/local.sh", "pretrain/train.py", *args]
+        cmd = ["launch/local.sh", script, *args]
     else:
-        cmd = launch_command(launcher, 2, "pretrain/train.py", args)
+        cmd = launch_command(launcher, 2, script, args)
     with open(log, "ab") as out:
         return subprocess.Popen(
             cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-
-
-def wait_for_step(proc: subprocess.Popen[bytes], run_dir: Path, log: Path, step: int) -> int:
-    """Wait until the run logged `step` (the launcher still running); the step logged."""
-    deadline = time.monotonic() + 300
-    while (seen := last_step(run_dir)) < step:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "the run never reached step {step}"
-        time.sleep(0.05)
-    return seen
 
 
 def kill_all(proc: subprocess.Popen[bytes], tree: dict[int, int]) -> None:
@@ -134,38 +158,50 @@ def kill_all(proc: subprocess.Popen[bytes], tree: dict[int, int]) -> None:
 
 
 def signal_mid_run(
-    launcher: str, sig: signal.Signals, run_dir: Path, cache: Path, log: Path
-) -> tuple[int, str, int, float]:
-    """Run, send `sig` to the launcher after step 3, wait for every process of the run to end.
-    Returns (the launcher's exit status, the ranks' stop reason, the step they saved at, the
-    seconds from the signal until every process was gone)."""
-    args = tiny_pretrain_args(run_dir, cache, steps=STEPS, save_every=STEPS)
-    proc = start(launcher, args, log)
+    launcher: str,
+    script: str,
+    args: list[str],
+    sig: signal.Signals,
+    progress: Callable[[], int],
+    log: Path,
+) -> tuple[int, int, float]:
+    """Launch, wait until `progress()` (the last step logged) reaches 3, send `sig` to the
+    launcher process and wait until every process of the run has ended. Returns the launcher's
+    exit status, the step seen before the signal and the seconds until all were gone."""
+    proc = launch(launcher, script, args, log)
     tree: dict[int, int] = {}
     try:
-        seen = wait_for_step(proc, run_dir, log, 3)
+        deadline = time.monotonic() + 300
+        while (seen := progress()) < 3:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached step 3"
+            time.sleep(0.05)
         tree = process_tree(proc.pid)
         assert len(ranks_below(proc.pid)) == 2, tree
         sent = time.monotonic()
         proc.send_signal(sig)
         code = proc.wait(timeout=BOUND)
         while running(tree) and time.monotonic() - sent < BOUND:
-            time.sleep(0.1)
+            time.sleep(0.05)
         assert not running(tree), f"still running {BOUND:.0f} s after {sig.name}: {running(tree)}"
-        took = time.monotonic() - sent
+        return code, seen, time.monotonic() - sent
     finally:
         kill_all(proc, tree)
+
+
+def check_checkpoint(run_dir: Path, log: Path, seen: int) -> tuple[str, int]:
+    """The ranks' one stop line, and its step's checkpoint is the run's latest, complete, with
+    nothing trained after it. Returns (why they stopped, the step)."""
     text = log.read_text()
     stops = STOP_LINE.findall(text)
     assert len(stops) == 1, text[-3000:]
     why, step = stops[0][0], int(stops[0][1])
     assert seen <= step < STEPS, (seen, step)
-    # The checkpoint of that step is the run's latest, complete, and nothing trained after it.
     assert (run_dir / "latest").read_text().strip() == f"step-{step:06d}"
     meta = json.loads((run_dir / f"step-{step:06d}" / "lmforge.json").read_text())
     assert meta["step"] == step and last_step(run_dir) == step
     assert not [p for p in run_dir.iterdir() if "partial" in p.name]
-    return code, why, step, took
+    return why, step
 
 
 # -- the watchdog on its own: stand-in launchers (real processes, no torch), about a second -------
@@ -278,7 +314,42 @@ def test_forward_signals_the_ranks_and_not_their_children(tmp_path: Path) -> Non
         kill_all(top, tree)
 
 
-# -- every launcher, every signal, on a real 2-process run ------------------------------------
+# -- every launcher, every signal: real launchers, light ranks --------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("launcher", "sig"), list(CASES), ids=lambda v: str(v).replace(" ", "-"))
+def test_signal_to_the_launcher_stops_every_rank_at_one_step(
+    launcher: str, sig: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "rank.py"
+    script.write_text(LIGHT_RANK)
+    out, log = tmp_path / "out", tmp_path / "launch.log"
+    out.mkdir()
+
+    def progress() -> int:
+        steps = out / "steps"
+        return len(steps.read_text().splitlines()) if steps.exists() else 0
+
+    code, seen, took = signal_mid_run(
+        launcher, str(script), [str(out)], signal.Signals[sig], progress, log
+    )
+    text = log.read_text()
+    expected_code, expected_why = CASES[(launcher, sig)]
+    assert code == expected_code, (code, text[-3000:])
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] >= seen, (ranks, seen)  # together, after seen
+    for rank in ranks:
+        if isinstance(expected_why, re.Pattern):
+            assert expected_why.fullmatch(rank["reason"]), rank
+        else:
+            assert rank["reason"] == expected_why, rank
+    if (launcher, sig) != ("torchrun", "SIGTERM"):  # torchrun's SignalException is its own
+        assert "Traceback" not in text, text[-3000:]
+    print(f"{launcher} {sig}: exit {code}, stopped at step {ranks[0]['step']}, {took:.1f} s")
+
+
+# -- the real thing: 2-process pretraining, a real checkpoint, a resume ----------------------
 
 
 @pytest.fixture(scope="module")
@@ -287,23 +358,17 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("launcher", "sig"), list(CASES), ids=lambda v: str(v).replace(" ", "-"))
-def test_signal_to_the_launcher_stops_every_rank_with_a_checkpoint(
-    launcher: str, sig: str, tmp_path: Path, cache: Path
-) -> None:
-    run_dir, log = tmp_path / "run", tmp_path / "launch.log"
-    code, why, step, took = signal_mid_run(launcher, signal.Signals[sig], run_dir, cache, log)
-    expected_code, expected_why = CASES[(launcher, sig)]
-    text = log.read_text()
-    assert code == expected_code, (code, text[-3000:])
-    if (launcher, sig) != ("torchrun", "SIGTERM"):  # torchrun's SignalException is its own
-        assert "Traceback" not in text, text[-3000:]
-    if expected_why == "orphan":
-        assert re.fullmatch(r"launcher \S+ \(pid \d+\) exited", why), why
-    else:
-        assert why == expected_why
-    print(f"{launcher} {sig}: exit {code}, saved at step {step}, all gone after {took:.1f} s")
+def pretrain(
+    launcher: str, sig: signal.Signals, run_dir: Path, cache: Path, log: Path
+) -> tuple[int, str, int]:
+    """A tiny 2-process pretraining signalled after step 3: (launcher exit, why, step saved)."""
+    args = tiny_pretrain_args(run_dir, cache, steps=STEPS, save_every=STEPS)
+    code, seen, took = signal_mid_run(
+        launcher, "pretrain/train.py", args, sig, lambda: last_step(run_dir), log
+    )
+    why, step = check_checkpoint(run_dir, log, seen)
+    print(f"{launcher} {sig.name}: exit {code}, saved at step {step}, all gone after {took:.1f} s")
+    return code, why, step
 
 
 @pytest.mark.slow
@@ -311,8 +376,8 @@ def test_an_orphan_left_by_a_killed_torchrun_stops_and_the_run_resumes(
     tmp_path: Path, cache: Path
 ) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "launch.log"
-    proc_code, why, step, _ = signal_mid_run("torchrun", signal.SIGKILL, run_dir, cache, log)
-    assert proc_code == -signal.SIGKILL
+    code, why, step = pretrain("torchrun", signal.SIGKILL, run_dir, cache, log)
+    assert code == -signal.SIGKILL
     assert re.fullmatch(r"launcher torchrun \(pid \d+\) exited", why), why
     # The same run directory, resumed, continues from that checkpoint to its final step.
     final = step + 3
