@@ -132,7 +132,9 @@ def _advice(cfg: Any, need: Need, on_gpu: bool) -> str:
         states = "use a smaller model (model.dim, model.n_layers, model.vocab_size)"
     else:
         states = "start from a smaller model (init_from)"
-    states += ", or engine.zero_stage=3 over more processes"
+    states += ", or " + (
+        "engine.zero_stage=3 over more processes" if need.stage < 3 else "more processes"
+    )
     if on_gpu:
         states += ", or engine.offload_optimizer=true / engine.offload_params=true"
     order = [acts, states] if need.activations > need.states else [states, acts]
