@@ -154,8 +154,8 @@ class LauncherWatch:
             return self.lost
         if not self.launchers:
             return ""
-        if os.getppid() != self.parent:  # reparented: the parent, a launcher, has exited
-            first = self.launchers[0]
+        first = self.launchers[0]
+        if first.pid == self.parent and os.getppid() != self.parent:  # reparented
             return f"launcher {first.name} (pid {first.pid}) exited"
         for proc in self.launchers:
             if not _alive(proc):

@@ -292,6 +292,24 @@ def test_a_rank_notices_when_a_launcher_above_it_dies(
         kill_all(top, tree)
 
 
+def test_a_rank_whose_marked_launcher_died_before_it_started_stops(tmp_path: Path) -> None:
+    """A wrapper that marked itself but is no longer above the rank when it starts (it died
+    during the launch, the rank was reparented) counts as gone."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # its pid: no one's ancestor now
+    done = subprocess.run(
+        [sys.executable, "-c", RANK_CODE],
+        env={**stage_env(), "LMFORGE_LAUNCHER_PIDS": str(ended.pid)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert done.stdout.splitlines()[-1] == (
+        f"launcher (pid {ended.pid}) exited before this rank started"
+    ), done.stdout + done.stderr
+
+
 def test_forward_signals_the_ranks_and_not_their_children(tmp_path: Path) -> None:
     """The ranks below a launcher are the processes it gave a LOCAL_RANK, not theirs."""
     launcher = standin(tmp_path, "launcher")
