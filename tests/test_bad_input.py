@@ -747,3 +747,27 @@ def test_fuzz_deepspeed_json(
         resolve_deepspeed_config(
             value, cfg=engine, optim=OptimConfig(), micro_batch=4, grad_accum=2, world=2
         )
+
+
+@settings(FUZZ, max_examples=25)
+@given(st.lists(chat_record, max_size=3), st.sampled_from(["sft", "preference", "corpus"]))
+def test_fuzz_parquet_records(tmp_path: Path, items: list[dict[str, Any]], kind: str) -> None:
+    """Parquet files of odd records (whatever pyarrow can store: one type per column, maybe no
+    rows at all), read as chats or as a corpus."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from hypothesis import assume
+
+    path = tmp_path / "data.parquet"
+    try:
+        table = pa.Table.from_pylist(items) if items else pa.table({"text": pa.array([], "string")})
+        pq.write_table(table, path)
+    except (pa.ArrowException, OverflowError):
+        assume(False)  # pyarrow cannot store these records: no such parquet file exists
+        return
+    with contextlib.suppress(LmforgeError):
+        if kind == "corpus":
+            cfg = DataConfig(source=str(path), cache_dir=str(tmp_path / "cache"))
+            load_corpus(resolve_source(cfg), cfg, tmp_path / "hf")
+        else:
+            read_chat_records(str(path), "auto", kind)  # type: ignore[arg-type]

@@ -169,6 +169,8 @@ def _read_file(path: Path, builder: str, cache_dir: str) -> list[Any]:
     pyarrow refuses, and its JSON reader can crash on some inputs), parquet through `datasets`."""
     if builder == "json":
         return [record for _, record in _json_records(path)]  # DataError names a bad line
+    if _parquet_rows(path) == 0:
+        return []  # datasets fails on it with an obscure message; the caller says "no records"
     logger = datasets.utils.logging.get_logger("datasets")
     level = logger.level
     logger.setLevel(logging.CRITICAL)  # it logs each reader error; we report it once, better
@@ -182,6 +184,17 @@ def _read_file(path: Path, builder: str, cache_dir: str) -> list[Any]:
         raise DataError(f"{path}: datasets cannot read it ({detail}); re-export it") from err
     finally:
         logger.setLevel(level)
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """The row count in a parquet file's footer (None if it cannot be read: datasets reports)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return int(pq.read_metadata(path).num_rows)
+    except (OSError, pa.ArrowException):
+        return None
 
 
 def read_records(

@@ -98,6 +98,8 @@ def _parquet_problem(path: Path, field: str) -> DataError | None:
     except (OSError, pa.ArrowException) as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return DataError(f"{path}: cannot read it as parquet ({detail}); re-export it")
+    if pq.read_metadata(path).num_rows == 0:
+        return DataError(f"{path}: the file has no rows; add documents or remove it")
     if field not in schema.names:
         fields = ", ".join(schema.names) or "none"
         return DataError(
