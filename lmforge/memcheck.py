@@ -53,11 +53,16 @@ def host_available() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def device_total(index: int) -> int:
-    """Total bytes of CUDA device `index` (read without creating a context on it)."""
+def device_total(index: int) -> int | None:
+    """Total bytes of this process's CUDA device: `index` (the local rank) among the visible
+    ones, or the only one visible (a launcher that gives each process one device); None when
+    none is visible. Read from the device's properties, without allocating on it."""
     import torch
 
-    return int(torch.cuda.get_device_properties(index).total_memory)
+    count = torch.cuda.device_count()
+    if count == 0:
+        return None
+    return int(torch.cuda.get_device_properties(index if index < count else 0).total_memory)
 
 
 def _rough_params(model: Any) -> float:
@@ -151,9 +156,9 @@ def check_memory(cfg: Any, micro_batch: int, world: int) -> None:
     on_gpu = _on_gpu(cfg)
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "") or world))  # processes here
     checks = [("RAM", host_available(), local)]  # (where, bytes there, processes sharing it)
-    if on_gpu:
-        index = int(os.environ.get("LOCAL_RANK", "0") or 0)
-        checks.insert(0, (f"GPU {index}", device_total(index), 1))
+    total = device_total(int(os.environ.get("LOCAL_RANK", "0") or 0)) if on_gpu else None
+    if total is not None:
+        checks.insert(0, ("GPU memory", total, 1))
     beyond = MARGIN * max(have for _, have, _ in checks)
     try:
         need = estimate_need(cfg, micro_batch, world, on_gpu, beyond)
