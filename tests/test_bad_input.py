@@ -401,6 +401,33 @@ def test_bad_config_file(
     assert elapsed < 30, f"took {elapsed:.1f} s"  # the alias bomb took 68 s to be refused
 
 
+DEEPSPEED_FILES = [
+    ("top-level list", [{"zero_optimization": {"stage": 2}}], "the top level must be an object"),
+    ("optimizer a string", {"optimizer": "adamw"}, "'optimizer' must be an object"),
+    ("params a list", {"optimizer": {"params": [0.001]}}, "'optimizer.params' must be an object"),
+    ("fp16 a number", {"fp16": 1}, "'fp16' must be an object"),
+    ("stage a bool", {"zero_optimization": {"stage": True}}, "'zero_optimization.stage'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"), [c[1:] for c in DEEPSPEED_FILES], ids=[c[0] for c in DEEPSPEED_FILES]
+)
+def test_bad_deepspeed_file(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: Any, needle: str
+) -> None:
+    """A DeepSpeed JSON file whose sections have the wrong shape: one line naming the file and
+    the key, at config load."""
+    from pretrain.train import main
+
+    ds = tmp_path / "my_deepspeed.json"
+    ds.write_text(json.dumps(content))
+    before = snapshot(run_dir)
+    code = main([*PRETRAIN_BASE, f"--run_dir={run_dir}", f"--engine.deepspeed={ds}"])
+    one_error(code, capsys.readouterr().err, f"engine.deepspeed: {ds}: ", needle)
+    assert snapshot(run_dir) == before
+
+
 REWARDS = """
 import os, sys, time
 
