@@ -20,6 +20,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lmforge.batching import eval_chunks
 from lmforge.checkpoint import load_checkpoint
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
@@ -99,10 +100,12 @@ def evaluate(ctx: dict[str, Any]) -> dict[str, float]:
     data, info, ref = ctx["heldout"], ctx["info"], ctx["heldout_ref"]
     sums = dict.fromkeys(("loss", "reward_accuracy", "reward_margin"), 0.0)
     sums.update(prefers_chosen=0.0, logp_margin=0.0)
-    rows = list(range(info.rank, len(data), info.world))
-    for start in range(0, len(rows), ctx["micro"]):
-        idx = rows[start : start + ctx["micro"]]
+    seen = 0
+    for idx, counted in eval_chunks(len(data), info.rank, info.world, ctx["micro"]):
         pi_c, pi_r = logprobs(ctx["engine"], data.get_batch(idx), ctx["device"]).cpu().chunk(2)
+        if not counted:  # a stand-in pass that keeps ZeRO-3's collectives in step
+            continue
+        seen += len(idx)
         loss, m = dpo_loss(pi_c, pi_r, ref[idx, 0], ref[idx, 1], **ctx["loss_args"])
         n = len(idx)
         sums["loss"] += loss.item() * n
@@ -110,7 +113,7 @@ def evaluate(ctx: dict[str, Any]) -> dict[str, float]:
         sums["reward_margin"] += m["margin"].item() * n
         sums["prefers_chosen"] += (pi_c > pi_r).float().sum().item()
         sums["logp_margin"] += (pi_c - pi_r).sum().item()
-    means = global_means(sums, len(rows), info.world)
+    means = global_means(sums, seen, info.world)
     return {f"eval/{key}": value for key, value in means.items()}
 
 

@@ -21,6 +21,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lmforge.batching import eval_chunks
 from lmforge.checkpoint import load_reward_model
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
@@ -75,14 +76,17 @@ def pair_accuracy(
 ) -> dict[str, float]:
     """Held-out pair accuracy, loss and mean margin, rows split across ranks."""
     sums = {"accuracy": 0.0, "loss": 0.0, "margin": 0.0}
-    rows = list(range(info.rank, len(data), info.world))
-    for start in range(0, len(rows), micro):
-        chosen, rejected = pair_scores(engine, data.get_batch(rows[start : start + micro]), device)
+    seen = 0
+    for rows, counted in eval_chunks(len(data), info.rank, info.world, micro):
+        chosen, rejected = pair_scores(engine, data.get_batch(rows), device)
+        if not counted:  # a stand-in pass that keeps ZeRO-3's collectives in step
+            continue
+        seen += len(rows)
         loss, accuracy = bradley_terry_loss(chosen, rejected)
         sums["accuracy"] += accuracy.item() * len(chosen)
         sums["loss"] += loss.item() * len(chosen)
         sums["margin"] += (chosen - rejected).sum().item()
-    means = global_means(sums, len(rows), info.world)
+    means = global_means(sums, seen, info.world)
     return {f"eval/{key}": value for key, value in means.items()}
 
 

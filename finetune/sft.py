@@ -20,6 +20,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lmforge.batching import eval_chunks
 from lmforge.checkpoint import load_checkpoint
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
@@ -64,14 +65,15 @@ class SFTConfig(StageConfig):
 def heldout_loss(
     engine: Engine, data: SFTDataset, info: DistInfo, micro: int, device: torch.device
 ) -> float:
-    """Mean loss per assistant token over every held-out row, rows split across ranks."""
+    """Mean loss per assistant token over every held-out row, rows split across ranks (the
+    same number of forward passes on every rank: see eval_chunks)."""
     total = torch.zeros(2, dtype=torch.float64)  # (loss sum, label count)
-    rows = list(range(info.rank, len(data), info.world))
-    for start in range(0, len(rows), micro):
-        batch = data.get_batch(rows[start : start + micro])
+    for rows, counted in eval_chunks(len(data), info.rank, info.world, micro):
+        batch = data.get_batch(rows)
         count = int((batch["labels"] != IGNORE_INDEX).sum())
         loss = engine(**to_device(batch, device)).float().item()
-        total += torch.tensor([loss * count, count], dtype=torch.float64)
+        if counted:
+            total += torch.tensor([loss * count, count], dtype=torch.float64)
     total = all_mean(total, info.world) * info.world
     return (total[0] / total[1].clamp(min=1)).item()
 

@@ -100,3 +100,16 @@ def _multiple_near(value: int, step: int) -> int:
     if below == 0 or above - value <= value - below:
         return above
     return below
+
+
+def eval_chunks(count: int, rank: int, world: int, micro: int) -> list[tuple[list[int], bool]]:
+    """This rank's share of `count` held-out rows (rank, rank + world, ...) in micro-batches of
+    at most `micro`, as (rows, counted) pairs, padded with stand-in passes (row 0, counted False)
+    so that every rank runs the same number of forward passes. Under ZeRO-3 each forward pass is
+    collective (it gathers the parameters from every rank): a rank with fewer passes than the
+    others would leave them waiting forever (33 rows on 2 processes, micro 16: 2 passes vs 1)."""
+    rows = list(range(rank, count, world))
+    most = -(-count // world)  # rows of the rank with the most
+    passes = -(-most // micro)  # its forward passes
+    chunks = [(rows[i : i + micro], True) for i in range(0, len(rows), micro)]
+    return chunks + [([0], False)] * (passes - len(chunks))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from stagerun import losses, run_stage, spawn_group, stage_env, tiny_pretrain_args, wait_group
 
-from lmforge.batching import BatchPlan, plan_batch
+from lmforge.batching import BatchPlan, eval_chunks, plan_batch
 from lmforge.config import load_config
 from lmforge.errors import ConfigError
 
@@ -163,3 +163,16 @@ def test_resume_on_more_processes_changes_the_plan_not_the_global_batch(tmp_path
     assert not re.search(r"resume: train\.", log)  # the config did not change
     ours, ref = losses(grown), losses(full)
     assert max(abs(ours[s] - ref[s]) for s in (3, 4)) < 1e-4, (ours, ref)
+
+
+@pytest.mark.parametrize(
+    ("rows", "world", "micro"), [(33, 2, 16), (1, 2, 8), (10, 3, 2), (0, 2, 4)]
+)
+def test_held_out_passes_are_the_same_on_every_rank(rows: int, world: int, micro: int) -> None:
+    """Under ZeRO-3 every forward pass is collective: every rank runs as many as the busiest
+    (stand-ins not counted), and every held-out row is counted exactly once."""
+    chunks = [eval_chunks(rows, rank, world, micro) for rank in range(world)]
+    assert len({len(c) for c in chunks}) == 1
+    counted = sorted(i for c in chunks for idx, real in c if real for i in idx)
+    assert counted == list(range(rows))
+    assert all(0 < len(idx) <= micro for c in chunks for idx, _ in c)
