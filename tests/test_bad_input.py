@@ -589,6 +589,28 @@ def test_fuzz_yaml_file(tmp_path: Path, text: str) -> None:
         load_config(PretrainConfig, path)
 
 
+def _latin1(raw: bytes) -> str:
+    return raw.decode("latin-1")  # one character per byte: encoded back, the same bytes
+
+
+yaml_pieces = st.sampled_from(
+    ["&a [x, x]\n", "*a\n", "[*a, *a, *a]\n", "train:\n", "  steps: ", "seed: ", "<<: *a\n",
+     "{", "}", "[", "]", "\xff", "9" * 30, "\n", "model: debug\n", "- "]
+)  # fmt: skip
+
+
+@FUZZ
+@given(st.lists(yaml_pieces | st.binary(max_size=8).map(_latin1), max_size=12))
+def test_fuzz_yaml_bytes(tmp_path: Path, pieces: list[str]) -> None:
+    """YAML files of any bytes (not UTF-8 too) built from aliases, merges, brackets and keys."""
+    from pretrain.train import PretrainConfig
+
+    path = tmp_path / "config.yaml"
+    path.write_bytes("".join(pieces).encode("latin-1"))  # "\xff" pieces: bytes not UTF-8
+    with contextlib.suppress(LmforgeError):
+        load_config(PretrainConfig, path)
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
     lambda inner: (
