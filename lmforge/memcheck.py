@@ -66,9 +66,12 @@ def device_total(index: int) -> int | None:
 
 
 def _rough_params(model: Any) -> float:
-    """12·L·D² + 2·V·D: an analytic parameter count, to refuse an absurd model before the exact
-    count builds it (on the meta device, but still layer by layer)."""
-    return 12.0 * model.n_layers * model.dim**2 + 2.0 * model.vocab_size * model.dim
+    """The weights of the model's matrix multiplies, from its shape alone: never more than its
+    parameters (embeddings, norms and biases come on top), so refusing on it is safe, and
+    cheap where the exact count builds the model (on the meta device, but layer by layer)."""
+    from lmforge.model import matmul_params
+
+    return float(matmul_params(model))
 
 
 def _model(cfg: Any) -> Any:
@@ -101,8 +104,8 @@ def estimate_need(
     cfg: Any, micro_batch: int, world: int, on_gpu: bool, beyond: float = float("inf")
 ) -> Need | None:
     """What one process of this run needs (see the module doc), or None if unknown. A model
-    whose analytic size alone is past `beyond` bytes is not counted exactly (that builds it,
-    layer by layer, on the meta device): its analytic size is the need."""
+    whose matrix weights alone take more than `beyond` bytes is not counted exactly (that builds
+    it, layer by layer, on the meta device): that lower bound is the need."""
     from lmforge.ds_config import resolve_precision
     from lmforge.estimate import configured_layout, estimate, stage_seq_len
 
@@ -181,7 +184,7 @@ def _parts(cfg: Any, need: Need, micro_batch: int) -> str:
     """What the need is made of, for the error line."""
     from lmforge.estimate import format_bytes
 
-    about = "" if need.exact else "about "
+    about = "" if need.exact else "at least "
     offload = "" if need.offload == "none" else f" (offload {need.offload})"
     text = (
         f"{about}{need.params:,} parameters with their gradients and {need.precision} Adam "
