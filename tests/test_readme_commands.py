@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -131,13 +132,13 @@ class Workspace:
     env: dict[str, str]
     trained: set[str] = field(default_factory=set)  # run directories a stage command wrote
     seen: list[str] = field(default_factory=list)  # effective stage commands already run
-    timings: list[tuple[str, float]] = field(default_factory=list)
+    timings: list[tuple[str, float, float]] = field(default_factory=list)  # line, wall, CPU
     ran: int = 0
 
     def run(self, cmd: Command, argv: list[str]) -> str:
         """Run argv in the workspace; its output (stdout and stderr), or a failure showing it."""
         env = {**self.env, **cmd.env}
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         proc = subprocess.run(
             argv,
             cwd=self.root,
@@ -146,11 +147,17 @@ class Workspace:
             text=True,
             timeout=600,
         )
-        self.timings.append((cmd.line, time.perf_counter() - start))
+        self.timings.append((cmd.line, time.perf_counter() - start, cpu_seconds() - cpu))
         self.ran += 1
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"README command failed: {cmd.line}\n{out[-4000:]}"
         return out
+
+
+def cpu_seconds() -> float:
+    """CPU time of the finished child processes (and theirs) so far."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
 
 
 def make_workspace(root: Path) -> Workspace:
@@ -341,9 +348,10 @@ def test_every_readme_command_works_as_written(tmp_path: Path) -> None:
     assert len(commands) > 10
     ws = make_workspace(tmp_path)
     handled = [(cmd.line, run_command(ws, cmd)) for cmd in commands]
-    print(f"\n{ws.ran} of {len(commands)} README commands ran:")
-    for line, seconds in ws.timings:
-        print(f"  {seconds:6.1f} s  {line}")
+    wall, cpu = sum(t[1] for t in ws.timings), sum(t[2] for t in ws.timings)
+    print(f"\n{ws.ran} of {len(commands)} README commands ran: {wall:.0f} s, {cpu:.0f} CPU-s")
+    for line, seconds, used in ws.timings:
+        print(f"  {seconds:6.1f} s {used:6.1f} CPU-s  {line}")
     for line, how in handled:
         if how != "ran":
             print(f"  {how}: {line}")
