@@ -77,6 +77,7 @@ def _rough_params(model: Any) -> float:
 def _model(cfg: Any) -> Any:
     """The architecture the run trains, or None when it cannot be known without side effects
     (an init_from that is a hub name or missing: its own check reports it later)."""
+    from lmforge.config import from_dict, to_dict
     from lmforge.estimate import stage_model
     from lmforge.model import ModelConfig
 
@@ -85,8 +86,8 @@ def _model(cfg: Any) -> Any:
     source = str(getattr(cfg, "init_from", "") or "")
     if not source or not Path(source).expanduser().is_dir():
         return None
-    try:
-        return stage_model(cfg)
+    try:  # read back as a config section: a checkpoint's odd values are its loader's to report
+        return from_dict(ModelConfig, to_dict(stage_model(cfg)), prefix="model")
     except LmforgeError:
         return None
 
