@@ -150,6 +150,14 @@ def _advice(cfg: Any, need: Need, on_gpu: bool) -> str:
     return "; or ".join(order)
 
 
+def _env_int(name: str, default: int) -> int:
+    """A launcher's integer variable, `default` when unset or not a number."""
+    try:
+        return int(os.environ.get(name, ""))
+    except ValueError:
+        return default
+
+
 def check_memory(cfg: Any, micro_batch: int, world: int) -> None:
     """ConfigError when one process of this run clearly cannot fit in this machine's memory,
     naming the numbers and the keys to lower. Reads the config and the machine only."""
@@ -158,9 +166,9 @@ def check_memory(cfg: Any, micro_batch: int, world: int) -> None:
     if os.environ.get(SKIP_ENV, "") not in ("", "0"):
         return
     on_gpu = _on_gpu(cfg)
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "") or world))  # processes here
+    local = max(1, _env_int("LOCAL_WORLD_SIZE", world))  # processes on this host
     checks = [("RAM", host_available(), local)]  # (where, bytes there, processes sharing it)
-    total = device_total(int(os.environ.get("LOCAL_RANK", "0") or 0)) if on_gpu else None
+    total = device_total(_env_int("LOCAL_RANK", 0)) if on_gpu else None
     if total is not None:
         checks.insert(0, ("GPU memory", total, 1))
     beyond = MARGIN * max(have for _, have, _ in checks)
