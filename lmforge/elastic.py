@@ -123,7 +123,10 @@ class ConsolidatedFiles:
 
 def load_whole(engine: StatefulEngine, whole: WholeState) -> None:
     """Write each rank's share of the whole state `whole` into a freshly built `engine` (every
-    rank calls it; no communication), one parameter at a time."""
+    rank calls it; no communication), one parameter at a time. The module's own (low-precision)
+    parameters are not refreshed under ZeRO-1/2/3: the engine must be built from the same
+    checkpoint's weights, as every stage does on resume; this writes the fp32 master copy, the
+    moments and the schedule."""
     names = [name for name, _ in engine.trainable()]
     if sorted(whole.names) != sorted(names):
         missing = sorted(set(names) - set(whole.names))

@@ -56,10 +56,18 @@ def pretrain(run: Path, cache: Path, *extra: str, steps: int = 4, check: bool = 
     return proc.stdout + proc.stderr
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(root: Path) -> Path:
+    """Four ZeRO-0 steps in one go."""
+    pretrain(root / "full0", root / "cache", "--engine.zero_stage=0")
+    return root / "full0"
+
+
 @pytest.mark.parametrize("zero", [0, 2])
-def test_checkpoint_holds_each_state_once_and_resumes_exactly(root: Path, zero: int) -> None:
-    full, split = root / f"full{zero}", root / f"split{zero}"
-    pretrain(full, root / "cache", f"--engine.zero_stage={zero}")
+def test_checkpoint_holds_each_state_once_and_resumes_exactly(
+    root: Path, uninterrupted: Path, zero: int
+) -> None:
+    split = root / f"split{zero}"
     pretrain(split, root / "cache", f"--engine.zero_stage={zero}", "--train.stop_at=2")
     ckpt = split / "step-000002"
     files = files_of(ckpt)
@@ -78,12 +86,13 @@ def test_checkpoint_holds_each_state_once_and_resumes_exactly(root: Path, zero: 
 
     log = pretrain(split, root / "cache", f"--engine.zero_stage={zero}")
     assert f"via DeepSpeed engine state (1 process(es), ZeRO-{zero})" in log
-    a = load_file(full / "step-000004" / "model.safetensors")
-    b = load_file(split / "step-000004" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    if zero == 0:  # ZeRO-2's exact resume is checked after every kill in tests/test_crash.py
+        a = load_file(uninterrupted / "step-000004" / "model.safetensors")
+        b = load_file(split / "step-000004" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
 
 
-def test_zero_stage_change_reads_the_shards(root: Path) -> None:  # after the test above
+def test_zero_stage_change_reads_the_shards(root: Path, uninterrupted: Path) -> None:
     """A ZeRO-0 checkpoint (whose fp32 master is the weights file) resumes under ZeRO-3."""
     run = root / "z0to3"
     pretrain(run, root / "cache", "--engine.zero_stage=0", "--train.stop_at=2")
@@ -92,7 +101,7 @@ def test_zero_stage_change_reads_the_shards(root: Path) -> None:  # after the te
         "re-sharded from 1 process(es), ZeRO-0 to 1 process(es), ZeRO-3 (read from the engine "
         "shards)"
     ) in log
-    ours, ref = losses(run), losses(root / "full0")
+    ours, ref = losses(run), losses(uninterrupted)
     assert max(abs(ours[s] - ref[s]) for s in (3, 4)) < 1e-4, (ours, ref)
 
 
