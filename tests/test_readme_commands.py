@@ -251,6 +251,9 @@ def run_lmforge_tool(ws: Workspace, cmd: Command) -> None:
     if argv[0] == "lmforge":
         assert on_path("lmforge", ws), f"{cmd.line}: lmforge is not on PATH (activate .venv)"
     tool = argv[1] if len(argv) > 1 else ""
+    script = {"pretrain": "pretrain/train.py"}.get(tool, f"finetune/{tool}.py")
+    if script in SHORT:  # a stage's dry run describes the short run the stage lines trained
+        argv = [*argv, *SHORT[script]]
     out = ws.run(cmd, argv)
     if tool == "report":
         for run in argv[2:]:
