@@ -57,6 +57,7 @@ APPLIED_KEYS: tuple[str, ...] = (
     "train.keep_every",
     "train.min_free_bytes",
     "train.elastic_state",
+    "train.save_optimizer",
     "train.samples",
     "train.sample_tokens",
     # The global batch fixes which sequences make up a step (the data order); the micro-batch

@@ -71,8 +71,9 @@ def test_ten_kills_resume_from_the_last_complete_checkpoint(
 ) -> None:
     run = tmp_path / "run"
     reference = tmp_path / "reference"
-    procs = spawn_group("pretrain/train.py", args(reference, cache), nproc=2, log_dir=reference)
-    assert wait_group(procs) == [0, 0], (reference / "rank0.log").read_text()[-3000:]
+    ref_logs = tmp_path / "reference-logs"  # beside the run: a run dir holds lmforge's files only
+    procs = spawn_group("pretrain/train.py", args(reference, cache), nproc=2, log_dir=ref_logs)
+    assert wait_group(procs) == [0, 0], (ref_logs / "rank0.log").read_text()[-3000:]
 
     rng = random.Random(2024)
     kinds = ["startup"] * 2 + ["save"] * 2 + ["train"] * 5
