@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -283,6 +284,33 @@ def test_read_only_run_dir_is_one_line(tmp_path: Path, cache: Path) -> None:
         assert snapshot(run) == before
     finally:
         run.chmod(0o755)
+
+
+# Mounts the run directory read-only in a private mount namespace, then runs the stage there:
+# the same refusal as a directory without write permission, and it holds for root too (root
+# ignores permission bits, not a read-only mount). Exit 97: mounting is not allowed here.
+_READ_ONLY = """
+mount --bind "$RUN" "$RUN" && mount -o remount,bind,ro "$RUN" || exit 97
+exec "$PY" pretrain/train.py "$@"
+"""
+
+
+def test_read_only_mount_as_run_dir_is_one_line(tmp_path: Path, cache: Path) -> None:
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare for a private read-only mount")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run_dir: run\n")
+    before = snapshot(run)
+    env = {**stage_env(), "RUN": str(run), "PY": sys.executable}
+    cmd = ["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", _READ_ONLY, "ro"]
+    proc = subprocess.run(
+        [*cmd, *pretrain_args(run, cache)], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    if proc.returncode == 97 or "unshare:" in proc.stderr:
+        pytest.skip(f"no private read-only mount here: {proc.stderr.strip()[-200:]}")
+    one_error(proc.returncode, proc.stderr, str(run), "read-only")
+    assert snapshot(run) == before
 
 
 # -- latest -----------------------------------------------------------------------------------
