@@ -3,6 +3,7 @@ ZeRO-3, chained through the checkpoint format, and each doing what it exists for
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -91,13 +92,16 @@ def test_sft_on_two_processes_zero2(root: Path, sft_run: Path) -> None:
 def test_stage_on_two_processes(root: Path, sft_run: Path, stage: str, zero: int) -> None:
     init = root / "base" if stage == "sft" else sft_run  # the next stage starts from SFT's output
     run = root / f"{stage}-zero{zero}"
-    run_stage(
+    proc = run_stage(
         f"finetune/{stage}.py",
         [*SHORT, f"--init_from={init}", f"--run_dir={run}", f"--engine.zero_stage={zero}"],
         nproc=2,
         launcher="torchrun",
     )
     _check_learned(run, init, reward=stage == "reward")
+    if stage == "sft":  # counted whole, also when ZeRO-3 holds a shard of each on every rank
+        counts = re.search(r"([\d.]+)M parameters \(([\d.]+)M trainable\)", proc.stdout)
+        assert counts and float(counts[2]) == pytest.approx(float(counts[1]), rel=0.05), counts
     if stage == "reward":  # the score head trained too, and the file is a classifier
         assert (run / "step-000006" / "config.json").read_text().count("SequenceClassification")
 
