@@ -565,22 +565,11 @@ def check_rewards(specs: Any, records: list[dict[str, Any]], tok: Any, seq_len: 
 
 
 def batch_plan(cfg: Any, stage: str, world: int, found: Findings) -> None:
-    """The batch plan line (processes × micro-batch × accumulation), or the problem with it."""
-    plan_of = getattr(cfg, "batch_plan", None)  # the stage's own split (GRPO groups, PPO prompts)
-    if callable(plan_of):
-        plan = found.attempt("train.global_batch_size", lambda: plan_of(world))
-        if plan is not None:
-            found.plan = plan.describe()
-        return
-    from lmforge.stage import check_batch_sizes
-
-    train = cfg.train
-    accum = found.attempt("train.global_batch_size", lambda: check_batch_sizes(train, world))
-    if isinstance(accum, int):
-        found.plan = (
-            f"batch: global {train.global_batch_size} = {world} process(es) × micro "
-            f"{train.micro_batch_size} × accum {accum}"
-        )
+    """The batch plan line (processes × micro-batch × accumulation), or the problem with it.
+    Every stage config has `batch_plan` (StageConfig's; GRPO splits whole groups, PPO prompts)."""
+    plan = found.attempt("train.global_batch_size", lambda: cfg.batch_plan(world))
+    if plan is not None:
+        found.plan = plan.describe()
 
 
 # --------------------------------------------------------------------------------- memory
@@ -612,9 +601,8 @@ def check_memory_fit(cfg: Any, world: int, found: Findings) -> None:
     if os.environ.get(SKIP_ENV, "") not in ("", "0"):
         found.checked.append(f"memory: not compared with this machine ({SKIP_ENV} is set)")
         return
-    plan_of = getattr(cfg, "batch_plan", None)
     try:
-        micro = plan_of(world).micro if callable(plan_of) else cfg.train.micro_batch_size
+        micro = cfg.batch_plan(world).micro
     except LmforgeError:
         return  # the batch plan's problem is listed already
     before = len(found.problems)
