@@ -272,25 +272,27 @@ def _ds_safe_globals() -> list[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def _safe_load(path: str | Path, map_location: Any = None, *, mmap: bool = False) -> Any:
+    """torch.load of one of DeepSpeed's pickled state files with weights_only loading plus the
+    allow-list of DeepSpeed's plain classes; anything else in it is one CheckpointError line."""
+    try:
+        with torch.serialization.safe_globals(_ds_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        from lmforge.errors import CheckpointError
+
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: it holds more than tensors and plain values "
+            f"({detail[:200]}); lmforge did not write it this way, so do not resume from it"
+        ) from None
+
+
 @contextlib.contextmanager
 def _weights_only_loads(ds_engine: Any) -> Iterator[None]:
-    """Make the engine's checkpoint reader use torch.load(weights_only=True) meanwhile."""
+    """Make the engine's checkpoint reader use `_safe_load` meanwhile."""
     reader = ds_engine.checkpoint_engine
-
-    def load(path: str, map_location: Any = None) -> Any:
-        try:
-            with torch.serialization.safe_globals(_ds_safe_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
-            from lmforge.errors import CheckpointError
-
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"{path}: refused to load: it holds more than tensors and plain values "
-                f"({detail[:200]}); lmforge did not write it this way, so do not resume from it"
-            ) from None
-
-    reader.load = load
+    reader.load = lambda path, map_location=None: _safe_load(path, map_location)
     try:
         yield
     finally:
@@ -298,19 +300,12 @@ def _weights_only_loads(ds_engine: Any) -> Iterator[None]:
 
 
 def _load_state_file(path: Path) -> Any:
-    """One of DeepSpeed's pickled state files, memory-mapped (tensors are read only where they
-    are used) and with weights_only loading plus the allow-list of DeepSpeed's plain classes."""
+    """One of DeepSpeed's state files read with `_safe_load`, memory-mapped (tensors are read
+    only where they are used); an unreadable file is one CheckpointError line."""
     from lmforge.errors import CheckpointError
 
     try:
-        with torch.serialization.safe_globals(_ds_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: refused to load: it holds more than tensors and plain values "
-            f"({detail[:200]}); lmforge did not write it this way, so do not resume from it"
-        ) from None
+        return _safe_load(path, "cpu", mmap=True)
     except (OSError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"{path}: unreadable ({e}); restore the file") from None
 

@@ -45,12 +45,11 @@ def _unpickling_calls(path: Path) -> list[str]:
 def test_no_pickle_loader_in_the_sources() -> None:
     calls = {p.relative_to(REPO).as_posix(): _unpickling_calls(p) for p in SOURCES}
     calls = {p: c for p, c in calls.items() if c}
-    # Both read DeepSpeed's files of our own engine state, forced to weights_only loading: the
-    # engine's own reader, and the shard reader that re-shards them for another topology.
+    # The one reads DeepSpeed's files of our own engine state (for the engine's own reader and
+    # for the shard reader that re-shards them), forced to weights_only loading.
     assert calls == {
         "lmforge/engine.py": [
-            "torch.load(path, map_location='cpu', weights_only=True, mmap=True)",
-            "torch.load(path, map_location=map_location, weights_only=True)",
+            "torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)"
         ]
     }, calls
 
