@@ -397,24 +397,6 @@ def first_records(path: Path, builder: str, n: int = FIRST_RECORDS) -> list[tupl
     return out
 
 
-def check_text_record(where: str, record: Any, text_field: str) -> None:
-    """A corpus record is an object whose `text_field` holds a string; DataError otherwise."""
-    from lmforge.errors import DataError
-
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if text_field not in record:
-        fields = ", ".join(record) or "none"
-        raise DataError(
-            f"{where}: no text field '{text_field}' (its fields: {fields}); set data.text_field"
-        )
-    if not isinstance(record[text_field], str):
-        raise DataError(
-            f"{where}: text field '{text_field}' is {type(record[text_field]).__name__}, not a "
-            "string; store the text as a string"
-        )
-
-
 def check_hub_dataset(name: str, key: str, found: Findings) -> None:
     """A hub dataset: in the local Hugging Face cache (its records are not read), else reported."""
     from huggingface_hub import snapshot_download
@@ -430,6 +412,7 @@ def check_hub_dataset(name: str, key: str, found: Findings) -> None:
 def check_corpus(data: Any, found: Findings) -> None:
     """Pretraining data: the source resolves, its files pass the reader's encoding checks, and
     the first records of each file hold data.text_field."""
+    from lmforge.data.diagnose import record_problem
     from lmforge.data.sources import resolve_source
 
     if data.source.strip() == "builtin":
@@ -447,7 +430,9 @@ def check_corpus(data: Any, found: Findings) -> None:
         for path in source.files:
             records = first_records(path, source.builder) if source.builder != "text" else []
             for where, record in records:
-                check_text_record(where, record, data.text_field)
+                problem = record_problem(record, data.text_field, where)
+                if problem is not None:
+                    raise problem
             count += len(records)
         return count
 

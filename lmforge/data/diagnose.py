@@ -23,7 +23,9 @@ _JSON_TYPES = {
 }
 
 
-def _record_problem(record: Any, field: str, where: str) -> DataError | None:
+def record_problem(record: Any, field: str, where: str) -> DataError | None:
+    """What is wrong with a corpus record for `field` (not an object, no such field, null, not a
+    string), as a DataError naming `where`; None when it is a usable text record."""
     if not isinstance(record, dict):
         return DataError(f"{where}: expected a JSON object, got {_JSON_TYPES.get(type(record))}")
     if field not in record:
@@ -81,7 +83,7 @@ def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
 def _json_problem(path: Path, field: str) -> DataError | None:
     try:
         for where, record in _json_records(path):
-            problem = _record_problem(record, field, where)
+            problem = record_problem(record, field, where)
             if problem is not None:
                 return problem
     except DataError as err:
