@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,9 @@ def check(stage: int, precision: str, info: Any, scratch: Path) -> dict[str, Any
     return result
 
 
-def main() -> None:
+def run_matrix(check: Callable[..., dict[str, Any]]) -> None:
+    """Run `check(stage, precision, info, scratch)` on every ZeRO stage and precision on this
+    rank; rank 0 writes the results as JSON to the file named by argv[1]."""
     info = dist_info()
     init_distributed(info)
     report: dict[str, Any] = {}
@@ -160,6 +163,10 @@ def main() -> None:
             report[f"zero{stage}-{precision}"] = check(stage, precision, info, scratch)
     if info.rank == 0:
         Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
+
+
+def main() -> None:
+    run_matrix(check)
 
 
 if __name__ == "__main__":

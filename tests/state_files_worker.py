@@ -20,11 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fault_engine_worker import Silent, engine_for, same, snapshot, train_step
+from fault_engine_worker import Silent, engine_for, run_matrix, same, snapshot, train_step
 
-from lmforge.distributed import dist_info
 from lmforge.elastic import MOMENTS, load_whole
-from lmforge.engine import init_distributed
 from lmforge.faults import FaultConfig, FaultMonitor
 from lmforge.runtime import barrier
 
@@ -63,19 +61,7 @@ def check(stage: int, precision: str, info: Any, scratch: Path) -> dict[str, Any
 
 
 def main() -> None:
-    info = dist_info()
-    init_distributed(info)
-    report: dict[str, Any] = {}
-    scratch = Path(sys.argv[1]).with_suffix(".scratch")
-    if info.rank == 0:
-        scratch.mkdir(parents=True, exist_ok=True)
-    barrier()
-    for stage in (0, 1, 2, 3):
-        for precision in ("fp32", "bf16"):
-            print(f"checking ZeRO-{stage} {precision}", flush=True)
-            report[f"zero{stage}-{precision}"] = check(stage, precision, info, scratch)
-    if info.rank == 0:
-        Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
+    run_matrix(check)
 
 
 if __name__ == "__main__":
