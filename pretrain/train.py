@@ -23,6 +23,8 @@ from lmforge.checkpoint import load_checkpoint, resolve_checkpoint
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
 from lmforge.data import DataConfig, GlobalSampler, PackedDataset, prepare_data
+from lmforge.data.mixture import MixedDataset, prepare_mixture
+from lmforge.data.sampler import MixtureSampler
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
@@ -91,44 +93,65 @@ class Run:
 
     cfg: PretrainConfig
     engine: Engine
-    val: PackedDataset
+    val: PackedDataset | MixedDataset
     info: DistInfo
     device: torch.device
     tokenizer: Any
     tracker: Tracker
     mask_id: int
     special_ids: torch.Tensor
+    # A mixture's validation sets: (name, normalised weight, windows), those with any windows.
+    val_parts: list[tuple[str, float, PackedDataset]] = dataclasses.field(default_factory=list)
+
+
+def _val_loss(ctx: Run, val: PackedDataset | MixedDataset, name: str) -> float:
+    """Objective `name`'s mean loss per label over the fixed validation windows of `val`."""
+    cfg, engine = ctx.cfg, ctx.engine
+    per_rank = cfg.train.micro_batch_size
+    total = torch.zeros(2, dtype=torch.float64)  # (loss sum, label count)
+    for b in range(cfg.train.eval_batches):
+        start = (b * ctx.info.world + ctx.info.rank) * per_rank
+        idx = [i % len(val) for i in range(start, start + per_rank)]
+        inputs = apply_objective(
+            name,
+            val.get_batch(idx),
+            cfg.objective,
+            mask_id=ctx.mask_id,
+            vocab_size=cfg.model.vocab_size,
+            special_ids=ctx.special_ids,
+            generators=sample_generators(cfg.train.seed + 1, idx),
+        )
+        count = (inputs["labels"] != IGNORE_INDEX).sum().item()
+        loss = engine(**to_device(inputs, ctx.device)).float().item()
+        total += torch.tensor([loss * count, count], dtype=torch.float64)
+    total = all_mean(total, ctx.info.world) * ctx.info.world
+    return (total[0] / total[1].clamp(min=1)).item()
 
 
 @torch.no_grad()
 def evaluate(ctx: Run, step: int) -> dict[str, float]:
-    """Loss and perplexity per objective on fixed validation windows, all ranks together."""
-    cfg, engine, val = ctx.cfg, ctx.engine, ctx.val
-    engine.train(False)
-    per_rank = cfg.train.micro_batch_size
+    """Loss and perplexity per objective on fixed validation windows, all ranks together.
+
+    A mixture evaluates each source's own validation windows (val/<name>/loss, or
+    val/<name>/<objective>/loss with several objectives); its eval/<objective>/loss is their
+    mean weighted by the sources' weights, the mixture the model is trained on."""
+    cfg = ctx.cfg
+    ctx.engine.train(False)
     metrics: dict[str, float] = {}
+    several = len(cfg.objective.active) > 1
     for name in cfg.objective.active:
-        total = torch.zeros(2, dtype=torch.float64)  # (loss sum, label count)
-        for b in range(cfg.train.eval_batches):
-            start = (b * ctx.info.world + ctx.info.rank) * per_rank
-            idx = [i % len(val) for i in range(start, start + per_rank)]
-            inputs = apply_objective(
-                name,
-                val.get_batch(idx),
-                cfg.objective,
-                mask_id=ctx.mask_id,
-                vocab_size=cfg.model.vocab_size,
-                special_ids=ctx.special_ids,
-                generators=sample_generators(cfg.train.seed + 1, idx),
-            )
-            count = (inputs["labels"] != IGNORE_INDEX).sum().item()
-            loss = engine(**to_device(inputs, ctx.device)).float().item()
-            total += torch.tensor([loss * count, count], dtype=torch.float64)
-        total = all_mean(total, ctx.info.world) * ctx.info.world
-        value = (total[0] / total[1].clamp(min=1)).item()
+        if ctx.val_parts:
+            weighted = 0.0
+            for source, weight, val in ctx.val_parts:
+                loss = _val_loss(ctx, val, name)
+                metrics[f"val/{source}/{name}/loss" if several else f"val/{source}/loss"] = loss
+                weighted += weight * loss
+            value = weighted / sum(w for _, w, _ in ctx.val_parts)
+        else:
+            value = _val_loss(ctx, ctx.val, name)
         metrics[f"eval/{name}/loss"] = value
         metrics[f"eval/{name}/ppl"] = math.exp(min(value, 50.0))
-    engine.train(True)
+    ctx.engine.train(True)
     return metrics
 
 
@@ -192,7 +215,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     tok_cfg = cfg.tokenizer
     if has_tokenizer and not cfg.tokenizer.path:  # a checkpoint's own tokenizer, not a new one
         tok_cfg = dataclasses.replace(tok_cfg, path=str(resolve_checkpoint(source)))
-    data = prepare_data(cfg.data, tok_cfg, is_main=info.is_main)
+    data = _prepare(cfg, tok_cfg, info.is_main)
     barrier()
     tok, seq = data.tokenizer, cfg.data.seq_len
     set_seed(cfg.train.seed, info.rank)
@@ -210,32 +233,28 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         total_steps=cfg.train.steps,
         info=info,
     )
-    dataset, val = (
-        packed(cfg, data.train, tok.eos_token_id),
-        packed(cfg, data.val, tok.eos_token_id),
-    )
-    if len(dataset) == 0 or len(val) == 0:
-        raise ConfigError(
-            f"data.seq_len: {seq} is longer than the whole train or validation split; "
-            "use a shorter seq_len or more data"
-        )
+    dataset, val, val_parts, sampler = _datasets(cfg, data, tok.eos_token_id)
     checkpointer = Checkpointer(place.run_dir, info, cfg, "pretrain", tok)
-    windows = min(len(val), cfg.train.eval_batches * cfg.train.micro_batch_size * info.world)
+    per_set = cfg.train.eval_batches * cfg.train.micro_batch_size * info.world
+    windows = sum(min(len(v), per_set) for _, _, v in val_parts) or min(len(val), per_set)
     checkpointer.record[HELDOUT] = heldout_record(
-        describe_corpus_heldout(cfg.data), windows, f"windows of {seq} tokens"
+        _describe_heldout(cfg.data), windows, f"windows of {seq} tokens"
     )
     checkpointer.add_engine("model", engine, parent=source or "")
     run = start_run(cfg, place, checkpointer, model_cfg=model.cfg, seq_len=seq)
     special = torch.tensor([tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens])
-    ctx = Run(run_cfg, engine, val, info, device, tok, run.tracker, tok.mask_token_id, special)
+    ctx = Run(
+        run_cfg, engine, val, info, device, tok, run.tracker, tok.mask_token_id, special, val_parts
+    )
     what = "resuming from " + str(place.resume_from) if place.resume_from else "starting"
     run.tracker.message(
         f"pretrain: {what}; {num_params(model.cfg) / 1e6:.2f}M parameters, "
         f"{len(dataset)} train sequences of {seq} tokens, {info.world} process(es), "
         f"{engine.describe()}, device {device}"
     )
+    if cfg.data.sources:
+        run.tracker.message(_describe_mixture(data, dataset))
     run.tracker.message(plan.describe())
-    sampler = GlobalSampler(len(dataset), cfg.data.seed)
 
     def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
         name = choose_objective(cfg.objective, step - 1, cfg.train.seed)
@@ -271,6 +290,74 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     task.evaluate_first = False  # a fresh model has nothing to compare against
     task.eval_line = lambda m: ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.endswith("loss"))
     return training_loop(run, task)
+
+
+def _prepare(cfg: PretrainConfig, tok_cfg: TokenizerConfig, is_main: bool) -> Any:
+    """The prepared corpus: one source's PreparedData or a mixture's PreparedMixture."""
+    if cfg.data.sources:
+        return prepare_mixture(cfg.data, tok_cfg, is_main=is_main)
+    return prepare_data(cfg.data, tok_cfg, is_main=is_main)
+
+
+def _datasets(
+    cfg: PretrainConfig, data: Any, eos_id: int
+) -> tuple[
+    PackedDataset | MixedDataset,
+    PackedDataset | MixedDataset,
+    list[tuple[str, float, PackedDataset]],
+    GlobalSampler | MixtureSampler,
+]:
+    """(train windows, validation windows, a mixture's per-source validation sets, the sampler
+    of the training order). Raises ConfigError when a split holds no window."""
+    seq = cfg.data.seq_len
+    if not cfg.data.sources:
+        dataset, val = packed(cfg, data.train, eos_id), packed(cfg, data.val, eos_id)
+        if len(dataset) == 0 or len(val) == 0:
+            raise ConfigError(
+                f"data.seq_len: {seq} is longer than the whole train or validation split; "
+                "use a shorter seq_len or more data"
+            )
+        return dataset, val, [], GlobalSampler(len(dataset), cfg.data.seed)
+    trains = [packed(cfg, part.data.train, eos_id) for part in data.parts]
+    for i, (part, train_set) in enumerate(zip(data.parts, trains, strict=True)):
+        if len(train_set) == 0:
+            raise ConfigError(
+                f"data.sources[{i}] ({part.name}): its train split is shorter than one sample "
+                f"of data.seq_len={seq} tokens; add documents, lower data.seq_len or drop it"
+            )
+    vals = [(p.name, p.weight, packed(cfg, p.data.val, eos_id)) for p in data.parts]
+    val_parts = [v for v in vals if len(v[2])]
+    if not val_parts:
+        raise ConfigError(
+            f"data.seq_len: {seq} is longer than every source's validation split; use a "
+            "shorter seq_len, more data or a larger validation_fraction"
+        )
+    sampler = MixtureSampler([len(t) for t in trains], data.weights, cfg.data.seed)
+    return MixedDataset(trains), MixedDataset([v for _, _, v in val_parts]), val_parts, sampler
+
+
+def _describe_mixture(data: Any, dataset: MixedDataset) -> str:
+    """'mixture: wiki 70% (1200 windows, epoch every 1714 samples), code 30% (...)'."""
+    words = []
+    for part, train_set in zip(data.parts, dataset.parts, strict=True):
+        every = len(train_set) / part.weight
+        words.append(
+            f"{part.name} {100 * part.weight:.1f}% ({len(train_set)} windows, "
+            f"{part.data.val.num_tokens} validation tokens, a new epoch of it every "
+            f"~{every:.0f} samples)"
+        )
+    return "mixture: " + ", ".join(words)
+
+
+def _describe_heldout(data: DataConfig) -> str:
+    """The validation split in words; for a mixture, each source's share."""
+    if not data.sources:
+        return describe_corpus_heldout(data)
+    shares = []
+    for i, src in enumerate(data.sources):
+        one = data.for_source(i)
+        shares.append(f"{src.label()} {one.validation_fraction} of {src.source}")
+    return "validation of data.sources: " + ", ".join(shares)
 
 
 def validation_summary(last: dict[str, Any]) -> str:
