@@ -26,9 +26,9 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import datasets
 import numpy as np
@@ -36,9 +36,16 @@ from transformers import PreTrainedTokenizerFast
 
 from lmforge.config import option
 from lmforge.data.chat_datasets import PreferenceDataset, SFTDataset
-from lmforge.data.config import MAX_RECORD_BYTES, DataConfig
+from lmforge.data.config import (
+    MAX_RECORD_BYTES,
+    DataConfig,
+    check_mixture_names,
+    check_weights,
+    source_name,
+)
 from lmforge.data.corpus import doc_hash, quiet_datasets, validation_mask
 from lmforge.data.diagnose import _json_records
+from lmforge.data.sampler import MixtureSampler
 from lmforge.data.sources import resolve_source
 from lmforge.data.tasks import TASKS, preference_pairs, task_examples
 from lmforge.data.templates import NAMED_TEMPLATES, check_template_value, use_chat_template
@@ -56,6 +63,36 @@ _NEEDS = {  # the fields each format requires ("prompt" of preference data is op
 
 
 @dataclass
+class ChatSourceConfig:
+    """One source of a finetuning mixture; unset fields take the data section's values."""
+
+    SHORTHAND: ClassVar[str] = "source"  # `sources: [a.jsonl, builtin]`: equal weights
+
+    source: str = option(doc="'builtin', a local .jsonl/.json/.parquet file, directory or glob")
+    weight: float = option(1.0, "share of training records drawn from it (relative to the others)")
+    name: str = option("", "its name in logs; empty = from the path")
+    format: Format | None = option(None, "record format; null = data.format")
+    heldout_source: str | None = option(None, "its held-out data; null = data.heldout_source")
+    heldout_fraction: float | None = option(
+        None, "share of it held out without heldout_source; null = data.heldout_fraction"
+    )
+
+    def label(self) -> str:
+        """The source's name."""
+        return self.name or source_name(self.source)
+
+    def validate(self, prefix: str = "data.sources[0]") -> None:
+        """Raise ConfigError naming `prefix.key` for a value that cannot work."""
+        if not self.source.strip():
+            raise ConfigError(f"{prefix}.source: must not be empty")
+        if not self.weight > 0:
+            raise ConfigError(f"{prefix}.weight: must be positive, got {self.weight}")
+        fraction = self.heldout_fraction
+        if fraction is not None and not 0.0 <= fraction < 1.0:
+            raise ConfigError(f"{prefix}.heldout_fraction: must be in [0, 1), got {fraction}")
+
+
+@dataclass
 class ChatDataConfig:
     """Finetuning data: where chats or preference pairs come from and how they become rows."""
 
@@ -63,6 +100,12 @@ class ChatDataConfig:
         "builtin",
         "'builtin' (generated tasks), a local .jsonl/.json/.parquet file, directory or glob, "
         "or a hub dataset 'owner/name[:split]'",
+    )
+    sources: list[ChatSourceConfig] = option(
+        doc="a weighted mixture instead of `source`: a list of {source, weight, name, format, "
+        "heldout_source, heldout_fraction} (unset keys take this section's values); training "
+        "records are drawn by weight, each source keeps its own held-out records",
+        default_factory=list,
     )
     heldout_source: str = option(
         "", "held-out data, as source; empty = builtin held-out tasks or a split of source"
@@ -112,7 +155,11 @@ class ChatDataConfig:
                 )
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"{p}tasks: a task is listed twice: {self.tasks}")
-        if self.tasks and "builtin" not in (self.source.strip(), self.heldout_source.strip()):
+        if self.sources:
+            self._validate_sources(p)
+        used = [self.source, self.heldout_source, *(s.source for s in self.sources)]
+        used += [s.heldout_source or "" for s in self.sources]
+        if self.tasks and "builtin" not in {u.strip() for u in used}:
             # tasks filters the builtin generator; a user's own records have no tasks to pick
             raise ConfigError(
                 f"{p}tasks: selects builtin tasks ({', '.join(self.tasks)}), but {p}source is "
@@ -120,6 +167,34 @@ class ChatDataConfig:
                 f"--{p}tasks=[] (or `tasks: []` in the config's data section)"
             )
         check_template_value(self.chat_template, f"{p}chat_template")
+
+    def _validate_sources(self, p: str) -> None:
+        """A mixture: no `source` beside it, distinct names, weights that can all be sampled."""
+        if self.source.strip() != "builtin":
+            raise ConfigError(
+                f"{p}source and {p}sources are both set; use one: a single source, or the "
+                f"mixture (add '{self.source}' to {p}sources)"
+            )
+        for i, src in enumerate(self.sources):
+            src.validate(f"{p}sources[{i}]")
+        check_mixture_names([s.label() for s in self.sources], f"{p}sources")
+        check_weights([s.weight for s in self.sources], f"{p}sources")
+
+    def for_source(self, index: int) -> ChatDataConfig:
+        """This section as a single-source config of mixture source `index`."""
+        src = self.sources[index]
+        fraction = src.heldout_fraction
+        held = self.heldout_source if src.heldout_source is None else src.heldout_source
+        builtin = "builtin" in (src.source.strip(), held.strip())
+        return replace(
+            self,
+            source=src.source,
+            sources=[],
+            tasks=self.tasks if builtin else [],  # they select builtin tasks only
+            format=self.format if src.format is None else src.format,
+            heldout_source=held,
+            heldout_fraction=self.heldout_fraction if fraction is None else fraction,
+        )
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -473,6 +548,8 @@ def chat_records(
     """(train, held-out) normalised records of cfg for an SFT or preference stage (GRPO and PPO
     take their prompts and reference answers from the SFT kind)."""
     cfg.validate("data")
+    if cfg.sources:
+        return _mixture_records(cfg, kind)
     tasks = cfg.tasks or TASKS
     make = task_examples if kind == "sft" else preference_pairs
     builtin = cfg.source.strip() == "builtin"
@@ -490,6 +567,41 @@ def chat_records(
     else:
         train, heldout = split_records(train, cfg.heldout_fraction, cfg.source)
     return train, heldout
+
+
+def _mixture_records(
+    cfg: ChatDataConfig, kind: Literal["sft", "preference"]
+) -> tuple[list[Record], list[Record]]:
+    """(train, held-out) of a mixture. Training records are drawn by weight as pretraining's
+    samples are (MixtureSampler with data.seed: each source's records in its own shuffled order,
+    starting over reshuffled when used up), as many as all sources hold together; the held-out
+    records are every source's own, in source order."""
+    trains, heldout = [], []
+    for i in range(len(cfg.sources)):
+        try:
+            train, held = chat_records(cfg.for_source(i), kind)
+        except DataError as err:
+            text = str(err).replace("data.source ", f"data.sources[{i}].source ", 1)
+            raise DataError(
+                text.replace("data.heldout_source ", f"data.sources[{i}].heldout_source ")
+            ) from None
+        if not train:
+            raise DataError(f"data.sources[{i}].source '{cfg.sources[i].source}': no records")
+        trains.append(train)
+        heldout += held
+    sizes = [len(t) for t in trains]
+    sampler = MixtureSampler(sizes, [s.weight for s in cfg.sources], cfg.seed)
+    flat = [r for t in trains for r in t]
+    mixed = [flat[i] for i in sampler.indices(0, sum(sizes))]
+    counts = np.bincount(sampler.choices(0, len(mixed)), minlength=len(sizes))
+    log.info(
+        "mixture: %s",
+        ", ".join(
+            f"{s.label()} {c} of {n} records"
+            for s, c, n in zip(cfg.sources, counts, sizes, strict=True)
+        ),
+    )
+    return mixed, heldout
 
 
 def _as_sft(example: Record) -> Record:
