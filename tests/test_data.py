@@ -83,7 +83,7 @@ def test_config_validation_names_the_key() -> None:
     for key, bad in [
         ("validation_fraction", 1.0),
         ("seq_len", 0),
-        ("num_proc", 0),
+        ("num_proc", -1),
         ("max_documents", -1),
         ("source", " "),
     ]:

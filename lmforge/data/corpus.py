@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,30 @@ def _check_text_column(
         )
 
 
+def _read_corpus(
+    source: Source, cfg: DataConfig, cache_dir: Path, builtin: Sequence[str]
+) -> datasets.Dataset:
+    """Every record of the corpus as a Dataset with one checked string column "text"."""
+    with quiet_datasets():
+        if source.kind == "builtin":
+            ds = datasets.Dataset.from_dict({"text": list(builtin)})
+        elif source.kind == "hub":
+            ds = _load_hub(source, cfg)
+        else:
+            ds = _load_files(source, cfg.text_field, cache_dir)
+        column = _column(source, cfg)
+        _check_text_column(ds, source, column, source.files)
+        ds = ds.select_columns([column])
+        if column != "text":
+            ds = ds.rename_column(column, "text")
+    return ds
+
+
+def _column(source: Source, cfg: DataConfig) -> str:
+    """The field holding the text: .txt files have no fields (datasets calls it "text")."""
+    return "text" if source.builder == "text" else cfg.text_field
+
+
 def load_corpus(
     source: Source, cfg: DataConfig, cache_dir: Path, builtin: Sequence[str] = ()
 ) -> datasets.Dataset:
@@ -116,18 +140,8 @@ def load_corpus(
     At most cfg.max_documents documents (0 = all). cache_dir holds `datasets`' cache files of
     local sources; hub datasets use the Hugging Face cache, so downloads are reused.
     """
+    ds = _read_corpus(source, cfg, cache_dir, builtin)
     with quiet_datasets():
-        if source.kind == "builtin":
-            ds = datasets.Dataset.from_dict({"text": list(builtin)})
-        elif source.kind == "hub":
-            ds = _load_hub(source, cfg)
-        else:
-            ds = _load_files(source, cfg.text_field, cache_dir)
-        column = "text" if source.builder == "text" else cfg.text_field
-        _check_text_column(ds, source, column, source.files)
-        ds = ds.select_columns([column])
-        if column != "text":
-            ds = ds.rename_column(column, "text")
         ds = ds.filter(_nonempty, batched=True, input_columns="text", num_proc=_procs(cfg, len(ds)))
     if len(ds) == 0:
         raise DataError(
@@ -157,6 +171,21 @@ def _hash_batch(texts: list[str]) -> dict[str, np.ndarray]:
     return {"h": np.array([doc_hash(t) for t in texts], dtype=np.uint64)}
 
 
+def held_out(hashes: np.ndarray, fraction: float) -> np.ndarray:
+    """True for documents whose hash puts them in validation: hash / 2**64 < fraction.
+
+    (N,) uint64 -> (N,) bool. Decided per document, so a stream can be split as it comes;
+    `validation_mask` adds the rule for a corpus where no hash falls below the fraction.
+    """
+    # The top 53 bits as a float in [0, 1): exact, and the same on every machine.
+    return (hashes >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction
+
+
+def hashes_of(texts: Sequence[str]) -> np.ndarray:
+    """doc_hash of each text. (N,) uint64."""
+    return np.fromiter((doc_hash(t) for t in texts), dtype=np.uint64, count=len(texts))
+
+
 def validation_mask(hashes: np.ndarray, fraction: float) -> np.ndarray:
     """True for documents held out: hash / 2**64 < fraction. (N,) uint64 -> (N,) bool.
 
@@ -164,8 +193,7 @@ def validation_mask(hashes: np.ndarray, fraction: float) -> np.ndarray:
     is positive but no hash falls below it, the document with the smallest hash is held out, so
     a small corpus still gets a (tiny) validation set.
     """
-    # The top 53 bits as a float in [0, 1): exact, and the same on every machine.
-    mask = (hashes >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction
+    mask = held_out(hashes, fraction)
     if fraction > 0 and not mask.any() and len(hashes) >= 2:
         mask[int(np.argmin(hashes))] = True
     return mask
@@ -198,3 +226,144 @@ def iter_texts(ds: datasets.Dataset, batch_size: int = 1000) -> Iterator[str]:
     """The "text" column, read in batches."""
     for batch in ds.iter(batch_size=batch_size):
         yield from batch["text"]
+
+
+# Documents per batch read from a source; also the grain of max_documents and progress.
+READ_BATCH = 1000
+
+
+class DocumentStream:
+    """The corpus's non-empty documents in source order, as batches of texts; re-readable.
+
+    `total` is how many records the source holds when known (an upper bound on documents, for
+    the ETA), None for a stream. Iterating raises DataError for an empty corpus (once the end
+    is reached) and for a bad record (naming the file and line where it can).
+    """
+
+    def __init__(
+        self, read: Callable[[], Iterator[list[str]]], name: str, total: int | None, limit: int
+    ) -> None:
+        self._read, self.name, self.total, self.limit = read, name, total, limit
+
+    def __iter__(self) -> Iterator[list[str]]:
+        left = self.limit or None
+        seen = 0
+        for batch in self._read():
+            texts = [t for t in batch if t.strip()]
+            if left is not None:
+                texts = texts[:left]
+                left -= len(texts)
+            seen += len(texts)
+            if texts:
+                yield texts
+            if left == 0:
+                break
+        if seen == 0:
+            raise DataError(
+                f"data.source '{self.name}': the corpus is empty (no document has any text); "
+                "check the source and data.text_field"
+            )
+
+
+def open_corpus(
+    source: Source, cfg: DataConfig, cache_dir: Path, builtin: Sequence[str] = ()
+) -> DocumentStream:
+    """The corpus as a DocumentStream: read into a Dataset (Arrow files under cache_dir for
+    local sources), or with cfg.streaming straight from the files or the hub as it is iterated
+    (nothing downloaded or converted up front). Both give the same documents in the same order.
+    """
+    if not cfg.streaming:
+        ds = _read_corpus(source, cfg, cache_dir, builtin)
+
+        def read() -> Iterator[list[str]]:
+            for batch in ds.iter(batch_size=READ_BATCH):
+                yield batch["text"]
+
+        return DocumentStream(read, source.name, len(ds), cfg.max_documents)
+    if source.kind == "builtin":
+        texts = list(builtin)
+
+        def chunks() -> Iterator[list[str]]:
+            for i in range(0, len(texts), READ_BATCH):
+                yield texts[i : i + READ_BATCH]
+
+        return DocumentStream(chunks, source.name, len(texts), cfg.max_documents)
+    return DocumentStream(lambda: _stream_source(source, cfg), source.name, None, cfg.max_documents)
+
+
+def _stream_source(source: Source, cfg: DataConfig) -> Iterator[list[str]]:
+    """Batches of a source's text field read through datasets' streaming mode (IterableDataset).
+
+    Local files are streamed one by one, in order, so files whose other columns differ work
+    as they do without streaming.
+    """
+    column = _column(source, cfg)
+    if source.kind == "hub":
+        where = f"hub dataset '{source.name}'"
+        parts: list[tuple[Callable[[], Any], Sequence[Path], str]] = [
+            (lambda: _open_hub_stream(source, cfg), (), where)
+        ]
+    else:
+        parts = [
+            (lambda f=f: _open_file_stream(source, f, column), (f,), f"'{f}'") for f in source.files
+        ]
+    logger = datasets.utils.logging.get_logger("datasets")
+    for opener, files, where in parts:
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)  # it logs each reader error; we report it once
+        try:
+            with quiet_datasets():
+                for batch in opener().iter(batch_size=READ_BATCH):
+                    yield _checked_batch(batch, column, source, files, where)
+        except DataError:
+            raise
+        except Exception as err:  # datasets wraps every reader error in its own types
+            problem = find_problem(files, source.builder, column) if files else None
+            raise problem or DataError(
+                f"data.source '{source.name}': datasets cannot stream {where} ({_first_line(err)})"
+            ) from err
+        finally:
+            logger.setLevel(level)
+
+
+def _open_file_stream(source: Source, path: Path, column: str) -> datasets.IterableDataset:
+    kwargs: dict[str, Any] = {"split": "train", "streaming": True}
+    if source.builder == "text":
+        kwargs["sample_by"] = "document"  # one document per file
+    elif source.builder == "parquet":
+        kwargs["columns"] = [column]
+    return datasets.load_dataset(source.builder, data_files=[str(path)], **kwargs)
+
+
+def _open_hub_stream(source: Source, cfg: DataConfig) -> datasets.IterableDataset:
+    try:
+        ds = datasets.load_dataset(
+            source.name, cfg.hub_config or None, split=cfg.hub_split, streaming=True
+        )
+    except Exception as err:  # network, auth, missing config/split: all reported the same way
+        raise DataError(
+            f"data.source '{source.name}': not a local path, and streaming it as a hub dataset "
+            f"failed ({_first_line(err)}); check the path or the dataset name"
+        ) from err
+    if not isinstance(ds, datasets.IterableDataset):
+        raise DataError(f"data.source '{source.name}': expected one split, got {type(ds).__name__}")
+    return ds
+
+
+def _checked_batch(
+    batch: dict[str, list[Any]], column: str, source: Source, files: Sequence[Path], where: str
+) -> list[str]:
+    """The text column of a streamed batch; DataError unless every value is a string."""
+    if column not in batch:
+        problem = find_problem(files, source.builder, column) if files else None
+        fields = ", ".join(batch) or "none"
+        raise problem or DataError(
+            f"{where}: no text field '{column}' (its fields: {fields}); set data.text_field"
+        )
+    texts = batch[column]
+    if not all(isinstance(t, str) for t in texts):
+        problem = find_problem(files, source.builder, column) if files else None
+        raise problem or DataError(
+            f"{where}: text field '{column}' has values that are not strings; fix the data"
+        )
+    return texts

@@ -7,19 +7,23 @@ workspace and renamed into place when complete, so a shard directory that exists
 
 from __future__ import annotations
 
+import collections
 import datetime
 import hashlib
+import itertools
 import json
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
-import pyarrow.compute as pc
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from lmforge.data.corpus import quiet_datasets
+from lmforge.data.corpus import hashes_of, held_out
 from lmforge.errors import ConfigError, DataError
 
 SHARD_FORMAT = 1  # bump when the layout changes: it invalidates cached shards
@@ -52,96 +56,6 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, int]:
             "ends with it: use a tokenizer that has one (or leave tokenizer.path empty)"
         )
     return tokenizer.bos_token_id, int(tokenizer.eos_token_id)
-
-
-class _Encoder:
-    """The batched datasets.map function: texts -> [BOS] + ids + [EOS] (picklable for num_proc).
-
-    It carries the tokenizer as its JSON, which pickles faster and safer than the Python object.
-    """
-
-    def __init__(self, tokenizer_json: str, bos_id: int | None, eos_id: int) -> None:
-        self.tokenizer_json = tokenizer_json
-        self.head = [] if bos_id is None else [bos_id]
-        self.tail = [eos_id]
-        self._tok: Tokenizer | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tok": None}
-
-    def __call__(self, texts: list[str]) -> dict[str, list[list[int]]]:
-        if self._tok is None:
-            self._tok = Tokenizer.from_str(self.tokenizer_json)
-        encodings = self._tok.encode_batch(texts, add_special_tokens=False)
-        return {"ids": [self.head + e.ids + self.tail for e in encodings]}
-
-
-def _write_split(
-    ds: datasets.Dataset,
-    encoder: _Encoder,
-    path: Path,
-    dtype: np.dtype,
-    num_proc: int,
-    fingerprint: str,
-) -> tuple[int, int]:
-    """Tokenise ds["text"] with datasets.map and append every id to path; (tokens, documents)."""
-    procs = num_proc if num_proc > 1 and len(ds) >= 2 * num_proc else None
-    encoded = ds.map(
-        encoder,
-        batched=True,
-        input_columns="text",
-        remove_columns=ds.column_names,
-        num_proc=procs,
-        features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}),
-        new_fingerprint=fingerprint,  # hashing the tokenizer would be slow; this is exact
-        desc=f"tokenising {path.stem}",
-    )
-    total = 0
-    with open(path, "wb") as fh:
-        for batch in encoded.with_format("arrow").iter(batch_size=4096):
-            flat = pc.list_flatten(batch["ids"]).to_numpy(zero_copy_only=False)  # (n,) int32
-            fh.write(flat.astype(dtype).tobytes())
-            total += len(flat)
-    return total, len(encoded)
-
-
-def write_shards(
-    splits: dict[str, datasets.Dataset],
-    tokenizer: PreTrainedTokenizerBase,
-    out_dir: Path,
-    *,
-    num_proc: int,
-    key: str,
-    meta: dict[str, Any],
-) -> dict[str, Any]:
-    """Tokenise each split into out_dir/<split>.bin and write out_dir/meta.json last."""
-    vocab = vocab_size_of(tokenizer)
-    dtype = dtype_for(vocab)
-    bos, eos = special_ids(tokenizer)
-    encoder = _Encoder(tokenizer.backend_tokenizer.to_str(), bos, eos)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokens: dict[str, int] = {}
-    docs: dict[str, int] = {}
-    with quiet_datasets():
-        for name in SPLITS:
-            fp = f"encode-{key}-{name}"
-            tokens[name], docs[name] = _write_split(
-                splits[name], encoder, out_dir / f"{name}.bin", dtype, num_proc, fp
-            )
-    info = {
-        "format": SHARD_FORMAT,
-        "dtype": dtype.name,
-        "vocab_size": vocab,
-        "bos_id": bos,
-        "eos_id": eos,
-        "num_tokens": tokens,
-        "num_documents": docs,
-        **meta,
-        "tokenizer_sha256": tokenizer_sha256(tokenizer),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    (out_dir / "meta.json").write_text(json.dumps(info, indent=2) + "\n", "utf-8")
-    return info
 
 
 class TokenShard:
@@ -211,3 +125,288 @@ class TokenShard:
 
     def __repr__(self) -> str:
         return f"TokenShard({self.path}, {self.num_tokens} tokens, {self.num_documents} docs)"
+
+
+# Text per tokenisation job: large enough that handing it to a worker costs little next to
+# encoding it, small enough that the jobs in flight (at most 2 per worker) bound the memory.
+JOB_CHARS = 4 << 20
+JOB_DOCS = 8192
+
+
+def resolve_workers(num_proc: int) -> int:
+    """data.num_proc as a process count: 0 = every core this process may run on."""
+    if num_proc > 0:
+        return num_proc
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _FlatEncoder:
+    """texts -> their [BOS] + ids + [EOS] concatenated, and each document's token count."""
+
+    def __init__(self, tokenizer_json: str, bos_id: int | None, eos_id: int, dtype: str) -> None:
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.head = () if bos_id is None else (bos_id,)
+        self.tail = (eos_id,)
+        self.dtype = np.dtype(dtype)
+        # encode_batch_fast skips character offsets, which we never use (tokenizers >= 0.21).
+        self.encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if not texts:
+            return np.zeros(0, self.dtype), np.zeros(0, np.int64)
+        ids = [e.ids for e in self.encode(texts, add_special_tokens=False)]
+        extra = len(self.head) + 1
+        lengths = np.fromiter((len(i) + extra for i in ids), np.int64, len(ids))  # (D,)
+        flat = np.fromiter(  # (sum(lengths),)
+            itertools.chain.from_iterable(itertools.chain(self.head, i, self.tail) for i in ids),
+            self.dtype,
+            int(lengths.sum()),
+        )
+        return flat, lengths
+
+
+_WORKER: dict[str, _FlatEncoder] = {}
+
+
+def _init_worker(tokenizer_json: str, bos_id: int | None, eos_id: int, dtype: str) -> None:
+    _WORKER["encoder"] = _FlatEncoder(tokenizer_json, bos_id, eos_id, dtype)
+
+
+def _encode_job(job: tuple[list[str], list[str]]) -> tuple[np.ndarray, ...]:
+    """One job in a worker: (train texts, val texts) -> (train ids, lengths, val ids, lengths)."""
+    encoder = _WORKER["encoder"]
+    return (*encoder(job[0]), *encoder(job[1]))
+
+
+class _Done:
+    """A finished result with the interface of multiprocessing's AsyncResult."""
+
+    def __init__(self, value: tuple[np.ndarray, ...]) -> None:
+        self.value = value
+
+    def get(self) -> tuple[np.ndarray, ...]:
+        return self.value
+
+
+class _Encoders:
+    """Runs jobs in `workers` processes, started on the second job (a corpus of one job is
+    encoded here, without the cost of starting any); with one worker, always here."""
+
+    def __init__(self, workers: int, init_args: tuple[Any, ...]) -> None:
+        self.workers, self.init_args = workers, init_args
+        self.local = _FlatEncoder(*init_args)
+        self.pool: Any = None
+        self.jobs = 0
+
+    def submit(self, job: tuple[list[str], list[str]]) -> Any:
+        self.jobs += 1
+        if self.workers < 2 or self.jobs == 1:
+            return _Done((*self.local(job[0]), *self.local(job[1])))
+        if self.pool is None:
+            self.pool = self._start()
+        return self.pool.apply_async(_encode_job, (job,))
+
+    def _start(self) -> Any:
+        # Forked workers inherit the loaded modules (no import cost). Parallelism inside the
+        # tokenizers library is off in them: the processes are the parallelism, and this also
+        # keeps it from warning about a fork after its thread pool was used.
+        was = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            ctx = multiprocessing.get_context("fork")
+            return ctx.Pool(self.workers, _init_worker, self.init_args)
+        finally:
+            if was is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = was
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()  # results are all collected (or we are failing): stop now
+            self.pool.join()
+            self.pool = None
+
+
+@dataclass
+class _Fallback:
+    """The train document with the smallest hash so far: where its tokens are in train.bin."""
+
+    hash: int = 2**64
+    offset: int = 0
+    length: int = 0
+
+
+@dataclass
+class StreamStats:
+    """What `write_shards` wrote, and the most text it held at once."""
+
+    documents: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    jobs: int = 0
+    peak_chars_in_flight: int = 0
+
+
+def _jobs(
+    stream: Iterable[list[str]], fraction: float
+) -> Iterator[tuple[tuple[list[str], list[str]], np.ndarray, int]]:
+    """((train texts, val texts), train hashes, characters) per job of about JOB_CHARS."""
+    texts: list[str] = []
+    chars = 0
+    for batch in stream:
+        for text in batch:
+            texts.append(text)
+            chars += len(text)
+            if chars >= JOB_CHARS or len(texts) >= JOB_DOCS:
+                yield _split_job(texts, fraction, chars)
+                texts, chars = [], 0
+    if texts:
+        yield _split_job(texts, fraction, chars)
+
+
+def _split_job(
+    texts: list[str], fraction: float, chars: int
+) -> tuple[tuple[list[str], list[str]], np.ndarray, int]:
+    hashes = hashes_of(texts)  # (D,) uint64
+    held = held_out(hashes, fraction)  # (D,) bool
+    train = [t for t, h in zip(texts, held, strict=True) if not h]
+    val = [t for t, h in zip(texts, held, strict=True) if h]
+    return (train, val), hashes[~held], chars
+
+
+class _StreamWriter:
+    """Appends encoded jobs to train.bin / val.bin in job order; tracks the fallback document."""
+
+    def __init__(self, out_dir: Path, progress: Callable[[StreamStats], None]) -> None:
+        self.out_dir, self.progress = out_dir, progress
+        # Open for the whole stream; close() (in write_shards' finally) closes them.
+        self.files = {name: open(out_dir / f"{name}.bin", "wb") for name in SPLITS}  # noqa: SIM115
+        self.stats = StreamStats()
+        self.fallback = _Fallback()
+
+    def write(self, result: tuple[np.ndarray, ...], train_hashes: np.ndarray) -> None:
+        train_ids, train_lengths, val_ids, val_lengths = result
+        if len(train_hashes):
+            i = int(np.argmin(train_hashes))
+            if int(train_hashes[i]) < self.fallback.hash:
+                offset = self.stats.tokens["train"] + int(train_lengths[:i].sum())
+                self.fallback = _Fallback(int(train_hashes[i]), offset, int(train_lengths[i]))
+        parts = (("train", train_ids, train_lengths), ("val", val_ids, val_lengths))
+        for name, ids, lengths in parts:
+            self.files[name].write(ids.tobytes())
+            self.stats.tokens[name] += len(ids)
+            self.stats.documents[name] += len(lengths)
+        self.progress(self.stats)
+
+    def close(self) -> None:
+        for fh in self.files.values():
+            fh.close()
+
+
+def write_shards(
+    stream: Iterable[list[str]],
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    *,
+    fraction: float,
+    num_proc: int,
+    meta: dict[str, Any],
+    progress: Callable[[StreamStats], None] = lambda stats: None,
+    name: str = "",
+) -> StreamStats:
+    """Split a stream of documents by hash and tokenise it into out_dir/{train,val}.bin as it
+    comes, then write out_dir/meta.json. Parallel over `num_proc` processes (0 = every core);
+    the shards are the same for any number. Memory stays bounded: at most two jobs per worker
+    are in flight, and tokens go to disk job by job, in stream order.
+    """
+    vocab = vocab_size_of(tokenizer)
+    dtype = dtype_for(vocab)
+    bos, eos = special_ids(tokenizer)
+    workers = resolve_workers(num_proc)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoders = _Encoders(workers, (tokenizer.backend_tokenizer.to_str(), bos, eos, dtype.name))
+    writer = _StreamWriter(out_dir, progress)
+    pending: collections.deque[tuple[Any, np.ndarray, int]] = collections.deque()
+    in_flight = 0
+    try:
+        for job, train_hashes, chars in _jobs(stream, fraction):
+            pending.append((encoders.submit(job), train_hashes, chars))
+            in_flight += chars
+            writer.stats.jobs += 1
+            writer.stats.peak_chars_in_flight = max(writer.stats.peak_chars_in_flight, in_flight)
+            while len(pending) > 2 * workers:
+                result, hashes, done = pending.popleft()
+                writer.write(result.get(), hashes)
+                in_flight -= done
+        while pending:
+            result, hashes, _ = pending.popleft()
+            writer.write(result.get(), hashes)
+    finally:
+        encoders.close()
+        writer.close()
+    stats = writer.stats
+    if stats.documents["train"] == 0:
+        total = stats.documents["val"]
+        raise DataError(
+            f"data.source '{name}': all {total} document(s) fell into validation; add "
+            "documents or lower data.validation_fraction"
+        )
+    if fraction > 0 and stats.documents["val"] == 0 and stats.documents["train"] >= 2:
+        _hold_out(out_dir, writer.fallback, dtype, stats)
+    _write_meta(out_dir, tokenizer, vocab, dtype, bos, eos, stats, meta)
+    return stats
+
+
+def _hold_out(out_dir: Path, doc: _Fallback, dtype: np.dtype, stats: StreamStats) -> None:
+    """Move one document from train.bin to val.bin (the rule of `validation_mask` for a corpus
+    where no hash falls below the fraction): the file's tail shifts down over it."""
+    size = dtype.itemsize
+    start, length = doc.offset * size, doc.length * size
+    with open(out_dir / "train.bin", "r+b") as fh:
+        fh.seek(start)
+        (out_dir / "val.bin").write_bytes(fh.read(length))
+        read_at, write_at = start + length, start
+        while True:
+            fh.seek(read_at)
+            chunk = fh.read(_MOVE_CHUNK)
+            if not chunk:
+                break
+            fh.seek(write_at)
+            fh.write(chunk)
+            read_at += len(chunk)
+            write_at += len(chunk)
+        fh.truncate(write_at)
+    for key, step in (("train", -1), ("val", 1)):
+        stats.documents[key] += step
+        stats.tokens[key] += step * doc.length
+
+
+_MOVE_CHUNK = 16 << 20
+
+
+def _write_meta(
+    out_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    vocab: int,
+    dtype: np.dtype,
+    bos: int | None,
+    eos: int,
+    stats: StreamStats,
+    meta: dict[str, Any],
+) -> None:
+    info = {
+        "format": SHARD_FORMAT,
+        "dtype": dtype.name,
+        "vocab_size": vocab,
+        "bos_id": bos,
+        "eos_id": eos,
+        "num_tokens": dict(stats.tokens),
+        "num_documents": dict(stats.documents),
+        **meta,
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out_dir / "meta.json").write_text(json.dumps(info, indent=2) + "\n", "utf-8")
