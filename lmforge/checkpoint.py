@@ -49,6 +49,8 @@ from lmforge.reward import RewardModel, build_reward_model, drop_lm_head
 FORMAT_VERSION = 1
 META_FILE = "lmforge.json"
 LATEST_FILE = "latest"
+BEST_FILE = "best"  # names the step with the best evaluation so far (train.keep_best)
+POINTER_FILES = (LATEST_FILE, BEST_FILE)
 ENGINE_DIR = "deepspeed"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -135,8 +137,9 @@ def staging(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
 
 
 def plain_name_problem(name: str) -> str | None:
-    """Why `name` cannot be what a `latest` file holds (None if it can): the plain name of a
-    directory beside that file, like step-000100: one path component, not hidden, printable."""
+    """Why `name` cannot be what a pointer file (`latest`, `best`) holds (None if it can): the
+    plain name of a directory beside that file, like step-000100: one path component, not
+    hidden, printable."""
     if not name:
         return "is empty"
     if "/" in name or "\\" in name or os.sep in name or name in (".", ".."):
@@ -148,25 +151,31 @@ def plain_name_problem(name: str) -> str | None:
     return None
 
 
-def write_latest(run_dir: Path, name: str) -> None:
-    """Point `run_dir/latest` at the checkpoint `name` (a directory in run_dir), atomically."""
+def write_pointer(run_dir: Path, pointer: str, name: str) -> None:
+    """Point `run_dir/<pointer>` (`latest` or `best`) at the checkpoint `name` (a directory in
+    run_dir), atomically: written beside it under a hidden name, flushed, then renamed."""
     problem = plain_name_problem(name)
     if problem:
-        raise ValueError(f"latest: {name!r} {problem}")
-    tmp = run_dir / f".{LATEST_FILE}.tmp"
+        raise ValueError(f"{pointer}: {name!r} {problem}")
+    tmp = run_dir / f".{pointer}.tmp"
     tmp.write_text(name + "\n")
     _fsync(tmp)
-    os.replace(tmp, run_dir / LATEST_FILE)
+    os.replace(tmp, run_dir / pointer)
     _fsync(run_dir)
 
 
-def read_latest(run_dir: Path) -> str | None:
-    """The checkpoint name `run_dir/latest` holds; None when there is no such file. Anything
-    but the plain name of a directory beside it (a path, `..`, an absolute path, a hidden name,
-    bytes that are not UTF-8 text) is a CheckpointError naming the file: a run directory only
-    ever continues from its own checkpoints. Whether the named checkpoint exists is
-    `resolve_checkpoint`'s check."""
-    file = run_dir / LATEST_FILE
+def write_latest(run_dir: Path, name: str) -> None:
+    """Point `run_dir/latest` at the checkpoint `name` (a directory in run_dir), atomically."""
+    write_pointer(run_dir, LATEST_FILE, name)
+
+
+def read_pointer(run_dir: Path, pointer: str) -> str | None:
+    """The checkpoint name `run_dir/<pointer>` (`latest` or `best`) holds; None when there is
+    no such file. Anything but the plain name of a directory beside it (a path, `..`, an
+    absolute path, a hidden name, bytes that are not UTF-8 text) is a CheckpointError naming
+    the file: a run directory only ever points at its own checkpoints. Whether the named
+    checkpoint exists is `resolve_checkpoint`'s check."""
+    file = run_dir / pointer
     try:
         data = file.read_bytes()[: 64 << 10]
     except (FileNotFoundError, NotADirectoryError):
@@ -184,6 +193,11 @@ def read_latest(run_dir: Path) -> str | None:
         shown = name if len(name) <= 80 else name[:77] + "..."
         raise CheckpointError(f"{file}: holds {shown!r}, which {problem}; {fix}")
     return name
+
+
+def read_latest(run_dir: Path) -> str | None:
+    """The checkpoint name `run_dir/latest` holds (see `read_pointer`)."""
+    return read_pointer(run_dir, LATEST_FILE)
 
 
 def commit(tmp: Path, path: Path, meta: Mapping[str, Any], *, update_latest: bool) -> Path:
@@ -395,27 +409,42 @@ def hub_snapshot(name: str) -> Path:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, a run directory whose `latest` file names one of its own
-    checkpoint directories (`read_latest`), or a Hugging Face hub name (`org/name`, when no
-    such local path exists): its cached snapshot, which may in turn be either (see
-    `hub_snapshot`)."""
+    """A checkpoint directory; a run directory whose `latest` file names one of its own
+    checkpoint directories (`read_pointer`); a run directory's pointer file itself
+    (`runs/sft/best`, `runs/sft/latest`): the checkpoint it names, with the same checks; or a
+    Hugging Face hub name (`org/name`, when no such local path exists): its cached snapshot,
+    which may in turn be either (see `hub_snapshot`)."""
     p = Path(path)
+    if p.name in POINTER_FILES and not p.is_dir() and p.parent.is_dir():
+        return _pointed(p.parent, p.name)
     if not p.exists() and _HUB_NAME.match(str(path)):
         p = hub_snapshot(str(path))
     if not p.is_dir():
         raise CheckpointError(f"{p}: no such checkpoint directory")
     if not (p / "config.json").exists() and (p / LATEST_FILE).is_file():
-        name = read_latest(p)
-        target = p / str(name)
-        if not (target / "config.json").exists():
-            raise CheckpointError(
-                f"{p / LATEST_FILE}: names {name!r}, which is not a checkpoint in {p} (no "
-                f"{name}/config.json); point it at an existing step-* directory or delete it"
-            )
-        return target
+        return _pointed(p, LATEST_FILE)
     if not (p / "config.json").exists():
         raise CheckpointError(f"{p}: not a checkpoint (no config.json and no '{LATEST_FILE}' file)")
     return p
+
+
+def _pointed(run_dir: Path, pointer: str) -> Path:
+    """The checkpoint directory `run_dir/<pointer>` names; a missing pointer file or one naming
+    no checkpoint of run_dir is a CheckpointError."""
+    name = read_pointer(run_dir, pointer)
+    if name is None:
+        why = " (that run did not set train.keep_best)" if pointer == BEST_FILE else ""
+        raise CheckpointError(
+            f"{run_dir / pointer}: no such file{why}; name a step-* directory of {run_dir}, or "
+            f"{run_dir} itself for its latest checkpoint"
+        )
+    target = run_dir / name
+    if not (target / "config.json").exists():
+        raise CheckpointError(
+            f"{run_dir / pointer}: names {name!r}, which is not a checkpoint in {run_dir} (no "
+            f"{name}/config.json); point it at an existing step-* directory or delete it"
+        )
+    return target
 
 
 def verify_files(

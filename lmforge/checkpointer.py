@@ -20,6 +20,12 @@ controller, the reward statistics), each of which saves and loads its own state 
   every part, checking each file it reads against the manifest read once at start
   (`open_point`).
 - `rollback(before_step)` goes back to the newest checkpoint saved before a run of bad steps.
+
+With train.keep_best the checkpointer also keeps a `BestKeeper` (a part saved as `best`): the
+best value of that evaluation metric so far, its step and the early-stop count. A save at the
+best step points `run_dir/best` at it after `latest` moved and before retention runs, so
+retention never deletes it; a restore or rollback points `best` back at what the restored state
+says, so the file never names a step from a timeline the run abandoned.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import os
 import shutil
 import time
@@ -39,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.checkpoint import (
+    BEST_FILE,
     ENGINE_DIR,
     META_FILE,
     commit,
@@ -46,10 +54,12 @@ from lmforge.checkpoint import (
     load_reward_model,
     partial_dir,
     read_json,
+    read_pointer,
     resolve_checkpoint,
     verify_files,
     write_latest,
     write_model_files,
+    write_pointer,
 )
 from lmforge.distributed import DistInfo
 from lmforge.elastic import (
@@ -60,7 +70,7 @@ from lmforge.elastic import (
     save_consolidated,
 )
 from lmforge.engine import StatefulEngine
-from lmforge.errors import CheckpointError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.rundir import (
     apply_retention,
     checkpoint_bytes,
@@ -69,7 +79,7 @@ from lmforge.rundir import (
     rollback_target,
     space_problem,
 )
-from lmforge.runtime import barrier
+from lmforge.runtime import TrainConfig, barrier
 
 SAVE_PAUSE_ENV = "LMFORGE_TEST_SAVE_PAUSE"  # testing aid: seconds to hold a save before commit
 MAIN = "model"  # the name of the engine every stage trains; its checkpoint is the run's
@@ -164,6 +174,74 @@ def refuse_weights_only(ckpt: Path, meta: Mapping[str, Any]) -> None:
         )
 
 
+class BestKeeper:
+    """train.keep_best and train.early_stop: the best value of one evaluation metric so far, the
+    step it was reached at and how many evaluations since brought no improvement. Saved in
+    every checkpoint (part `best`), so a resumed run judges and stops exactly as an
+    uninterrupted one. Step 0 (the evaluation before training) is never a candidate: it has no
+    checkpoint of its own."""
+
+    def __init__(self, train: TrainConfig) -> None:
+        self.metric = train.keep_best
+        self.lower = train.best_is_lower()
+        self.patience = train.early_stop
+        self.value: float | None = None
+        self.step = 0  # 0: no best yet
+        self.waited = 0  # evaluations since the last improvement
+        self.stopped = 0  # the step the run stopped early at (0: it did not)
+
+    def judge(self, step: int, result: Mapping[str, Any]) -> bool:
+        """Take evaluation `result` of `step`; True when it is a new best. An evaluation
+        without the metric is a ConfigError naming train.keep_best and the metrics there are."""
+        if step <= 0:
+            return False
+        if self.metric not in result:
+            names = ", ".join(sorted(result)) or "none: this run has no held-out data"
+            raise ConfigError(
+                f"train.keep_best: {self.metric} is not a metric of this stage's evaluation "
+                f"(it reports {names}); name one of those"
+            )
+        value = float(result[self.metric])
+        better = math.isfinite(value) and (
+            self.value is None or (value < self.value if self.lower else value > self.value)
+        )
+        if better:
+            self.value, self.step, self.waited = value, step, 0
+        else:
+            self.waited += 1
+        return better
+
+    def exhausted(self) -> bool:
+        """Whether train.early_stop evaluations in a row brought no new best."""
+        return self.patience > 0 and self.waited >= self.patience
+
+    def describe(self) -> str:
+        """'eval/loss 1.2345 at step 300' (or that there is none yet)."""
+        if self.value is None:
+            return f"{self.metric}: no best yet"
+        return f"{self.metric} {self.value:.4f} at step {self.step}"
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state to save (plain JSON values)."""
+        return {
+            "metric": self.metric,
+            "value": self.value,
+            "step": self.step,
+            "waited": self.waited,
+            "stopped": self.stopped,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back what state_dict returned; a state kept for another metric starts afresh."""
+        if state.get("metric") != self.metric:
+            return
+        value = state.get("value")
+        self.value = None if value is None else float(value)
+        self.step = int(state.get("step", 0))
+        self.waited = int(state.get("waited", 0))
+        self.stopped = int(state.get("stopped", 0))
+
+
 class Checkpointer:
     """Save, restore and roll back a run's engines and stateful parts (see the module)."""
 
@@ -176,6 +254,11 @@ class Checkpointer:
         self.slots: list[Slot] = []
         self.parts: dict[str, Stateful] = {}
         self.record: dict[str, Any] = {}  # extra lmforge.json fields (W&B run id, ...)
+        train = getattr(config, "train", None)
+        self.best: BestKeeper | None = None
+        if isinstance(train, TrainConfig) and train.keep_best:
+            self.best = BestKeeper(train)
+            self.add_state(BEST_FILE, self.best)
 
     def add_engine(
         self,
@@ -222,6 +305,8 @@ class Checkpointer:
                 lora_scaling=slot.lora_scaling,
             )
         if self.info.is_main:
+            if self.best is not None and self.best.step == step:
+                write_pointer(self.run_dir, BEST_FILE, name)  # after `latest`, before retention
             self._retain(name)
         barrier()
         return self.run_dir / name
@@ -244,7 +329,8 @@ class Checkpointer:
         """Retention (train.keep_last / keep_every) on the main directory; the other engines'
         directories lose the same steps."""
         train = self.config.train
-        deleted = apply_retention(self.run_dir, train.keep_last, train.keep_every, newest)
+        best = (f"step-{self.best.step:06d}",) if self.best is not None and self.best.step else ()
+        deleted = apply_retention(self.run_dir, train.keep_last, train.keep_every, newest, best)
         for slot in self.slots[1:]:
             for name in deleted:
                 doomed = self.run_dir / slot.subdir / name
@@ -276,7 +362,26 @@ class Checkpointer:
         for key, part in self.parts.items():
             if key not in skip_parts and isinstance(point.meta.get(key), Mapping):
                 part.load_state_dict(point.meta[key])
+        self._sync_best()
         return hows[0]
+
+    def _sync_best(self) -> None:
+        """Point `best` at the step the restored state names (rank 0): a kill between a save
+        and its `best` update, or a rollback past the best step, leaves the file behind the
+        state or ahead of it. With no best yet, a `best` file (from an abandoned timeline) goes."""
+        if self.best is None or not self.info.is_main:
+            return
+        file = self.run_dir / BEST_FILE
+        if not self.best.step:
+            file.unlink(missing_ok=True)
+            return
+        name = f"step-{self.best.step:06d}"
+        try:
+            current = read_pointer(self.run_dir, BEST_FILE)
+        except CheckpointError:
+            current = None  # unreadable: rewritten below
+        if current != name and (self.run_dir / name / META_FILE).is_file():
+            write_pointer(self.run_dir, BEST_FILE, name)
 
     def _owns(self, ckpt: Path) -> bool:
         return ckpt.resolve().is_relative_to(self.run_dir.resolve())

@@ -11,16 +11,21 @@ return step-level metrics (rewards, KL, ...). The loop does everything around it
   update on every rank; once one update of a step is refused, the step's remaining updates are
   refused too (the step's batch is bad), and a run of bad steps rolls the whole run back through
   the checkpointer, passing over the bad batches afterwards;
+- the length of the run: train.steps, or with train.epochs the steps that many passes over the
+  task's training samples take (the learning-rate schedule is stretched to span them), with a
+  line at each epoch's end;
 - logging (means over the log window and the ranks, learning rate, gradient norm, throughput,
   MFU), evaluation (before the first step for finetuning stages, every `eval_every` and at the
-  end), checkpoints (every `save_every`, at the end, at `stop_at`, on SIGTERM/SIGUSR1 and when
-  the launcher died), and the closing summary line.
+  end), checkpoints (every `save_every`, at the end, at `stop_at`, on SIGTERM/SIGUSR1, when
+  the launcher died, and at an evaluation that is a new train.keep_best), early stopping
+  (train.early_stop), and the closing summary line.
 
 Stages never call `backward` or `step` on an engine and never write a checkpoint themselves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Generator
@@ -33,6 +38,7 @@ from lmforge.checkpointer import MAIN, Checkpointer
 from lmforge.distributed import DistInfo
 from lmforge.engine import StatefulEngine, TrainEngine
 from lmforge.faults import DivergenceError, FaultMonitor, Verdict
+from lmforge.optim import OptimConfig, lr_factor
 from lmforge.runtime import StopFlag, TrainConfig, all_mean
 from lmforge.tracking import Tracker, format_duration
 
@@ -90,6 +96,7 @@ class Run:
     cursor: int = 0
     tokens: int = 0
     carried: dict[str, Any] = field(default_factory=dict)  # metrics a resume keeps (eval_before)
+    no_heldout_said: bool = False  # an evaluation came back empty and the run said so
 
 
 def micro_batches(micro_step: MicroStep, train: TrainConfig, info: DistInfo) -> StepFn:
@@ -260,10 +267,20 @@ class _Stepper:
 
 
 def training_loop(run: Run, task: Task) -> dict[str, Any]:
-    """Train `task` from `run.step` to train.steps (see the module); returns the last metrics
-    (evaluation, the last log window, eval_before/*). Closes the tracker."""
+    """Train `task` from `run.step` to train.steps (or train.epochs' steps; see the module);
+    returns the last metrics (evaluation, the last log window, eval_before/*). Closes the
+    tracker."""
     engines = run.checkpointer.engines()
     last: dict[str, Any] = dict(run.carried)
+    plan_length(run, task)
+    best = run.checkpointer.best
+    if best is not None and best.stopped:
+        run.tracker.message(
+            f"{run.stage}: stopped early at step {best.stopped} (train.early_stop); best "
+            f"{best.describe()}; nothing left to train"
+        )
+        run.tracker.close()
+        return last
     if run.step == 0 and task.evaluate_first:
         before = _evaluate(run, task, engines, 0, "before training")
         last.update({k.replace("eval/", "eval_before/"): v for k, v in before.items()})
@@ -282,12 +299,50 @@ def training_loop(run: Run, task: Task) -> dict[str, Any]:
         window.add(outcome.tokens, outcome.values)
         if _after_step(run, task, engines, window, last, stop):
             break
+    if best is not None and best.value is not None:
+        last["best_step"] = best.step
     run.tracker.message(
         f"{run.stage} done: {run.step} steps in {format_duration(time.perf_counter() - started)}"
         f"; {task.summary(last)}; checkpoint {run.checkpointer.run_dir / f'step-{run.step:06d}'}"
+        + (f"; best {best.describe()} ({run.checkpointer.run_dir / 'best'})" if best else "")
     )
     run.tracker.close()
     return last
+
+
+def plan_length(run: Run, task: Task) -> None:
+    """With train.epochs, set run.train.steps from the training set's size and the global
+    batch, stretch every engine's learning-rate schedule over them and say so. The engines were
+    built before the stage knew its data size; the same numbers give the same steps on resume.
+    """
+    train = run.train
+    if train.epochs <= 0:
+        return
+    steps = train.planned_steps(task.num_samples)
+    run.train = dataclasses.replace(train, steps=steps)
+    run.tracker.total_steps = steps
+    optim = getattr(run.checkpointer.config, "optim", None)
+    if isinstance(optim, OptimConfig):
+        for engine in run.checkpointer.engines().values():
+            _span_schedule(engine, optim, steps * task.updates_per_step)
+            engine.set_lr_scale(run.monitor.state.lr_scale)  # recompute the current rate
+    run.tracker.message(
+        f"train.epochs={train.epochs:g}: {task.num_samples} training samples, "
+        f"{task.samples_per_step} per step: {steps} steps"
+    )
+
+
+def _span_schedule(engine: StatefulEngine, optim: OptimConfig, updates: int) -> None:
+    """Make the engine's learning-rate schedule (a LambdaLR of lmforge.optim.lr_factor) span
+    `updates` optimizer updates instead of the count it was built with."""
+    sched = getattr(getattr(engine, "ds", None), "lr_scheduler", None)
+    if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+        return
+
+    def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict leaves it out
+        return lr_factor(step, optim, updates)
+
+    sched.lr_lambdas = [factor] * len(sched.lr_lambdas)
 
 
 def _after_step(
@@ -301,24 +356,62 @@ def _after_step(
     """Log, evaluate and save as the cadence says after step run.step; True to stop now."""
     step, train = run.step, run.train
     final = step == train.steps
+    epoch = run.cursor / max(task.num_samples, 1)
     if step % run.log_every == 0 or final:
         metrics = window.flush(run.tracker, engines[MAIN], run.info.world)
-        metrics.update(tokens=run.tokens, epoch=run.cursor / max(task.num_samples, 1))
+        metrics.update(tokens=run.tokens, epoch=epoch)
         metrics.update(run.monitor.metrics())
         run.tracker.log(step, metrics)
         run.tracker.progress(step, metrics, metrics["step_seconds"])
         last.update(metrics)
+    _epoch_line(run, task, step)
+    improved = early = False
     if final or (train.eval_every and step % train.eval_every == 0):
-        last.update(_evaluate(run, task, engines, step, f"eval step {step}"))
+        result = _evaluate(run, task, engines, step, f"eval step {step} (epoch {epoch:.2f})")
+        last.update(result)
+        improved, early = _judge_best(run, step, result)
     requested = stop.requested()
-    stopping = requested or step == train.stop_at
-    if final or stopping or step % train.save_every == 0:
-        path = run.checkpointer.save(step, run.cursor, last, tokens_seen=run.tokens)
+    stopping = requested or step == train.stop_at or early
+    if final or stopping or improved or step % train.save_every == 0:
+        planned = {"planned_steps": train.steps} if train.epochs > 0 else {}
+        path = run.checkpointer.save(step, run.cursor, last, tokens_seen=run.tokens, **planned)
         run.tracker.message(f"saved {path}")
     if stopping and not final:
-        why = stop.reason if requested else f"train.stop_at={train.stop_at}"
-        run.tracker.message(f"{why}: saved at step {step}; resume with resume: auto")
+        best = run.checkpointer.best
+        if early and best is not None:
+            run.tracker.message(
+                f"early stop: {train.keep_best} has not improved for {best.waited} evaluations "
+                f"(train.early_stop={train.early_stop}); best {best.describe()}, kept as "
+                f"{run.checkpointer.run_dir / 'best'}; saved at step {step}"
+            )
+        else:
+            why = stop.reason if requested else f"train.stop_at={train.stop_at}"
+            run.tracker.message(f"{why}: saved at step {step}; resume with resume: auto")
     return stopping
+
+
+def _epoch_line(run: Run, task: Task, step: int) -> None:
+    """'epoch 2 of 5 done at step 120' when this step's samples completed a pass."""
+    num, per = max(task.num_samples, 1), task.samples_per_step
+    done = run.cursor // num
+    if done > (run.cursor - per) // num:
+        of = f" of {run.train.epochs:g}" if run.train.epochs > 0 else ""
+        run.tracker.message(f"epoch {done}{of} done at step {step}")
+
+
+def _judge_best(run: Run, step: int, result: dict[str, float]) -> tuple[bool, bool]:
+    """Give the evaluation just made to train.keep_best; (a new best, stop early now).
+    Stopping is recorded in the state before the save that ends the run."""
+    best = run.checkpointer.best
+    if best is None:
+        return False, False
+    improved = best.judge(step, result)
+    if improved:
+        run.tracker.message(f"new best {best.describe()}")
+    early = best.exhausted() and step < run.train.steps
+    if early:
+        best.stopped = step
+    return improved, early
 
 
 def _evaluate(
@@ -330,6 +423,11 @@ def _evaluate(
     result = task.evaluate(step)
     for engine in engines.values():
         engine.train(True)
+    if not result:  # no held-out data: said once, not at every evaluation
+        if not run.no_heldout_said:
+            run.tracker.message(f"{run.stage}: no held-out data, so evaluation is skipped")
+            run.no_heldout_said = True
+        return result
     run.tracker.log(step, result)
     line = task.eval_line(result) if task.eval_line else _plain_line(result)
     run.tracker.message(f"{title}: {line}")

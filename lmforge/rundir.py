@@ -16,18 +16,18 @@ import re
 import shutil
 from pathlib import Path
 
-from lmforge.checkpoint import LATEST_FILE, META_FILE, read_json, read_latest
+from lmforge.checkpoint import LATEST_FILE, META_FILE, POINTER_FILES, read_json, read_latest
 from lmforge.errors import CheckpointError, ConfigError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # What lmforge itself leaves behind when a save, a deletion or a config write is interrupted:
 # `.step-N.partial` (lmforge.checkpoint.partial_dir), `.step-N.old` (commit's overwrite),
-# `.step-N.deleting` (apply_retention), `.latest.tmp` (write_latest) and config.yaml's temporary
-# file (lmforge.config.dump_config: mkstemp's 8 random characters).
+# `.step-N.deleting` (apply_retention), `.latest.tmp` and `.best.tmp` (write_pointer) and
+# config.yaml's temporary file (lmforge.config.dump_config: mkstemp's 8 random characters).
 LEFTOVER = re.compile(
-    r"^\.(step-\d+\.(partial|old|deleting)|"
-    + re.escape(LATEST_FILE)
-    + r"\.tmp|config\.yaml\.[a-z0-9_]{8}\.tmp)$"
+    r"^\.(step-\d+\.(partial|old|deleting)|("
+    + "|".join(re.escape(name) for name in POINTER_FILES)
+    + r")\.tmp|config\.yaml\.[a-z0-9_]{8}\.tmp)$"
 )
 # Directories of a run's other engines inside its run directory (finetune/ppo.py's critic).
 ENGINE_SUBDIRS = ("critic",)
@@ -172,17 +172,20 @@ def prepare_run_dir(run_dir: Path, allow_foreign: bool) -> list[Path]:
     return missing
 
 
-def apply_retention(run_dir: Path, keep_last: int, keep_every: int, newest: str) -> list[str]:
+def apply_retention(
+    run_dir: Path, keep_last: int, keep_every: int, newest: str, also_keep: tuple[str, ...] = ()
+) -> list[str]:
     """Delete step checkpoints beyond the `keep_last` newest, except those whose step is a
-    multiple of `keep_every`, the one `latest` names and `newest` (the one just written).
-    keep_last 0 keeps everything. Each is renamed to a hidden name before it is deleted, so a
-    crash never leaves half a checkpoint under a real name. Returns the names deleted."""
+    multiple of `keep_every`, the one `latest` names, `newest` (the one just written) and
+    `also_keep` (the one `best` names). keep_last 0 keeps everything. Each is renamed to a
+    hidden name before it is deleted, so a crash never leaves half a checkpoint under a real
+    name. Returns the names deleted."""
     if keep_last <= 0:
         return []
     found = list_checkpoints(run_dir)
     keep = {path.name for _, path in found[-keep_last:]}
     keep |= {path.name for step, path in found if keep_every > 0 and step % keep_every == 0}
-    keep |= {newest, latest_name(run_dir) or newest}
+    keep |= {newest, latest_name(run_dir) or newest, *also_keep}
     deleted = []
     for _, path in found:
         if path.name in keep:

@@ -5,6 +5,7 @@ lmforge.stage starts it, lmforge.loop trains it, lmforge.checkpointer saves and 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import signal
@@ -71,15 +72,79 @@ class TrainConfig:
         "Checkpoint and stop after this step (0 = run all steps); the schedule still spans steps.",
     )
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available.")
+    epochs: float = option(
+        0,
+        "Train this many passes over the training set instead of a number of steps (0 = use "
+        "steps): steps = ceil(epochs × training samples / global_batch_size), counted once the "
+        "data is read. Leave steps at its default when setting it.",
+    )
+    keep_best: str = option(
+        "",
+        "Keep a `best` file beside `latest` naming the checkpoint with the best value of this "
+        "evaluation metric (as in metrics.jsonl, e.g. eval/loss); an evaluation that improves "
+        "it is saved even off save_every, and retention never deletes it. '' = off.",
+    )
+    keep_best_mode: Literal["auto", "min", "max"] = option(
+        "auto",
+        "Whether lower or higher keep_best values are better; auto = min for metrics named "
+        "*loss or *ppl, max for any other.",
+    )
+    early_stop: int = option(
+        0,
+        "Stop (with a checkpoint, exit 0) after this many evaluations in a row without a new "
+        "best keep_best value; 0 = never.",
+    )
 
     def validate(self, prefix: str = "train") -> None:
-        """Reject non-positive sizes, naming the key."""
+        """Reject non-positive sizes and contradictory lengths, naming the key."""
         for key in ("steps", "global_batch_size", "micro_batch_size", "save_every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{prefix}.{key}: must be positive, got {getattr(self, key)}")
         for key in ("eval_every", "stop_at", "keep_last", "keep_every", "min_free_bytes"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)}")
+        self._validate_length(prefix)
+        self._validate_best(prefix)
+
+    def _validate_length(self, prefix: str) -> None:
+        """epochs is an alternative to steps: a steps value other than the default beside it
+        would be silently ignored, so it is refused."""
+        if not math.isfinite(self.epochs) or self.epochs < 0:
+            raise ConfigError(f"{prefix}.epochs: must be >= 0, got {self.epochs:g}")
+        default = type(self)().steps
+        if self.epochs > 0 and self.steps != default:
+            raise ConfigError(
+                f"{prefix}.epochs and {prefix}.steps: both set ({self.epochs:g} epochs, "
+                f"{self.steps} steps); set one of them (epochs counts the steps from the data)"
+            )
+
+    def _validate_best(self, prefix: str) -> None:
+        if self.early_stop < 0:
+            raise ConfigError(f"{prefix}.early_stop: must be >= 0, got {self.early_stop}")
+        if self.early_stop and not self.keep_best:
+            raise ConfigError(
+                f"{prefix}.early_stop: needs {prefix}.keep_best, the metric whose improvement "
+                "it waits for (e.g. keep_best: eval/loss)"
+            )
+        name = self.keep_best
+        if name and (not name.startswith(("eval/", "val/")) or not name.isprintable()):
+            raise ConfigError(
+                f"{prefix}.keep_best: {name!r} is not an evaluation metric; name one as "
+                "metrics.jsonl writes it, starting with eval/ or val/ (e.g. eval/loss)"
+            )
+
+    def best_is_lower(self) -> bool:
+        """Whether a lower keep_best value is better (keep_best_mode; auto: *loss, *ppl)."""
+        if self.keep_best_mode != "auto":
+            return self.keep_best_mode == "min"
+        return self.keep_best.endswith(("loss", "ppl"))
+
+    def planned_steps(self, num_samples: int) -> int:
+        """The steps the run trains: `steps`, or with epochs > 0 as many global batches as
+        `epochs` passes over `num_samples` training samples take (at least one)."""
+        if self.epochs <= 0:
+            return self.steps
+        return max(1, math.ceil(self.epochs * num_samples / self.global_batch_size))
 
 
 def set_seed(seed: int, rank: int) -> None:

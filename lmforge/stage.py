@@ -125,9 +125,17 @@ def resume_point(run_dir: Path, resume: str, stage: str = "") -> ResumePoint | N
 def finished_run(
     point: ResumePoint | None, steps: int, info: DistInfo, stage: str
 ) -> dict[str, Any] | None:
-    """If the run already reached `steps`, report it (rank 0) and return its metrics. The point
-    is this stage's own (`resume_point` refuses another stage's checkpoints)."""
-    if point is None or point.step < steps:
+    """If the run already reached `steps` (with train.epochs: the steps it planned from its
+    data, recorded as planned_steps) or stopped early (train.early_stop), report it (rank 0)
+    and return its metrics. The point is this stage's own (`resume_point` refuses another
+    stage's checkpoints)."""
+    if point is None:
+        return None
+    best = point.meta.get("best")
+    stopped = int(best.get("stopped") or 0) if isinstance(best, dict) else 0
+    planned = point.meta.get("planned_steps")
+    target = int(planned) if isinstance(planned, int) and planned > 0 else steps
+    if point.step < target and not stopped:
         return None
     metrics = dict(point.meta.get("metrics", {}))
     if info.is_main:
@@ -136,10 +144,12 @@ def finished_run(
             for k, v in metrics.items()
             if k.startswith("eval/") and isinstance(v, (int, float))
         )
-        print(
-            f"{stage}: {point.path.parent} already trained to step {point.step} "
-            f"(train.steps={steps}); checkpoint {point.path}; {shown}"
+        how = (
+            f"stopped early at step {point.step} (train.early_stop)"
+            if stopped
+            else f"already trained to step {point.step} (train.steps={target})"
         )
+        print(f"{stage}: {point.path.parent} {how}; checkpoint {point.path}; {shown}")
     return metrics
 
 

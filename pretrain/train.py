@@ -85,6 +85,18 @@ class PretrainConfig(StageConfig):
                 f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len="
                 f"{self.model.max_seq_len}; shorten the sequences or raise the limit"
             )
+        self._check_held_out()
+
+    def _check_held_out(self) -> None:
+        """Before any data is read: train.keep_best needs a validation split."""
+        fractions = [self.data.validation_fraction] + [
+            s.validation_fraction for s in self.data.sources if s.validation_fraction is not None
+        ]
+        if self.train.keep_best and max(fractions) <= 0:
+            raise ConfigError(
+                "train.keep_best: data.validation_fraction is 0, so there is no validation to "
+                "keep the best of; hold some data out or unset keep_best"
+            )
 
 
 @dataclass
@@ -136,6 +148,8 @@ def evaluate(ctx: Run, step: int) -> dict[str, float]:
     val/<name>/<objective>/loss with several objectives); its eval/<objective>/loss is their
     mean weighted by the sources' weights, the mixture the model is trained on."""
     cfg = ctx.cfg
+    if len(ctx.val) == 0:  # no validation split: nothing to evaluate (the loop says so once)
+        return {}
     ctx.engine.train(False)
     metrics: dict[str, float] = {}
     several = len(cfg.objective.active) > 1
@@ -159,11 +173,11 @@ def show_samples(ctx: Run) -> list[str]:
     """Greedy continuations of the starts of a few validation documents (every rank runs them,
     so ZeRO-3 can gather parameters; rank 0 prints)."""
     cfg, tok = ctx.cfg, ctx.tokenizer
-    if cfg.train.samples <= 0:
+    # The validation split may hold fewer windows than train.samples, or none: show what it has.
+    count = min(cfg.train.samples, len(ctx.val))
+    if count <= 0:
         return []
-    prompts = [
-        ctx.val.get_batch([i])["input_ids"][0, :16].tolist() for i in range(cfg.train.samples)
-    ]
+    prompts = [ctx.val.get_batch([i])["input_ids"][0, :16].tolist() for i in range(count)]
     room = cfg.model.max_seq_len - 16
     gen_cfg = GenerateConfig(max_new_tokens=min(cfg.train.sample_tokens, room), temperature=0)
     out = generate(ctx.engine.module, prompts, gen_cfg, eos_ids=[tok.eos_token_id])
@@ -312,11 +326,12 @@ def _datasets(
     seq = cfg.data.seq_len
     if not cfg.data.sources:
         dataset, val = packed(cfg, data.train, eos_id), packed(cfg, data.val, eos_id)
-        if len(dataset) == 0 or len(val) == 0:
+        if len(dataset) == 0:
             raise ConfigError(
-                f"data.seq_len: {seq} is longer than the whole train or validation split; "
-                "use a shorter seq_len or more data"
+                f"data.seq_len: {seq} is longer than the whole train split; use a shorter "
+                "seq_len or more data"
             )
+        _check_validation(cfg, len(val))  # no window: validation is skipped
         return dataset, val, [], GlobalSampler(len(dataset), cfg.data.seed)
     trains = [packed(cfg, part.data.train, eos_id) for part in data.parts]
     for i, (part, train_set) in enumerate(zip(data.parts, trains, strict=True)):
@@ -327,13 +342,21 @@ def _datasets(
             )
     vals = [(p.name, p.weight, packed(cfg, p.data.val, eos_id)) for p in data.parts]
     val_parts = [v for v in vals if len(v[2])]
-    if not val_parts:
-        raise ConfigError(
-            f"data.seq_len: {seq} is longer than every source's validation split; use a "
-            "shorter seq_len, more data or a larger validation_fraction"
-        )
     sampler = MixtureSampler([len(t) for t in trains], data.weights, cfg.data.seed)
+    if not val_parts:  # no source has a validation window: validation is skipped
+        _check_validation(cfg, 0)
+        return MixedDataset(trains), vals[0][2], [], sampler
     return MixedDataset(trains), MixedDataset([v for _, _, v in val_parts]), val_parts, sampler
+
+
+def _check_validation(cfg: PretrainConfig, windows: int) -> None:
+    """A validation split of no window skips validation, unless train.keep_best needs it."""
+    if windows == 0 and cfg.train.keep_best:
+        raise ConfigError(
+            f"train.keep_best: the validation split holds no window of data.seq_len="
+            f"{cfg.data.seq_len} + 1 tokens, so there is nothing to keep the best of; raise "
+            "data.validation_fraction, shorten data.seq_len or unset keep_best"
+        )
 
 
 def _describe_mixture(data: Any, dataset: MixedDataset) -> str:
