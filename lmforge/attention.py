@@ -90,6 +90,38 @@ class KVCache:
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def drop(self, start: int, keep: torch.Tensor) -> None:
+        """Forget, in row b, the written slots from start + keep[b] on (keep (B,)): they become
+        holes that attention skips (speculative decoding's rejected tokens). The length rolls
+        back to start + max(keep), so slots no row kept are written again."""
+        end = start + int(keep.max())
+        slots = torch.arange(start, self.length, device=self.valid.device)  # (S',)
+        hole = slots[None] >= (start + keep)[:, None]  # (B, S')
+        self.valid[:, start : self.length] &= ~hole
+        self.padded = self.padded or bool(hole[:, : end - start].any())
+        self.length = end
+
+    def compact(self) -> None:
+        """Move each row's real tokens, in order, to the end of the first n slots (n: the most
+        real tokens of a row), removing the holes between them; rows with fewer start with
+        padding. Attention over the cache is unchanged (positions are not stored by slot)."""
+        s = self.length
+        slots = torch.arange(s, device=self.valid.device)
+        valid = self.valid[:, :s]  # (B, S)
+        # Holes sort first (-1), then the real slots in order; the last n are the row's tokens.
+        order = torch.where(valid, slots[None], -1).sort(dim=1).values  # (B, S)
+        n = int(valid.sum(1).max())
+        src = order[:, s - n :]  # (B, n)
+        index = src.clamp(min=0)[:, None, :, None]  # (B, 1, n, 1)
+        index = index.expand(-1, self.k[0].shape[1], -1, self.k[0].shape[3])  # (B, K, n, E)
+        for cached in (self.k, self.v):
+            for layer, t in enumerate(cached):
+                cached[layer][:, :, :n] = t[:, :, :s].gather(2, index)
+        self.valid[:, :n] = src >= 0
+        self.valid[:, n:] = False
+        self.padded = bool((src < 0).any())
+        self.length = n
+
 
 # ----------------------------------------------------------------------------- attention mask
 

@@ -13,12 +13,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmforge.config import option
 from lmforge.errors import ConfigError
 from lmforge.model import GPT, KVCache, ModelConfig
+
+if TYPE_CHECKING:
+    from lmforge.speculative import Drafter
 
 
 @dataclass
@@ -39,6 +43,12 @@ class GenerateConfig:
     compile: bool = option(
         False, "torch.compile the one-token decode step (static cache; CUDA graphs on GPUs)."
     )
+    draft: str = option(
+        "",
+        "Speculative decoding's drafter: '' none, 'ngram' (prompt lookup) or a checkpoint with "
+        "the same tokenizer; the caller builds it (lmforge.speculative.build_drafter).",
+    )
+    draft_tokens: int = option(4, "Tokens a drafter proposes per round; 0 = adaptive (1-12).")
 
     def validate(self, prefix: str = "generate") -> None:
         """Reject values outside their range, naming the key."""
@@ -51,6 +61,27 @@ class GenerateConfig:
             raise ConfigError(f"{p}top_k: must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"{p}top_p: must be in (0, 1], got {self.top_p}")
+        if self.draft_tokens < 0:
+            raise ConfigError(f"{p}draft_tokens: must be >= 0, got {self.draft_tokens}")
+
+
+@dataclass
+class DecodeStats:
+    """What a decode cost: model forwards (the prompt's included); with a drafter, also the
+    rounds, the tokens proposed to and accepted by rows still generating, the drafter's
+    forwards and the cache compactions."""
+
+    forwards: int = 0
+    rounds: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    draft_forwards: int = 0
+    compactions: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted / proposed tokens (0 without proposals)."""
+        return self.accepted / self.proposed if self.proposed else 0.0
 
 
 @dataclass
@@ -63,6 +94,7 @@ class Generation:
     prompt_tokens: torch.Tensor  # (B, P) left-padded prompts
     prompt_mask: torch.Tensor  # (B, P) 1 for real prompt tokens
     stopped: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # (B,)
+    stats: DecodeStats = field(default_factory=DecodeStats)
 
     @property
     def response_mask(self) -> torch.Tensor:
@@ -116,8 +148,9 @@ def _hit_stop_string(
 
 
 # A row's EOS is looked for on the device every step; whether every row has stopped is read
-# back every this many steps (a host sync), and the output is trimmed to the longest row, so the
-# result is the same as checking every step.
+# back every step on CPU (free there) and every this many steps on an accelerator (a host sync
+# that would stall the queued kernels); the output is trimmed to the longest row, so the result
+# is the same as checking every step.
 _FINISHED_EVERY = 8
 # Static caches are rounded up to a multiple of this, so prompts of nearby lengths share a
 # compiled decode step.
@@ -200,10 +233,12 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift(x, 31)
 
 
-def row_uniforms(row_seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+def row_uniforms(row_seeds: torch.Tensor, step: int | torch.Tensor, vocab: int) -> torch.Tensor:
     """Uniform numbers in (0, 1), (B, V) float64: SplitMix64 hashes of (row seed, decode step)
-    and then of that and the token id. int64 products wrap around, as the hash wants."""
-    base = _mix(row_seeds * _GOLDEN + _mix(torch.full_like(row_seeds, step + 1)))  # (B,)
+    and then of that and the token id; `step` is one int or one per row (B,). int64 products
+    wrap around, as the hash wants."""
+    steps = torch.as_tensor(step, dtype=torch.long, device=row_seeds.device) + 1
+    base = _mix(row_seeds * _GOLDEN + _mix(steps.expand_as(row_seeds)))  # (B,)
     ids = torch.arange(1, vocab + 1, device=row_seeds.device, dtype=torch.long)  # (V,)
     x = _mix(base[:, None] + ids[None] * _GOLDEN)  # (B, V)
     return (_shift(x, 11).double() + 0.5) * 2.0**-53  # 53 random bits, never 0 or 1
@@ -294,8 +329,10 @@ class _Stops:
                     done[row] = True
         rows.stopped |= done & ~rows.finished
         rows.finished |= done
-        # Stop strings already synced to read the rows back, so checking is free then.
-        check = self.strings or step % _FINISHED_EVERY == _FINISHED_EVERY - 1
+        # Stop strings already synced to read the rows back, and a CPU has no queue to stall,
+        # so checking is free then.
+        sparse = rows.finished.device.type != "cpu"
+        check = self.strings or not sparse or step % _FINISHED_EVERY == _FINISHED_EVERY - 1
         return bool(check) and bool(rows.finished.all())
 
 
@@ -362,11 +399,12 @@ def _decode(
     stops: _Stops,
     pad_id: int,
     row_seeds: torch.Tensor | None,
-) -> None:
+) -> int:
     """Pick up to cfg.max_new_tokens tokens into `rows`, starting from the prompt's logits
-    (B, 1, V); `step` runs the model on each picked token."""
+    (B, 1, V); `step` runs the model on each picked token. Returns the forwards it ran."""
     gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
     may_stop = stops.active
+    forwards = 0
     for i in range(cfg.max_new_tokens):
         token, lp = _pick_token(logits, cfg, gen, row_seeds, i)
         rows.record(i, token, lp, pad_id)
@@ -375,6 +413,8 @@ def _decode(
         if i + 1 == cfg.max_new_tokens:
             break  # the last token needs no forward
         logits = step(token[:, None])
+        forwards += 1
+    return forwards
 
 
 def _new_cache(model: GPT, cfg: GenerateConfig, batch: int, size: int, static: bool) -> KVCache:
@@ -405,38 +445,21 @@ def _check_length(model: GPT, cfg: GenerateConfig, prompt_len: int) -> None:
         )
 
 
-@torch.no_grad()
-def generate(
+def _decode_plain(
     model: GPT,
-    prompts: Sequence[Sequence[int]],
-    cfg: GenerateConfig | None = None,
-    *,
-    eos_ids: Sequence[int] = (),
-    pad_id: int = 0,
-    tokenizer: object | None = None,
-    use_cache: bool = True,
-    row_seeds: Sequence[int] | None = None,
-) -> Generation:
-    """Continue each prompt (a list of token ids) until EOS, a stop string or max_new_tokens.
-
-    Stop strings need the tokenizer. use_cache=False recomputes the whole sequence every step
-    (the reference the cache is tested against); cfg.static_cache / cfg.compile decode through
-    fixed shapes (the same tokens). Sampling draws from one generator seeded by cfg.seed, so a
-    row's tokens depend on the batch it is in; with `row_seeds` (one int per prompt) each row
-    samples from its own stream instead (`row_uniforms`), the same in any batch, on any number
-    of processes.
-    """
-    cfg = cfg or GenerateConfig()
-    _check_settings(cfg, tokenizer)
-    device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: GenerateConfig,
+    rows: _Rows,
+    stops: _Stops,
+    pad_id: int,
+    seeds: torch.Tensor | None,
+    use_cache: bool,
+) -> DecodeStats:
+    """One token per model forward from prompts ids (B, P) with mask (B, P) into `rows`."""
     b, p = ids.shape
-    _check_length(model, cfg, p)
     static = use_cache and (cfg.static_cache or cfg.compile)
     compiled = static and cfg.compile
-    was_training = model.training
-    model.eval()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding does not count
     cache = _new_cache(model, cfg, b, p + cfg.max_new_tokens, static) if use_cache else None
     with _eager():
@@ -450,19 +473,96 @@ def generate(
         step = _static_step(model, cache, positions, compiled)
     else:
         step = _cached_step(model, cache, positions)
-    rows = _Rows.empty(b, cfg.max_new_tokens, pad_id, device)
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    stops = _Stops(eos, cfg.stop_strings, tokenizer)
     # One eager stance around the loop (entering it costs about as much as a small op).
+    with nullcontext() if compiled else _eager():
+        forwards = _decode(logits, step, cfg, rows, stops, pad_id, seeds)
+    return DecodeStats(forwards=1 + forwards)
+
+
+def _decode_draft(
+    model: GPT,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: GenerateConfig,
+    rows: _Rows,
+    stops: _Stops,
+    pad_id: int,
+    seeds: torch.Tensor | None,
+    draft: Drafter,
+) -> DecodeStats:
+    """Speculative decoding (lmforge.speculative) through dynamic caches."""
+    from lmforge.speculative import decode_speculative
+
+    if cfg.static_cache or cfg.compile:
+        raise ConfigError(
+            "generate.static_cache / generate.compile: not with a drafter (speculative "
+            "decoding runs k + 1 tokens per forward through a dynamic cache); turn them off"
+        )
+    with _eager():
+        return decode_speculative(model, ids, mask, cfg, rows, stops, pad_id, seeds, draft)
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    cfg: GenerateConfig | None = None,
+    *,
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    tokenizer: object | None = None,
+    use_cache: bool = True,
+    row_seeds: Sequence[int] | None = None,
+    draft: Drafter | None = None,
+) -> Generation:
+    """Continue each prompt (a list of token ids) until EOS, a stop string or max_new_tokens.
+
+    Stop strings need the tokenizer. use_cache=False recomputes the whole sequence every step
+    (the reference the cache is tested against); cfg.static_cache / cfg.compile decode through
+    fixed shapes (the same tokens). Sampling draws from one generator seeded by cfg.seed, so a
+    row's tokens depend on the batch it is in; with `row_seeds` (one int per prompt) each row
+    samples from its own stream instead (`row_uniforms`), the same in any batch, on any number
+    of processes.
+
+    With `draft` (lmforge.speculative: model_drafter, ngram_drafter) the drafter proposes
+    tokens that the model checks several at a time; the output has exactly the model's
+    distribution: greedy and row-seeded sampling return the tokens plain decoding returns,
+    sampling from the batch's generator uses modified rejection sampling. `stats` of the
+    result counts forwards, proposals and acceptances.
+    """
+    cfg = cfg or GenerateConfig()
+    _check_settings(cfg, tokenizer)
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    b, p = ids.shape
+    _check_length(model, cfg, p)
     seeds = None
     if row_seeds is not None:
         if len(row_seeds) != b:
             raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {b} prompts")
         seeds = torch.tensor([int(x) % (1 << 63) for x in row_seeds], device=device)
-    with nullcontext() if compiled else _eager():
-        _decode(logits, step, cfg, rows, stops, pad_id, seeds)
-    model.train(was_training)
+    if draft is not None and not use_cache:
+        raise ValueError("a drafter needs the KV cache (use_cache=True)")
+    was_training = model.training
+    model.eval()
+    rows = _Rows.empty(b, cfg.max_new_tokens, pad_id, device)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    stops = _Stops(eos, cfg.stop_strings, tokenizer)
+    try:
+        if draft is None:
+            stats = _decode_plain(model, ids, mask, cfg, rows, stops, pad_id, seeds, use_cache)
+        else:
+            stats = _decode_draft(model, ids, mask, cfg, rows, stops, pad_id, seeds, draft)
+    finally:
+        model.train(was_training)
     steps = int(rows.lengths.max())  # the step at which the last row stopped, or max_new_tokens
     return Generation(
-        rows.tokens[:, :steps], rows.logprobs[:, :steps], rows.lengths, ids, mask, rows.stopped
+        rows.tokens[:, :steps],
+        rows.logprobs[:, :steps],
+        rows.lengths,
+        ids,
+        mask,
+        rows.stopped,
+        stats,
     )
