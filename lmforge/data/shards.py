@@ -8,12 +8,15 @@ workspace and renamed into place when complete, so a shard directory that exists
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import datetime
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +174,18 @@ class _FlatEncoder:
 _WORKER: dict[str, _FlatEncoder] = {}
 
 
-def _init_worker(tokenizer_json: str, bos_id: int | None, eos_id: int, dtype: str) -> None:
+def _init_worker(
+    parent: int, tokenizer_json: str, bos_id: int | None, eos_id: int, dtype: str
+) -> None:
+    """A worker's start: it dies with its parent, and leaves signals to it."""
+    # The parent's handlers (e.g. a stage's graceful SIGTERM) are inherited by fork; a worker
+    # has nothing to save: default SIGTERM, and Ctrl-C is the parent's to handle (it stops us).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):  # Linux only: killed if the parent is
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
     _WORKER["encoder"] = _FlatEncoder(tokenizer_json, bos_id, eos_id, dtype)
 
 
@@ -217,7 +231,7 @@ class _Encoders:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         try:
             ctx = multiprocessing.get_context("fork")
-            return ctx.Pool(self.workers, _init_worker, self.init_args)
+            return ctx.Pool(self.workers, _init_worker, (os.getpid(), *self.init_args))
         finally:
             if was is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
