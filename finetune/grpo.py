@@ -38,10 +38,14 @@ from lmforge.loss import IGNORE_INDEX
 from lmforge.report import HELDOUT, chat_heldout
 from lmforge.rl import group_advantages, grpo_loss, masked_mean
 from lmforge.rollout import (
+    RolloutConfig,
+    RolloutDraft,
     build_sequences,
     chunk_rows,
     eval_line,
     evaluate_policy,
+    load_rollout_draft,
+    rollout_metrics,
     sample_completions,
     token_logprobs,
 )
@@ -72,6 +76,10 @@ class GRPOConfig(StageConfig):
     temperature: float = option(1.0, "Sampling temperature of the rollouts (and of the log-probs).")
     max_new_tokens: int = option(16, "Most tokens per completion.")
     scale_advantages: bool = option(True, "Divide by the group's std (False: Dr. GRPO, mean only).")
+    rollout: RolloutConfig = option(
+        default_factory=RolloutConfig,
+        doc="Speculative sampling of the rollouts: rollout.draft, rollout.draft_tokens.",
+    )
 
     def validate(self, prefix: str = "") -> None:
         """Checks that span sections."""
@@ -98,15 +106,43 @@ class Policy:
     tok: Any
     prompts: PromptDataset
     reward_fn: CombinedRewardFn
+    draft: RolloutDraft | None = None  # rollout.draft: speculative sampling of the rollouts
 
 
-def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, plan: BatchPlan) -> Any:
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether any dropout of `model` is active in train mode (a dropout layer, LoRA's
+    included, or the attention-probability dropout that the GPT keeps as a rate)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        rate = getattr(module, "attn_dropout", 0.0)
+        if isinstance(rate, float) and rate > 0:
+            return True
+    return False
+
+
+def old_logprobs_are_current(cfg: GRPOConfig, engine: Engine) -> bool:
+    """Whether the old policy's log-probs equal those the loss's own forward computes, so that
+    the separate pass computing them can be skipped: one epoch (the step's single optimizer
+    update comes after all its micro-batches, so the weights are the rollout's at every loss
+    forward) and no dropout (the train-mode forward computes what the eval-mode one did)."""
+    return cfg.epochs == 1 and not has_dropout(engine.module)
+
+
+def grpo_step(
+    cfg: GRPOConfig, policy: Policy, place: Launch, plan: BatchPlan, *, old_pass: bool = False
+) -> Any:
     """The step function: sample G completions for this rank's prompts, score and normalise
-    them per group, then `epochs` passes of clipped policy-gradient micro-batches."""
+    them per group, then `epochs` passes of clipped policy-gradient micro-batches.
+
+    The old policy's log-probs come from a separate no-grad pass only where they can differ
+    from the loss's (`old_logprobs_are_current`) or where `old_pass` forces it; otherwise each
+    micro-batch uses its own log-probs, detached: the same ratio (1), loss and gradients."""
     sampler = GlobalSampler(len(policy.prompts), cfg.data.seed)
     per_rank = plan.per_rank // cfg.group_size  # prompts of this rank per step
     micro, device = plan.micro, place.device
     engine, tok, prompts = policy.engine, policy.tok, policy.prompts
+    reuse = not old_pass and old_logprobs_are_current(cfg, engine)
 
     def step_fn(ctx: StepContext) -> Generator[Micro, None, dict[str, float]]:
         t0 = time.perf_counter()
@@ -116,7 +152,7 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, plan: BatchPlan) -
         batch = [prompts.prompt_ids[i] for i in rows]
         out = sample_completions(
             engine, batch, tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            seed=cfg.train.seed, step=ctx.step - 1,
+            seed=cfg.train.seed, step=ctx.step - 1, draft=policy.draft,
             rows=list(range(first * cfg.group_size, (first + per_rank) * cfg.group_size)),
         )  # fmt: skip
         t_sample = time.perf_counter() - t0  # generation alone: what a faster sampler would save
@@ -133,7 +169,11 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, plan: BatchPlan) -
         mask = (seqs["labels"] != IGNORE_INDEX).float()  # (N, L)
         chunks = chunk_rows(seqs, micro)
         with torch.no_grad():
-            old = [token_logprobs(engine, c, cfg.temperature, device) for c in chunks]
+            old = (
+                []
+                if reuse
+                else [token_logprobs(engine, c, cfg.temperature, device) for c in chunks]
+            )
             ref = [
                 token_logprobs(policy.reference, c, cfg.temperature, device)
                 if policy.reference is not None
@@ -146,6 +186,8 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, plan: BatchPlan) -
             for j, c in enumerate(chunks):
                 rows_j = slice(j * micro, (j + 1) * micro)
                 logp = token_logprobs(engine, c, cfg.temperature, device)
+                if reuse:  # one epoch: micro-batch j's old log-probs are its current ones
+                    old.append(logp.detach())
                 loss, m = grpo_loss(
                     logp, old[j], ref[j], advantages[rows_j].to(device), mask[rows_j].to(device),
                     cfg.clip, cfg.beta,
@@ -162,6 +204,7 @@ def grpo_step(cfg: GRPOConfig, policy: Policy, place: Launch, plan: BatchPlan) -
             "time/generation_share": t_sample / max(t_step, 1e-9),
             "sample_entropy": float(-masked_mean(torch.cat(old).cpu(), mask)),
             "tokens": float(mask.sum()),
+            **rollout_metrics(out),
         }
 
     return step_fn
@@ -187,6 +230,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     if cfg.beta > 0:
         reference, _, _ = load_checkpoint(cfg.init_from, with_tokenizer=False, device=device)
         reference.requires_grad_(False)
+    draft = load_rollout_draft(cfg.rollout, tok, model.cfg, device)
     model.train()
     train_records, heldout_records = chat_records(cfg.data, "sft")
     heldout = PromptDataset(heldout_records, tok, cfg.data.seq_len)
@@ -200,7 +244,12 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         info=info,
     )
     policy = Policy(
-        engine, reference, tok, PromptDataset(train_records, tok, cfg.data.seq_len), reward_fn
+        engine,
+        reference,
+        tok,
+        PromptDataset(train_records, tok, cfg.data.seq_len),
+        reward_fn,
+        draft,
     )
     checkpointer = Checkpointer(place.run_dir, info, cfg, "grpo", tok)
     checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "prompts")
@@ -215,6 +264,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         f"grpo: from {place.resume_from or cfg.init_from}; {len(policy.prompts)} prompts, "
         f"{groups} per step × G={cfg.group_size}; rewards {[r.name for r in cfg.rewards]}; "
         f"β={cfg.beta}; {engine.describe()}, {info.world} process(es)"
+        + (f"; rollouts drafted by {cfg.rollout.draft} ({draft.describe()})" if draft else "")
     )
     run.tracker.message(plan.describe())
     task = Task(
