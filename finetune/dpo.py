@@ -32,7 +32,7 @@ from lmforge.errors import ConfigError
 from lmforge.loop import before_after, supervised_task, training_loop
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.model import GPT, num_params
-from lmforge.prefs import dpo_loss, sequence_logprobs
+from lmforge.prefs import dpo_loss, model_token_logprobs, sequence_logprobs
 from lmforge.report import HELDOUT, chat_heldout
 from lmforge.runtime import global_means, run_entry, set_seed
 from lmforge.stage import StageConfig, launch, load_start, planned, start_run
@@ -74,10 +74,16 @@ def _pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def logprobs(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """Summed fp32 answer log-probs (2B,): chosen rows first, then rejected. Right padding is
-    invisible to earlier tokens under causal attention, so no mask is needed."""
+    invisible to earlier tokens under causal attention, so no mask is needed. Computed from the
+    hidden states and the output weight in chunks of rows (lmforge.prefs) where the model
+    allows it, else from the whole logits."""
     ids, labels = _pairs(batch)
-    logits = model(input_ids=ids.to(device))  # (2B, T, V)
-    return sequence_logprobs(logits, labels.to(device))
+    ids, labels = ids.to(device), labels.to(device)
+    lean = model_token_logprobs(model, ids, labels)
+    if lean is not None:
+        return lean[0].sum(-1)
+    logits = model(input_ids=ids)  # (2B, T, V)
+    return sequence_logprobs(logits, labels)
 
 
 @torch.no_grad()

@@ -412,9 +412,12 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only, or the mean loss
-        when labels (B, T) are given.
+        when labels (B, T) are given, or with return_hidden the final hidden states (B, T, D)
+        after the last norm (what the output layer reads; through an engine's forward, so that
+        callers computing log-probs in chunks never hold the logits).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (with a cache: the new tokens'
         flags; the cache keeps the earlier ones). position_ids (B, T) default to cache length +
@@ -429,6 +432,8 @@ class GPT(nn.Module):
             attention_mask=attention_mask,
             cache=cache,
         )
+        if return_hidden:
+            return h
         if labels is not None:
             loss_sum, count = self.output(h, labels, self.loss_cfg)
             return loss_sum / count.clamp(min=1)
