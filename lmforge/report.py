@@ -153,6 +153,7 @@ class Row:
     heldout: tuple[str, int | None, str]  # (words, count, unit)
     set_id: str = ""  # the held-out set's letter in the report
     comparable: bool = True  # False: another row of its quantity ran on another set
+    best: str = ""  # the run's best step by train.keep_best ('step 300 (eval/loss 1.021)')
 
 
 def report_rows(runs: Sequence[str | Path]) -> list[Row]:
@@ -171,8 +172,20 @@ def report_rows(runs: Sequence[str | Path]) -> list[Row]:
             old = metrics.get(m.before) if m.before else None
             new = metrics.get(m.after)
             rows.append(Row(stage, m.label, old, new, str(ckpt), quantity, heldout))
+            rows[-1].best = best_step(meta)
     _letter_sets(rows)
     return rows
+
+
+def best_step(meta: Mapping[str, Any]) -> str:
+    """'step 300 (eval/loss 1.021)': the best evaluation a checkpoint's run had reached by
+    train.keep_best (the `best` pointer names that step), or '' without keep_best."""
+    best = meta.get("best")
+    if not isinstance(best, Mapping) or not best.get("step"):
+        return ""
+    value = best.get("value")
+    shown = f" ({best.get('metric')} {value:.3f})" if isinstance(value, (int, float)) else ""
+    return f"step {best['step']}{shown}"
 
 
 def _same_set(a: tuple[str, int | None, str], b: tuple[str, int | None, str]) -> bool:
@@ -203,7 +216,7 @@ def _number(value: Any) -> str:
 
 def format_report(rows: list[Row]) -> str:
     """The table, the held-out sets by letter, and a line per quantity that is not comparable."""
-    header = ("stage", "measure", "before", "after", "held-out", "checkpoint")
+    header: tuple[str, ...] = ("stage", "measure", "before", "after", "held-out", "checkpoint")
     cells = [
         (
             r.stage,
@@ -215,6 +228,9 @@ def format_report(rows: list[Row]) -> str:
         )
         for r in rows
     ]
+    if any(r.best for r in rows):  # a run kept its best checkpoint (train.keep_best)
+        header += ("best",)
+        cells = [(*c, r.best) for c, r in zip(cells, rows, strict=True)]
     widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()

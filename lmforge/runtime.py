@@ -115,7 +115,7 @@ class TrainConfig:
         if self.epochs > 0 and self.steps != default:
             raise ConfigError(
                 f"{prefix}.epochs and {prefix}.steps: both set ({self.epochs:g} epochs, "
-                f"{self.steps} steps); set one of them (epochs counts the steps from the data)"
+                f"{self.steps} steps); set one of them (--{prefix}.epochs=0 to train by steps)"
             )
 
     def _validate_best(self, prefix: str) -> None:
