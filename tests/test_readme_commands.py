@@ -71,7 +71,8 @@ PRETRAIN_SHORT = [
 CHAT_SHORT = ["--data.num_train=48", "--data.num_heldout=4", "--train.eval_every=0"]
 SHORT = {
     "pretrain/train.py": PRETRAIN_SHORT,
-    "finetune/sft.py": [*CHAT_SHORT, "--train.steps=2", "--train.save_every=2"],
+    # The demo's SFT counts epochs; a short run counts steps instead (both set is refused).
+    "finetune/sft.py": [*CHAT_SHORT, "--train.epochs=0", "--train.steps=2", "--train.save_every=2"],
     "finetune/reward.py": [*CHAT_SHORT, "--train.steps=2", "--train.save_every=2"],
     "finetune/dpo.py": [*CHAT_SHORT, "--train.steps=2", "--train.save_every=2"],
     "finetune/grpo.py": [*CHAT_SHORT, "--train.steps=1", "--max_new_tokens=4"],
