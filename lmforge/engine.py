@@ -219,12 +219,22 @@ def init_distributed(info: DistInfo, backend: str = "") -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    import contextlib
-    import io
+    if not torch.cuda.is_available():
+        _skip_shm_op()
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
-    # DeepSpeed's CPU backend prints a notice that its shared-memory op was built, on every rank.
-    with contextlib.redirect_stdout(io.StringIO()):
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+def _skip_shm_op() -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce op.
+
+    On CPU, DeepSpeed JIT-compiles a C++ op (a compiler, 30 s to minutes) at every process
+    group start whose build flags do not match the cached one, and only its inference
+    all-reduce uses it; training collectives go through gloo either way. Marking the op
+    incompatible (its own switch, probed once per process) makes the backend skip it.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def quiet_deepspeed() -> None:

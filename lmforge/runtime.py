@@ -5,6 +5,7 @@ lmforge.stage starts it, lmforge.loop trains it, lmforge.checkpointer saves and 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import random
@@ -138,6 +139,23 @@ class TrainConfig:
         if self.keep_best_mode != "auto":
             return self.keep_best_mode == "min"
         return self.keep_best.endswith(("loss", "ppl"))
+
+    def describe_length(self) -> str:
+        """One line: how long the run trains and what it keeps (the dry run shows it)."""
+        per = f"{self.global_batch_size} samples per step"
+        if self.epochs > 0:
+            line = (
+                f"length: train.epochs={self.epochs:g}, steps = ceil({self.epochs:g} × training "
+                f"samples / {self.global_batch_size}), counted when the run reads its data"
+            )
+        else:
+            line = f"length: train.steps={self.steps} ({per})"
+        if self.keep_best:
+            better = "lower" if self.best_is_lower() else "higher"
+            line += f"; best checkpoint by {self.keep_best} ({better} is better) in run_dir/best"
+        if self.early_stop:
+            line += f"; early stop after {self.early_stop} evaluations without a new best"
+        return line
 
     def planned_steps(self, num_samples: int) -> int:
         """The steps the run trains: `steps`, or with epochs > 0 as many global batches as
@@ -286,6 +304,11 @@ def run_entry(
         "batch plan) and print the resolved config and memory estimate; train nothing",
     )
     known, overrides = parser.parse_known_args(args)
+    own_process = argv is None  # a stage script's own process, not a call from other code
+    if own_process:
+        # Hundreds of thousands of objects come with torch, DeepSpeed and transformers and live
+        # as long as the process: keep the cyclic collector from walking them again and again.
+        gc.freeze()
     if not torch.cuda.is_available():  # say it before DeepSpeed guesses (and warns about it)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     quiet_libraries()
@@ -308,4 +331,8 @@ def run_entry(
         from lmforge.runlock import release_all
 
         release_all()
+        if own_process:
+            # Interpreter exit runs one full collection over everything still alive (seconds
+            # with a model and its data loaded); the process ends right after, so skip it.
+            gc.freeze()
     return 0
