@@ -24,9 +24,8 @@ from lmforge.batching import eval_chunks
 from lmforge.checkpoint import load_checkpoint
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
-from lmforge.data import GlobalSampler
 from lmforge.data.chat import ChatDataConfig, chat_tokenizer, load_preference_data
-from lmforge.data.chat_datasets import PreferenceDataset
+from lmforge.data.chat_datasets import PreferenceDataset, pair_order
 from lmforge.engine import build_engine
 from lmforge.errors import ConfigError
 from lmforge.loop import before_after, supervised_task, training_loop
@@ -54,6 +53,11 @@ class DPOConfig(StageConfig):
     reference: Literal["model", "precomputed"] = option(
         "model", "model = frozen copy in memory; precomputed = its log-probs computed up front."
     )
+    length_buckets: int = option(
+        0,
+        "Group pairs of like length into batches, within windows of this many global batches "
+        "(0 = off): less padding, other batch mixes.",
+    )
 
     def validate(self, prefix: str = "") -> None:
         """Checks that span sections."""
@@ -64,6 +68,8 @@ class DPOConfig(StageConfig):
             raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if self.kind != "cdpo" and self.label_smoothing:
             raise ConfigError("label_smoothing: only kind cdpo uses it; set kind: cdpo or 0")
+        if self.length_buckets < 0:
+            raise ConfigError(f"length_buckets: must be 0 (off) or more, got {self.length_buckets}")
 
 
 def _pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +185,8 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         f"{train_data.summary()}; {engine.describe()}, {info.world} process(es)"
     )
     run.tracker.message(plan.describe())
-    sampler = GlobalSampler(len(train_data), cfg.data.seed)
+    # Batches are padded to their longest pair (PreferenceDataset.get_batch), in this order.
+    sampler = pair_order(train_data, cfg.data.seed, cfg.train.global_batch_size, cfg.length_buckets)
 
     def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
         idx = sampler.indices(start, count)
@@ -204,7 +211,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         planned(cfg.train, plan),
         info,
         num_samples=len(train_data),
-        tokens_per_sample=2 * cfg.data.seq_len,  # a chosen and a rejected row
+        tokens_per_sample=round(train_data.num_tokens / len(train_data)),  # real, both sides
         summary=summary,
     )
     return training_loop(run, task)

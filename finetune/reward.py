@@ -25,9 +25,8 @@ from lmforge.batching import eval_chunks
 from lmforge.checkpoint import load_reward_model
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
-from lmforge.data import GlobalSampler
 from lmforge.data.chat import ChatDataConfig, chat_tokenizer, load_preference_data
-from lmforge.data.chat_datasets import PreferenceDataset
+from lmforge.data.chat_datasets import PreferenceDataset, pair_order
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
@@ -55,12 +54,25 @@ class RewardConfig(StageConfig):
         "runs/sft", "The checkpoint whose backbone the reward model starts from."
     )
     data: ChatDataConfig = option(default_factory=ChatDataConfig, doc="Preference pairs.")
+    length_buckets: int = option(
+        0,
+        "Group pairs of like length into batches, within windows of this many global batches "
+        "(0 = off): less padding, other batch mixes.",
+    )
+
+    def validate(self, prefix: str = "") -> None:
+        """Checks that span sections."""
+        super().validate(prefix)
+        if self.length_buckets < 0:
+            raise ConfigError(f"length_buckets: must be 0 (off) or more, got {self.length_buckets}")
 
 
 def pair_scores(
     engine: Engine, batch: dict[str, torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores (B,) of the chosen and rejected chats, in one forward pass of 2B rows."""
+    """Scores (B,) of the chosen and rejected chats, in one forward pass of 2B rows. Both sides
+    share the batch's width T (its longest chat), and each row's score is read at its own
+    last_index, which lies inside T, so the width does not change a score."""
     b = batch["chosen_ids"].shape[0]
     inputs = {
         "input_ids": torch.cat([batch["chosen_ids"], batch["rejected_ids"]]),  # (2B, T)
@@ -129,7 +141,8 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
         f"{engine.describe()}, {info.world} process(es)"
     )
     run.tracker.message(plan.describe())
-    sampler = GlobalSampler(len(train_data), cfg.data.seed)
+    # Batches are padded to their longest pair (PreferenceDataset.get_batch), in this order.
+    sampler = pair_order(train_data, cfg.data.seed, cfg.train.global_batch_size, cfg.length_buckets)
 
     def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = train_data.get_batch(sampler.indices(start, count))
@@ -143,7 +156,7 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
         planned(cfg.train, plan),
         info,
         num_samples=len(train_data),
-        tokens_per_sample=2 * cfg.data.seq_len,  # a chosen and a rejected row
+        tokens_per_sample=round(train_data.num_tokens / len(train_data)),  # real, both sides
         summary=lambda last: before_after(last, "accuracy", "held-out pair accuracy"),
     )
     return training_loop(run, task)

@@ -268,8 +268,10 @@ def test_preference_rows(tok) -> None:
         for side in ("chosen", "rejected"):
             ids, labels = row[f"{side}_ids"], row[f"{side}_labels"]
             mask, last = row[f"{side}_mask"], int(row[f"{side}_last"])
+            width = int(ds.lengths[i])  # a pair alone is as wide as its longer chat
             assert (
-                ids.shape == labels.shape == mask.shape == (64,) and row[f"{side}_last"].ndim == 0
+                ids.shape == labels.shape == mask.shape == (width,)
+                and row[f"{side}_last"].ndim == 0
             )
             assert labelled_text(tok, labels) == record[side] + END
             # The row ends where apply_chat_template ends: with the newline after <|end|>, which
@@ -277,8 +279,10 @@ def test_preference_rows(tok) -> None:
             assert ids[last - 1] == end_id and tok.decode([int(ids[last])]) == "\n"
             assert mask.sum() == last + 1
             assert (ids[last + 1 :] == tok.pad_token_id).all() and (labels[last:] == IGNORE).all()
-    batch = ds.get_batch([0, 30])
-    assert batch["chosen_ids"].shape == (2, 64) and batch["chosen_last"].shape == (2,)
+    batch = ds.get_batch([0, 30])  # padded to the longest chat of the two pairs
+    assert batch["chosen_ids"].shape == (2, max(ds.lengths[[0, 30]])) == batch["rejected_ids"].shape
+    assert batch["chosen_last"].shape == (2,)
+    assert ds.get_batch([0, 30], pad_to=64)["chosen_ids"].shape == (2, 64)
 
 
 def test_prompt_dataset(tok) -> None:
