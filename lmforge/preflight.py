@@ -257,13 +257,18 @@ def resume_of(cfg: Any, found: Findings) -> Resume:
     if point is None:
         return Resume(None)
     step = int(point.meta.get("step", 0))
-    if step >= cfg.train.steps:
+    # A run by epochs records the steps it planned; one that stopped early is finished too.
+    planned = point.meta.get("planned_steps")
+    steps = planned if isinstance(planned, int) and planned > 0 else cfg.train.steps
+    best = point.meta.get("best")
+    if step >= steps or (isinstance(best, dict) and best.get("stopped")):
         found.checked.append(
-            f"resume: {point.path} is at step {step} (train.steps={cfg.train.steps}); the run "
-            "is finished and would only report it, so nothing else is read"
+            f"resume: {point.path} is at step {step} (train.steps={steps}"
+            f"{', stopped early' if step < steps else ''}); the run is finished and would only "
+            "report it, so nothing else is read"
         )
         return Resume(point, finished=True)
-    found.checked.append(f"resume: from {point.path} at step {step} of {cfg.train.steps}")
+    found.checked.append(f"resume: from {point.path} at step {step} of {steps}")
     saved = point.meta.get("config")
     if isinstance(saved, dict):
         from lmforge.resume import config_changes
@@ -555,6 +560,7 @@ def batch_plan(cfg: Any, stage: str, world: int, found: Findings) -> None:
     plan = found.attempt("train.global_batch_size", lambda: cfg.batch_plan(world))
     if plan is not None:
         found.plan = plan.describe()
+    found.checked.append(cfg.train.describe_length())
 
 
 # --------------------------------------------------------------------------------- memory
