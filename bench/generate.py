@@ -10,6 +10,11 @@ decode a few left-padded prompts greedily in fp32, and the share of equal tokens
     python bench/generate.py [--model tiny] [--batch 8] [--prompt-len 32] [--new-tokens 64]
 
 Defaults: batch 64, prompt 64, 256 new tokens on a GPU; batch 8, prompt 32, 64 on CPU.
+
+`--draft` runs the speculative decoding benchmark instead (bench/spec.py): a model pair built
+once on the embedded corpus, greedy decoding plain and drafted (a draft model, n-gram lookup)
+against transformers' plain and assisted generation, and GRPO's step time with and without a
+drafter; results under "speculative" in bench/results/DEVICE-spec-pair.json.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from typing import Any
 
 import common
+import spec
 import torch
 from train import add_common_args
 
@@ -30,7 +36,9 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="prompts per batch (64 / 8)")
     parser.add_argument("--prompt-len", type=int, default=None, help="tokens per prompt (64 / 32)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated (256 / 64)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed runs per side (5; 3 with --draft)"
+    )
     parser.add_argument("--greedy-prompts", type=int, default=4, help="prompts of the greedy check")
     parser.add_argument("--greedy-tokens", type=int, default=32, help="tokens per greedy prompt")
 
@@ -123,6 +131,7 @@ def run(args: argparse.Namespace, *, show: bool = True) -> dict[str, Any]:
     prompt = args.prompt_len or (64 if gpu else 32)
     new = args.new_tokens or (256 if gpu else 64)
     args.prompt_len = prompt
+    args.repeats = args.repeats or 5
     if prompt + new > cfg.max_seq_len:
         raise SystemExit(f"prompt {prompt} + {new} new tokens exceed max_seq_len {cfg.max_seq_len}")
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -206,13 +215,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     add_generate_args(parser)
+    spec.add_spec_args(parser)
     args = parser.parse_args()
+    if args.draft:
+        _speculative(args)
+        return
     record = run(args)
     device = common.bench_device()
     path = args.out or common.results_path(device, record["shape"]["preset"])
     common.write_section(common.Path(path), "generate", record)
     print(f"results: {common.shown(common.Path(path))}")
     sys.exit(0 if record["greedy_check"]["passed"] else 1)
+
+
+def _speculative(args: argparse.Namespace) -> None:
+    """The --draft benchmark: run it, store its record under "speculative", exit by its checks."""
+    args.repeats = args.repeats or 3  # five sides over every prompt per pass
+    record = spec.run(args)
+    path = args.out or common.results_path(common.bench_device(), "spec-pair")
+    common.write_section(common.Path(path), "speculative", record)
+    print(f"results: {common.shown(common.Path(path))}")
+    sys.exit(0 if record["checks"]["passed"] else 1)
 
 
 if __name__ == "__main__":
