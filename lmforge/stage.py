@@ -208,13 +208,7 @@ def exact_match(
     """Greedy answers to every held-out prompt scored by exact match, overall and per task.
     Every rank runs every prompt (ZeRO-3 gathers parameters in lockstep). With samples_file,
     each (prompt, completion, answer) is appended to it as a JSON line tagged with the step."""
-    completions: list[str] = []
-    cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=0)
-    stops, pad = stop_ids(tokenizer), pad_token_id(tokenizer)  # found once, used by every batch
-    for start in range(0, len(prompts), 64):
-        batch = prompts.prompt_ids[start : start + 64]
-        out = generate(module, batch, cfg, eos_ids=stops, pad_id=pad)
-        completions += out.texts(tokenizer)
+    completions = greedy_completions(module, prompts, tokenizer, max_new_tokens)
     if samples_file is not None:
         samples_file.parent.mkdir(parents=True, exist_ok=True)
         with open(samples_file, "a") as f:
@@ -224,6 +218,21 @@ def exact_match(
                 record = {"step": step, "prompt": prompt[-1]["content"], "answer": answer}
                 f.write(json.dumps({**record, "completion": completion}) + "\n")
     return prompts.exact_match(completions)
+
+
+@torch.no_grad()
+def greedy_completions(
+    module: torch.nn.Module, prompts: PromptDataset, tokenizer: Any, max_new_tokens: int
+) -> list[str]:
+    """The greedy answer text to every prompt, in batches of 64."""
+    completions: list[str] = []
+    cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=0)
+    stops, pad = stop_ids(tokenizer), pad_token_id(tokenizer)  # found once, used by every batch
+    for start in range(0, len(prompts), 64):
+        batch = prompts.prompt_ids[start : start + 64]
+        out = generate(module, batch, cfg, eos_ids=stops, pad_id=pad)
+        completions += out.texts(tokenizer)
+    return completions
 
 
 def accuracy_metrics(scores: dict[str, float]) -> dict[str, float]:
