@@ -38,10 +38,14 @@ from lmforge.loss import IGNORE_INDEX
 from lmforge.report import HELDOUT, chat_heldout
 from lmforge.rl import group_advantages, grpo_loss, masked_mean
 from lmforge.rollout import (
+    RolloutConfig,
+    RolloutDraft,
     build_sequences,
     chunk_rows,
     eval_line,
     evaluate_policy,
+    load_rollout_draft,
+    rollout_metrics,
     sample_completions,
     token_logprobs,
 )
@@ -72,6 +76,10 @@ class GRPOConfig(StageConfig):
     temperature: float = option(1.0, "Sampling temperature of the rollouts (and of the log-probs).")
     max_new_tokens: int = option(16, "Most tokens per completion.")
     scale_advantages: bool = option(True, "Divide by the group's std (False: Dr. GRPO, mean only).")
+    rollout: RolloutConfig = option(
+        default_factory=RolloutConfig,
+        doc="Speculative sampling of the rollouts: rollout.draft, rollout.draft_tokens.",
+    )
 
     def validate(self, prefix: str = "") -> None:
         """Checks that span sections."""
@@ -98,6 +106,7 @@ class Policy:
     tok: Any
     prompts: PromptDataset
     reward_fn: CombinedRewardFn
+    draft: RolloutDraft | None = None  # rollout.draft: speculative sampling of the rollouts
 
 
 def has_dropout(model: torch.nn.Module) -> bool:
@@ -143,7 +152,7 @@ def grpo_step(
         batch = [prompts.prompt_ids[i] for i in rows]
         out = sample_completions(
             engine, batch, tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            seed=cfg.train.seed, step=ctx.step - 1,
+            seed=cfg.train.seed, step=ctx.step - 1, draft=policy.draft,
             rows=list(range(first * cfg.group_size, (first + per_rank) * cfg.group_size)),
         )  # fmt: skip
         t_sample = time.perf_counter() - t0  # generation alone: what a faster sampler would save
@@ -195,6 +204,7 @@ def grpo_step(
             "time/generation_share": t_sample / max(t_step, 1e-9),
             "sample_entropy": float(-masked_mean(torch.cat(old).cpu(), mask)),
             "tokens": float(mask.sum()),
+            **rollout_metrics(out),
         }
 
     return step_fn
@@ -220,6 +230,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     if cfg.beta > 0:
         reference, _, _ = load_checkpoint(cfg.init_from, with_tokenizer=False, device=device)
         reference.requires_grad_(False)
+    draft = load_rollout_draft(cfg.rollout, tok, model.cfg, device)
     model.train()
     train_records, heldout_records = chat_records(cfg.data, "sft")
     heldout = PromptDataset(heldout_records, tok, cfg.data.seq_len)
@@ -233,7 +244,12 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         info=info,
     )
     policy = Policy(
-        engine, reference, tok, PromptDataset(train_records, tok, cfg.data.seq_len), reward_fn
+        engine,
+        reference,
+        tok,
+        PromptDataset(train_records, tok, cfg.data.seq_len),
+        reward_fn,
+        draft,
     )
     checkpointer = Checkpointer(place.run_dir, info, cfg, "grpo", tok)
     checkpointer.record[HELDOUT] = chat_heldout(cfg.data, len(heldout), "prompts")
@@ -248,6 +264,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         f"grpo: from {place.resume_from or cfg.init_from}; {len(policy.prompts)} prompts, "
         f"{groups} per step × G={cfg.group_size}; rewards {[r.name for r in cfg.rewards]}; "
         f"β={cfg.beta}; {engine.describe()}, {info.world} process(es)"
+        + (f"; rollouts drafted by {cfg.rollout.draft} ({draft.describe()})" if draft else "")
     )
     run.tracker.message(plan.describe())
     task = Task(

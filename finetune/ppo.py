@@ -51,13 +51,17 @@ from lmforge.rl import (
     ppo_value_loss,
 )
 from lmforge.rollout import (
+    RolloutConfig,
+    RolloutDraft,
     ScoreFn,
     build_sequences,
     chunk_rows,
     eval_line,
     evaluate_policy,
     gather_all,
+    load_rollout_draft,
     logprobs_and_entropy,
+    rollout_metrics,
     sample_completions,
     scoring_rows,
     token_logprobs,
@@ -104,6 +108,10 @@ class PPOConfig(StageConfig):
     whiten_advantages: bool = option(True, "Whiten advantages over each rollout micro-batch.")
     normalise_rewards: bool = option(True, "Normalise scores by running mean and std.")
     reward_clip: float = option(10.0, "Clip (normalised) scores to ±this; 0 = no clipping.")
+    rollout: RolloutConfig = option(
+        default_factory=RolloutConfig,
+        doc="Speculative sampling of the rollouts: rollout.draft, rollout.draft_tokens.",
+    )
 
     def validate(self, prefix: str = "") -> None:
         """Checks that span sections."""
@@ -130,6 +138,7 @@ class Models:
     reference: torch.nn.Module
     score: ScoreFn
     tok: Any
+    draft: RolloutDraft | None = None  # rollout.draft: speculative sampling of the rollouts
 
 
 def build_score(cfg: PPOConfig, tok: Any, device: torch.device) -> ScoreFn:
@@ -185,7 +194,7 @@ def make_rollout(
     t0 = time.perf_counter()
     out = sample_completions(
         m.actor, batch, m.tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        seed=cfg.train.seed, step=ctx.step - 1, rows=kw["rows"],
+        seed=cfg.train.seed, step=ctx.step - 1, rows=kw["rows"], draft=m.draft,
     )  # fmt: skip
     t_sample = time.perf_counter() - t0  # generation alone: what a faster sampler would save
     seqs = build_sequences(batch, out.tokens.cpu(), out.lengths.cpu(), m.tok.pad_token_id)
@@ -224,6 +233,7 @@ def make_rollout(
         "response_length": float(out.lengths.float().mean()),
         "tokens": float(mask.sum()),
         "time/generation_seconds": t_sample,
+        **rollout_metrics(out),
     }
     return Rollout(chunks, old, old_values, parts, report)
 
@@ -316,6 +326,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     plan = cfg.batch_plan(info.world)
     set_seed(cfg.train.seed, info.rank)
     actor, tok, critic, reference = load_models(cfg, place)
+    draft = load_rollout_draft(cfg.rollout, tok, actor.cfg, place.device)
     score = build_score(cfg, tok, place.device)
     train_records, heldout_records = chat_records(cfg.data, "sft")
     prompts = PromptDataset(train_records, tok, cfg.data.seq_len)
@@ -341,13 +352,14 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     checkpointer.add_state("kl_controller", kl_ctl)
     checkpointer.add_state("reward_moments", moments)
     run = start_run(cfg, place, checkpointer)
-    models = Models(actor_engine, critic_engine, reference, score, tok)
+    models = Models(actor_engine, critic_engine, reference, score, tok, draft)
     run.tracker.message(
         f"ppo: from {place.resume_from or cfg.init_from}; {len(prompts)} prompts, "
         f"{cfg.train.global_batch_size} per step; reward "
         f"{cfg.reward_model or [r.name for r in cfg.rewards]}; critic from {critic_start}; "
         f"β={kl_ctl.value:.4g}{' (adaptive)' if cfg.adaptive_kl else ''}; "
         f"{actor_engine.describe()}, {info.world} process(es)"
+        + (f"; rollouts drafted by {cfg.rollout.draft} ({draft.describe()})" if draft else "")
     )
     run.tracker.message(plan.describe())
     task = Task(

@@ -5,20 +5,28 @@ reward and KL of sampled answers to the held-out prompts)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from lmforge.checkpoint import load_checkpoint
+from lmforge.config import option
 from lmforge.data.chat_datasets import PromptDataset
 from lmforge.data.templates import end_of_turn, pad_token_id
 from lmforge.engine import Engine
+from lmforge.errors import ConfigError
 from lmforge.generate import GenerateConfig, Generation, generate
 from lmforge.loss import IGNORE_INDEX
+from lmforge.model import GPT, ModelConfig, num_params
 from lmforge.prefs import model_token_logprobs
 from lmforge.rl import entropy_from_logits, masked_mean
 from lmforge.stage import accuracy_metrics, exact_match, stop_ids
+
+if TYPE_CHECKING:
+    from lmforge.speculative import Drafter
 
 # score(prompts, answers, tasks, generation, sequences, **record fields) -> raw rewards (n,)
 ScoreFn = Callable[..., torch.Tensor]
@@ -110,6 +118,102 @@ def gather_all(x: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat(parts).cpu()
 
 
+NGRAM = "ngram"
+
+
+@dataclass
+class RolloutConfig:
+    """Speculative sampling of an RL stage's rollouts: a drafter proposes tokens and the policy
+    checks them all in one forward pass. The rollouts are the tokens plain sampling gives (each
+    row keeps its own seeded stream), so a drafter changes the speed of a step, never its result."""
+
+    draft: str = option(
+        "",
+        "Drafter of the rollouts: a checkpoint or run directory (a smaller model with the "
+        "policy's tokenizer; frozen), 'ngram' (prompt lookup), or empty = plain sampling.",
+    )
+    draft_tokens: int = option(4, "Tokens the drafter proposes per round; 0 = adaptive (1-12).")
+
+    def validate(self, prefix: str = "rollout") -> None:
+        """Reject a negative draft_tokens, naming the key."""
+        if self.draft_tokens < 0:
+            raise ConfigError(f"{prefix}.draft_tokens: must be >= 0, got {self.draft_tokens}")
+
+
+@dataclass
+class RolloutDraft:
+    """The drafter of a stage's rollouts: a frozen draft model (whole on every rank, in eval
+    mode, outside every engine) or, with `model` None, the n-gram matcher; k proposals a round."""
+
+    k: int
+    model: GPT | None = None
+
+    def drafter(self, dtype: torch.dtype) -> Drafter:
+        """A drafter for one rollout; the draft model first takes the policy's dtype (`dtype`,
+        the replica's: bf16 under a bf16 engine), once."""
+        from lmforge.speculative import model_drafter, ngram_drafter
+
+        if self.model is None:
+            return ngram_drafter(self.k)
+        if next(self.model.parameters()).dtype != dtype:
+            self.model.to(dtype)
+        return model_drafter(self.model, self.k)
+
+    def describe(self) -> str:
+        """'n-gram drafter, k=4' or 'draft model 0.18M parameters, k=4' for the start-up line."""
+        what = "n-gram drafter"
+        if self.model is not None:
+            what = f"draft model {num_params(self.model.cfg) / 1e6:.2f}M parameters"
+        return f"{what}, k={self.k or 'adaptive'}"
+
+
+def _vocab(tok: Any) -> dict[str, int]:
+    return dict(tok.get_vocab())
+
+
+def load_rollout_draft(
+    cfg: RolloutConfig, tok: Any, policy: ModelConfig, device: torch.device
+) -> RolloutDraft | None:
+    """The drafter that rollout.draft names: None when empty, the n-gram matcher for 'ngram',
+    else the checkpoint's model, frozen, on `device`. A draft model must share the policy's
+    tokenizer (the same token ids) and vocabulary size: ConfigError otherwise, one line."""
+    if not cfg.draft:
+        return None
+    if cfg.draft == NGRAM:
+        return RolloutDraft(cfg.draft_tokens)
+    model, draft_tok, _ = load_checkpoint(cfg.draft, device=device)
+    if draft_tok is None:
+        raise ConfigError(
+            f"rollout.draft: {cfg.draft} has no tokenizer files, so it cannot be checked against "
+            "the policy's tokenizer; save the draft model with the policy's tokenizer"
+        )
+    ours, theirs = _vocab(tok), _vocab(draft_tok)
+    if ours != theirs or model.cfg.vocab_size != policy.vocab_size:
+        differ = sum(1 for t, i in theirs.items() if ours.get(t) != i) + len(ours.keys() - theirs)
+        raise ConfigError(
+            f"rollout.draft: {cfg.draft} has another tokenizer than the policy ({len(theirs)} "
+            f"tokens, {differ} differing from the policy's {len(ours)}; model vocabulary "
+            f"{model.cfg.vocab_size} vs {policy.vocab_size}); a draft model needs the policy's "
+            "tokenizer: pick one trained with it, or rollout.draft=ngram"
+        )
+    model.requires_grad_(False)  # never trained: it only proposes tokens
+    return RolloutDraft(cfg.draft_tokens, model.eval())
+
+
+def rollout_metrics(out: Generation) -> dict[str, float]:
+    """A rollout's speculative decoding figures for the step metrics (empty without a drafter):
+    the share of proposed tokens the policy accepted, and the tokens each row got per policy
+    forward pass (plain decoding: 1)."""
+    stats = out.stats
+    if not stats.proposed:
+        return {}
+    per_row = float(out.lengths.float().mean())
+    return {
+        "rollout/acceptance": stats.acceptance,
+        "rollout/tokens_per_forward": per_row / max(stats.forwards, 1),
+    }
+
+
 def sample_completions(
     engine: Engine,
     prompts: list[list[int]],
@@ -120,20 +224,26 @@ def sample_completions(
     seed: int,
     step: int,
     rows: list[int],
+    draft: RolloutDraft | None = None,
 ) -> Generation:
     """Sampled completions of `prompts` from the policy in eval mode. Row i samples from its
     own stream, seeded by (seed, step, rows[i]) where rows[i] is its global position in the
-    step's batch, so a rollout is the same on any number of processes and after a resume."""
+    step's batch, so a rollout is the same on any number of processes and after a resume. With
+    `draft`, speculative sampling: the same tokens, in fewer policy forwards (see
+    lmforge.speculative); `rollout_metrics(out)` gives its acceptance."""
     engine.train(False)
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     base = (seed * 1_000_003 + step) * 1_000_033
+    model = engine.inference_model()  # under ZeRO-3: gathered once for the whole rollout
+    drafter = draft.drafter(next(model.parameters()).dtype) if draft is not None else None
     return generate(
-        engine.inference_model(),
+        model,
         prompts,
         cfg,
         eos_ids=stop_ids(tok),
         pad_id=tok.pad_token_id,
         row_seeds=[base + row for row in rows],
+        draft=drafter,
     )
 
 
