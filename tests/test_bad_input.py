@@ -220,6 +220,26 @@ PRETRAIN_CASES = [
         None,
         "'zero_optimization.offload_param' must be an object",
     ),
+    (
+        "mixture weight",
+        ["--data.sources=[{source: builtin, weight: 0}]"],
+        None,
+        "sources[0].weight",
+    ),
+    (
+        "mixture unknown key",
+        ["--data.sources=[{source: builtin, wieght: 2}]"],
+        None,
+        "did you mean 'data.sources[0].weight'",
+    ),
+    ("mixture no source", ["--data.sources=[{weight: 2}]"], None, "data.sources[0].source"),
+    ("source and sources", ["--data.sources=[builtin]"], "valid", "data.source and data.sources"),
+    (
+        "mixture missing file",
+        ["--data.sources=[/nonexistent/corpus.jsonl, builtin]"],
+        None,
+        "data.sources[0].source '/nonexistent/corpus.jsonl': no such file",
+    ),
 ]
 
 
@@ -339,6 +359,18 @@ SFT_CASES = [
     ("content an object", [], "chat content object", "the content of message 0 is an object"),
     ("unpaired surrogate", [], "chat surrogate", "unpaired surrogate"),
     ("deeply nested json", [], "deep json", "line 2: JSON nested more than"),
+    (
+        "mixture weight",
+        ["--data.sources=[{source: builtin, weight: -1}]"],
+        None,
+        "sources[0].weight",
+    ),
+    (
+        "mixture missing file",
+        ["--data.sources=[builtin, /nonexistent/chats.jsonl]"],
+        None,
+        "data.sources[1].source '/nonexistent/chats.jsonl': no such file",
+    ),
 ]
 
 
