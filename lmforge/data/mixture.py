@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -31,14 +30,12 @@ from transformers import PreTrainedTokenizerFast
 from lmforge.data.atomic import new_workspace, publish, wait_for
 from lmforge.data.builtin import builtin_documents, text_fingerprint
 from lmforge.data.config import DataConfig
-from lmforge.data.corpus import iter_texts, load_corpus, split_corpus
+from lmforge.data.corpus import hashes_of, held_out, open_corpus
 from lmforge.data.packing import Batch, PackedDataset
-from lmforge.data.prepare import PreparedData, prepare_data
+from lmforge.data.prepare import PreparedData, prepare_data, say
 from lmforge.data.sources import resolve_source
 from lmforge.errors import DataError
 from lmforge.tokenizer import TokenizerConfig, build_tokenizer, save_tokenizer
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,19 +66,20 @@ def _renamed(err: DataError, index: int) -> DataError:
 
 
 def _source_texts(cfg: DataConfig, root: Path, budget: int) -> Iterator[str]:
-    """Texts of one source's train split, at most `budget` characters (the last one whole)."""
+    """Texts of one source's train split (held-out documents left out by the shards' own hash
+    rule), at most `budget` characters (the last one whole), read as they come."""
     builtin = builtin_documents(root) if cfg.source.strip() == "builtin" else ()
     source = resolve_source(cfg, text_fingerprint(builtin) if builtin else "")
     work = new_workspace(root)
     try:
-        train, _ = split_corpus(load_corpus(source, cfg, work / "hf", builtin), cfg, source.name)
         used = 0
-        for text in iter_texts(train):
-            if used >= budget:
-                break
-            used += len(text)
-            yield text
-        del train  # close datasets' arrow files before their directory goes
+        for batch in open_corpus(source, cfg, work / "hf", builtin):
+            held = held_out(hashes_of(batch), cfg.validation_fraction)  # (D,) bool
+            for text in (t for t, out in zip(batch, held, strict=True) if not out):
+                if used >= budget:
+                    return
+                used += len(text)
+                yield text
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -118,6 +116,8 @@ def mixture_tokenizer(
     root = Path(cfg.cache_dir).expanduser().resolve()
     final = root / "tokenizers" / f"mix-{_mixture_key(cfg, tok_cfg, root)}"
     if (final / "tokenizer.json").is_file():
+        if is_main:
+            say(f"reusing the mixture's cached tokenizer {final}")
         return final
     if not is_main:
         wait_for(final / "tokenizer.json", deadline, "the mixture's tokenizer")
@@ -132,7 +132,10 @@ def mixture_tokenizer(
             except DataError as err:
                 raise _renamed(err, i) from None
 
-    log.info("training a %d-token tokenizer over the mixture", tok_cfg.vocab_size)
+    say(
+        f"training a {tok_cfg.vocab_size}-token tokenizer over the mixture of "
+        f"{len(cfg.sources)} sources, each giving text in proportion to its weight"
+    )
     tokenizer = build_tokenizer(tok_cfg, texts)
     work = new_workspace(root)
     try:
