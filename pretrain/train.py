@@ -267,7 +267,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         f"{engine.describe()}, device {device}"
     )
     if cfg.data.sources:
-        run.tracker.message(_describe_mixture(data, dataset))
+        run.tracker.message(_describe_mixture(data, dataset, [name for name, _, _ in val_parts]))
     run.tracker.message(plan.describe())
 
     def micro_step(step: int, start: int, count: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -359,15 +359,16 @@ def _check_validation(cfg: PretrainConfig, windows: int) -> None:
         )
 
 
-def _describe_mixture(data: Any, dataset: MixedDataset) -> str:
-    """'mixture: wiki 70% (1200 windows, epoch every 1714 samples), code 30% (...)'."""
+def _describe_mixture(data: Any, dataset: MixedDataset, val: list[str]) -> str:
+    """'mixture: wiki 70.0% (1200 windows, a new epoch of it every ~1714 samples), ...'; a source
+    without validation windows is said to be left out of evaluation."""
     words = []
     for part, train_set in zip(data.parts, dataset.parts, strict=True):
         every = len(train_set) / part.weight
+        held = "" if part.name in val else "; no validation window: not evaluated"
         words.append(
-            f"{part.name} {100 * part.weight:.1f}% ({len(train_set)} windows, "
-            f"{part.data.val.num_tokens} validation tokens, a new epoch of it every "
-            f"~{every:.0f} samples)"
+            f"{part.name} {100 * part.weight:.1f}% ({len(train_set)} windows, a new epoch of it "
+            f"every ~{every:.0f} samples{held})"
         )
     return "mixture: " + ", ".join(words)
 
