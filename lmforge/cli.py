@@ -47,6 +47,7 @@ def _prompt_ids(tokenizer: Any, text: str, chat: bool, system: str | None) -> li
 def _sample(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import load_checkpoint
     from lmforge.generate import GenerateConfig, generate
+    from lmforge.speculative import build_drafter
     from lmforge.stage import stop_ids
 
     if args.system and not args.chat:
@@ -61,16 +62,38 @@ def _sample(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop_strings=args.stop or [],
+        draft=args.draft or "",
+        draft_tokens=args.draft_tokens,
     )
+    cfg.validate("generate")
+    draft = build_drafter(cfg.draft, cfg.draft_tokens, model)
     prompts = args.prompt or [""]
     ids = [_prompt_ids(tokenizer, p, args.chat, args.system) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = generate(
-        model, ids, cfg, eos_ids=stop_ids(tokenizer), pad_id=pad or 0, tokenizer=tokenizer
+        model,
+        ids,
+        cfg,
+        eos_ids=stop_ids(tokenizer),
+        pad_id=pad or 0,
+        tokenizer=tokenizer,
+        draft=draft,
     )
     for prompt, text in zip(prompts, out.texts(tokenizer), strict=True):
         print(text if args.chat else prompt + text)
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lmforge.harness.cli import run_eval
+
+    return run_eval(args)
+
+
+def _eval_files(ckpt: Path) -> dict[str, Any]:
+    from lmforge.harness.run import listed_results
+
+    return listed_results(ckpt)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -92,6 +115,10 @@ def _inspect(args: argparse.Namespace) -> int:
         "metrics": meta.get("metrics", {}),
         "files": len(meta.get("files", {})),
         "verified": bool(args.verify and meta),
+        "eval": {
+            n: r.get("results", r) if isinstance(r, dict) else r
+            for n, r in _eval_files(ckpt).items()
+        },
     }
     print(json.dumps(info, indent=2))
     return 0
@@ -468,6 +495,14 @@ def _add_sample(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "the assistant's answer",
     )
     sample.add_argument("--system", help="with --chat: a system turn before the user's")
+    sample.add_argument(
+        "--draft",
+        help="speculative decoding: 'ngram' (prompt lookup) or a smaller checkpoint or run "
+        "directory with the same tokenizer; the text is the model's own",
+    )
+    sample.add_argument(
+        "--draft-tokens", type=int, default=4, help="tokens drafted per round; 0 = adaptive"
+    )
 
 
 def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -510,9 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write docs/config.md, the reference of every config key",
         add_help=False,
     )
-    # Added in this order so that `lmforge --help` lists them as before.
+    from lmforge.harness.cli import add_eval
+
+    # Added in this order so that `lmforge --help` lists them as before (eval is new).
     for add in (_add_export, _add_plot, _add_estimate, _add_report, _add_sample, _add_inspect):
         add(sub)
+    add_eval(sub)
     return parser
 
 
@@ -538,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             "report": _report,
             "export": _export,
             "plot": _plot,
+            "eval": _eval,
         }
         return tools[args.command](args)
     except LmforgeError as e:

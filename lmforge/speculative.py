@@ -30,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.generate import (
     DecodeStats,
     GenerateConfig,
@@ -255,32 +255,45 @@ class _NgramDrafter:
 
     def __init__(self, k: int, n: int) -> None:
         self.k, self.n = k, n
-        self.history: list[list[int]] = []
-        # Per row and per gram length m: the last m tokens before index j -> j (the latest).
-        self.index: list[list[dict[tuple[int, ...], int]]] = []
+        self.history: list[list[int]] = []  # per row: prompt and generated tokens
+        # Per row and gram length m: the m tokens before index j -> j (the latest j). Rows
+        # with the same prompt (RL repeats them) share the prompt's grams; a row's own grams
+        # (later, so looked up first) are its own.
+        self.prompt_grams: list[list[dict[tuple[int, ...], int]]] = []
+        self.own_grams: list[list[dict[tuple[int, ...], int]]] = []
+        self.seen: list[int] = []
         self.device = torch.device("cpu")
 
-    def _append(self, row: int, new: Sequence[int]) -> None:
-        seq, index = self.history[row], self.index[row]
+    def _grams(
+        self, seq: list[int], new: Sequence[int], grams: list[dict[tuple[int, ...], int]]
+    ) -> None:
+        """Append `new` to seq, indexing every gram that ends before each appended token."""
         for token in new:
             j = len(seq)
-            for m in range(1, self.n + 1):
-                if j >= m:
-                    index[m - 1][tuple(seq[j - m : j])] = j
+            for m in range(1, min(self.n, j) + 1):
+                grams[m - 1][tuple(seq[j - m : j])] = j
             seq.append(int(token))
 
     def start(self, ids: torch.Tensor, mask: torch.Tensor, capacity: int) -> None:
         self.device = ids.device
-        self.history = [[] for _ in range(ids.shape[0])]
-        self.index = [[{} for _ in range(self.n)] for _ in range(ids.shape[0])]
-        for row, (r_ids, r_mask) in enumerate(zip(ids.tolist(), mask.tolist(), strict=True)):
-            self._append(row, [t for t, m in zip(r_ids, r_mask, strict=True) if m])
+        self.history, self.prompt_grams, self.own_grams = [], [], []
+        built: dict[tuple[int, ...], list[dict[tuple[int, ...], int]]] = {}
+        for r_ids, r_mask in zip(ids.tolist(), mask.tolist(), strict=True):
+            prompt = [t for t, m in zip(r_ids, r_mask, strict=True) if m]
+            key = tuple(prompt)
+            if key not in built:
+                built[key] = [{} for _ in range(self.n)]
+                self._grams([], prompt, built[key])
+            self.history.append(prompt)
+            self.prompt_grams.append(built[key])
+            self.own_grams.append([{} for _ in range(self.n)])
         self.seen = [0] * ids.shape[0]
 
     def _lookup(self, row: int, k: int) -> list[int]:
-        seq, index = self.history[row], self.index[row]
+        seq = self.history[row]
         for m in range(min(self.n, len(seq)), 0, -1):
-            j = index[m - 1].get(tuple(seq[-m:]))
+            gram = tuple(seq[-m:])
+            j = self.own_grams[row][m - 1].get(gram, self.prompt_grams[row][m - 1].get(gram))
             if j is not None:
                 return seq[j : j + k]
         return []
@@ -291,13 +304,12 @@ class _NgramDrafter:
         rows = tokens.tolist()
         out = []
         for row, n in enumerate(lengths.tolist()):
-            self._append(row, rows[row][self.seen[row] : n])
+            self._grams(self.history[row], rows[row][self.seen[row] : n], self.own_grams[row])
             self.seen[row] = n
             out.append(self._lookup(row, k))
         width = max(len(p) for p in out)
-        proposal = torch.zeros(len(out), width, dtype=torch.long)
-        for row, p in enumerate(out):
-            proposal[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+        proposal = torch.tensor([p + [0] * (width - len(p)) for p in out], dtype=torch.long)
+        proposal = proposal.view(len(out), width)  # (B, k'), also when nothing was found
         counts = torch.tensor([len(p) for p in out], dtype=torch.long)
         return Proposal(proposal.to(self.device), counts.to(self.device), None)
 
@@ -336,7 +348,12 @@ def build_drafter(
                 path, dtype=param.dtype, device=param.device, with_tokenizer=False
             )[0]
 
-    draft = load(spec)
+    try:
+        draft = load(spec)
+    except LmforgeError as err:
+        raise type(err)(
+            f"draft model: {err} (a draft is 'ngram' or a checkpoint with the model's tokenizer)"
+        ) from err
     check_draft_model(draft, model, spec)
     return model_drafter(draft, k)
 

@@ -263,6 +263,9 @@ def run_lmforge_tool(ws: Workspace, cmd: Command) -> None:
         assert "sft" in out, out
     elif tool == "sample":
         assert out.strip(), "sample printed nothing"
+        if "--draft" in argv:  # speculative decoding returns the model's own text
+            at = argv.index("--draft")
+            assert ws.run(cmd, [*argv[:at], *argv[at + 2 :]]) == out, out
     elif tool == "export":
         target = ws.root / argv[3]
         assert (target / "config.json").is_file(), out
