@@ -464,7 +464,7 @@ def test_file_errors(tmp_path: Path) -> None:
 
 
 def test_config() -> None:
-    assert len(describe(ChatDataConfig)) == 12  # every field documented
+    assert len(describe(ChatDataConfig)) == 13  # every field documented
     cfg = from_dict(ChatDataConfig, {"tasks": ["add", "sort"], "seq_len": 64}, prefix="data")
     assert cfg.tasks == ["add", "sort"] and cfg.format == "auto"
     with pytest.raises(ConfigError, match=r"data.tasks: unknown task 'divide'"):
