@@ -193,6 +193,16 @@ def test_chat_mixture_draws_by_weight_and_keeps_each_held_out_set(tmp_path: Path
     assert sum(r.get("task") is None for r in heldout) >= 1  # the file's own held-out share
     assert sum(r.get("task") is not None for r in heldout) == 8  # builtin's own held-out tasks
 
+    # Preference data (reward, DPO) mixes the same way; a shared heldout_source is read once.
+    pairs = tmp_path / "data" / "pairs.jsonl"
+    rows = [{"prompt": f"Say {i}.", "chosen": f"{i}", "rejected": f"{i + 1}"} for i in range(60)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mix = f"--sources=[{{source: builtin, weight: 1}}, {{source: '{pairs}', weight: 1}}]"
+    cfg = load_config(ChatDataConfig, None, [mix, "--num_train=60", f"--heldout_source={pairs}"])
+    train, heldout = chat_records(cfg, "preference")
+    assert len(train) == 120 and len(heldout) == 60
+    assert abs(sum(r.get("task") is None for r in train) - 60) <= 6
+
 
 def test_sft_runs_on_a_two_source_mixture(
     task_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -575,11 +575,13 @@ def _mixture_records(
     """(train, held-out) of a mixture. Training records are drawn by weight as pretraining's
     samples are (MixtureSampler with data.seed: each source's records in its own shuffled order,
     starting over reshuffled when used up), as many as all sources hold together; the held-out
-    records are every source's own, in source order."""
+    records are every source's own, in source order (a heldout_source shared by several, once)."""
     trains, heldout = [], []
+    shared: set[str] = set()  # held-out sources already added (data.heldout_source is shared)
     for i in range(len(cfg.sources)):
+        one = cfg.for_source(i)
         try:
-            train, held = chat_records(cfg.for_source(i), kind)
+            train, held = chat_records(one, kind)
         except DataError as err:
             text = str(err).replace("data.source ", f"data.sources[{i}].source ", 1)
             raise DataError(
@@ -588,7 +590,10 @@ def _mixture_records(
         if not train:
             raise DataError(f"data.sources[{i}].source '{cfg.sources[i].source}': no records")
         trains.append(train)
-        heldout += held
+        if one.heldout_source.strip() not in shared:
+            heldout += held
+        if one.heldout_source.strip():
+            shared.add(one.heldout_source.strip())
     sizes = [len(t) for t in trains]
     sampler = MixtureSampler(sizes, [s.weight for s in cfg.sources], cfg.seed)
     flat = [r for t in trains for r in t]
