@@ -94,11 +94,11 @@ class Drafter(Protocol):
 
 
 def cache_capacity(prompt_len: int, max_new: int, k: int, limit: int) -> int:
-    """Cache slots per row for speculative decoding: the prompt, the new tokens, one round's
-    k + 1 tokens and room for holes (a quarter more, so compactions, each a copy of the cache,
-    are rare), within the model's position limit."""
+    """Cache slots per row for speculative decoding: the prompt, the new tokens, and room for
+    holes (two rounds of k + 1, or an eighth more, so that compactions, each a copy of the
+    cache, come at most every need / 8 holes), within the model's position limit."""
     need = prompt_len + max_new + 1
-    return min(limit, need + max(2 * (k + 1), need // 4))
+    return min(limit, need + max(2 * (k + 1), need // 8))
 
 
 class CachedRows:
