@@ -48,10 +48,10 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return token_logp.masked_fill(~valid, 0.0).sum(-1)
 
 
-# Rows of fp32 logits per chunk when the caller does not choose: 32 MiB of them at a time
-# (256 rows at a 32k vocabulary, 64 at 128k), so a chunk's (C, V) temporaries stay small
-# whatever the vocabulary.
-CHUNK_BYTES = 32 * 2**20
+# Rows of fp32 logits per chunk when the caller does not choose: 8 MiB of them at a time (64
+# rows at a 32k vocabulary, 16 at 128k), so that a chunk's few (C, V) temporaries stay far below
+# the model's own activations whatever the vocabulary (measured: docs/decisions.md).
+CHUNK_BYTES = 8 * 2**20
 
 
 def chunk_rows_for(vocab: int, budget: int | None = None) -> int:
