@@ -615,7 +615,10 @@ def decode_speculative(
         # The cache holds the last token and the proposals: keep the recorded ones' slots.
         target.keep(target.start, recorded)
         if k_round > 0:
-            drafter.accepted(verdict.accepted)
+            # Proposals that made it into the output; none for rows already done (their
+            # drafter cache must not grow).
+            kept = torch.minimum(verdict.accepted, recorded)
+            drafter.accepted(torch.where(live, kept, 0))
         stats.rounds += 1
         stats.proposed += int(prop.counts[live].sum())
         stats.accepted += int(verdict.accepted[live].sum())
