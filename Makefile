@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 BENCH_ARGS  ?=
 
-.PHONY: setup demo test lint format clean bench lock
+.PHONY: setup demo test lint format clean bench bench-peer lock
 
 setup: $(STAMP)
 
@@ -61,6 +61,12 @@ test: $(STAMP)
 # on CPU; BENCH_ARGS passes options (e.g. BENCH_ARGS="--model 1b --zero 3 --compile").
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Every finetuning stage against TRL (SFT, reward, DPO, GRPO): same weights, data, order,
+# optimizer and threads, alternating runs, both scored by lmforge's evaluation; starts from the
+# demo's checkpoints (make demo). BENCH_ARGS passes options (e.g. BENCH_ARGS="--pairs 1").
+bench-peer: $(STAMP)
+	$(BIN)/python bench/peer.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -59,3 +59,44 @@ def test_benchmarks_write_their_figures_and_pass_their_checks(tmp_path: Path) ->
         assert gen[side]["new_tokens_per_s"] > 0
     assert gen["ratio"] > 0
     assert gen["greedy_check"]["passed"] and gen["greedy_check"]["share_tokens_equal"] == 1.0
+
+
+def test_peer_benchmark_smoke_has_both_sides_numbers(tmp_path: Path, task_base: Path) -> None:
+    """bench/peer.py on one SFT pair of 2 steps: lmforge's and TRL's runs both finish, and the
+    results file holds both sides' training time, wall time and quality (lmforge's own
+    evaluation of each trained model), with the ratios."""
+    out = tmp_path / "peer.json"
+    data = ["--data.num_train=64", "--data.num_heldout=4", "--data.seq_len=64"]
+    batch = ["--train.global_batch_size=4", "--train.micro_batch_size=4"]
+    cmd = [sys.executable, str(REPO / "bench" / "peer.py"), "--stages", "sft", "--pairs", "1"]
+    cmd += ["--steps", "2", "--noise", "0", "--init", str(task_base)]
+    cmd += ["--work", str(tmp_path / "work"), "--out", str(out), *data, *batch]
+    job = subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "training time lmforge / TRL" in job.stdout
+    sft = json.loads(out.read_text())["stages"]["sft"]
+    assert len(sft["runs"]) == 1 and sft["train_ratio_median"] > 0
+    for side in ("lmforge", "trl"):
+        run = sft["runs"][0][side]
+        assert run["train_seconds"] > 0 and run["wall_seconds"] > run["train_seconds"]
+        assert run["cpu_seconds"] > 0
+        assert 0 < run["quality"]["eval/loss"] < 20 and "eval/accuracy" in run["quality"]
+    assert sft["trl"]["tokens_per_s_median"] > 0
+
+
+def test_peer_benchmark_without_trl_says_how_to_install(tmp_path: Path) -> None:
+    """Without TRL the peer benchmark prints one line naming the extra to install, exit 2."""
+    shim = tmp_path / "trl"
+    shim.mkdir()
+    (shim / "__init__.py").write_text("raise ImportError('no trl here')\n")
+    env = {**stage_env(), "PYTHONPATH": f"{tmp_path}:{REPO}"}
+    job = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "peer.py"), "--out", str(tmp_path / "x.json")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert job.returncode == 2
+    assert job.stderr.strip() == "bench/peer.py needs TRL: pip install lmforge[peer]"
+    assert not (tmp_path / "x.json").exists()
