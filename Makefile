@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	  $(BIN)/pip install -q -c $(CONSTRAINTS) \
 	    $(if $(TORCH_INDEX),--no-deps --index-url $(TORCH_INDEX)) "$(TORCH_CPU)"; \
 	fi
-	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]'
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev,eval]'
 	touch $(STAMP)
 
 # Rewrite the constraints from what .venv holds: upgrade there first (for instance
