@@ -13,6 +13,7 @@ from conftest import small_config
 
 import lmforge.speculative as spec
 from lmforge.cli import main
+from lmforge.errors import ConfigError
 from lmforge.generate import GenerateConfig, filter_logits, generate
 from lmforge.model import GPT, build_model
 from lmforge.speculative import model_drafter, ngram_drafter
@@ -228,6 +229,18 @@ def test_row_seeded_samples_are_plain_row_seeded_samples_in_any_batch() -> None:
     assert alone.tokens[0, :n].tolist() == plain.tokens[2, :n].tolist()
     assert other.tokens[1, :n].tolist() == plain.tokens[2, :n].tolist()
     assert near.forwards > 0  # type: ignore[attr-defined]
+
+
+def test_a_draft_model_that_cannot_serve_is_one_clear_error() -> None:
+    model = _model(19)
+    cfg = GenerateConfig(max_new_tokens=4, temperature=0)
+    with pytest.raises(ConfigError, match="vocabulary of 50 tokens"):
+        generate(model, PROMPTS, cfg, draft=model_drafter(_model(1, vocab_size=50), 2))
+    with pytest.raises(ConfigError, match="max_seq_len=8"):
+        generate(model, PROMPTS, cfg, draft=model_drafter(_model(1, max_seq_len=8), 2))
+    with pytest.raises(ConfigError, match="static_cache"):
+        static = GenerateConfig(max_new_tokens=4, temperature=0, static_cache=True)
+        generate(model, PROMPTS, static, draft=ngram_drafter(2))
 
 
 # ------------------------------------------------------------------------ stop decision
