@@ -17,6 +17,7 @@ from stagerun import metrics, run_stage
 from lmforge.checkpoint import load_checkpoint, resolve_checkpoint
 from lmforge.config import load_config
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.report import format_report, report_rows
 from lmforge.rundir import apply_retention
 
 PLANNED = re.compile(r"train\.epochs=(\S+): (\d+) training samples, (\d+) per step: (\d+) steps")
@@ -146,6 +147,8 @@ def test_epochs_keep_best_early_stop_and_exact_resume(task_base: Path, tmp_path:
     ref, _, _ = load_checkpoint(full / f"step-{best:06d}", with_tokenizer=False)
     for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    # lmforge report shows which step was best.
+    assert f"step {best} (eval/loss {evals[best]:.3f})" in format_report(report_rows([full]))
 
 
 @pytest.mark.parametrize(
