@@ -404,10 +404,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{pairs[stage][-1]['trl']['wall_seconds']:.1f} s",
                 flush=True,
             )
+            record()
+        if i == 1 and args.noise:  # early: a benchmark cut short still has its noise
+            for stage in stages:
+                name = f"lmforge-{stage}-seed{NOISE_SEED}"
+                noise[stage] = bench.lmforge(stage, name, NOISE_SEED)
         record()
-    if args.noise:
-        for stage in stages:
-            noise[stage] = bench.lmforge(stage, f"lmforge-{stage}-seed{NOISE_SEED}", NOISE_SEED)
     lines = record()
     print("\n".join(lines))
     print(f"PPO: {results['ppo']}")

@@ -121,6 +121,16 @@ class _StepTimer:
         return Timer()
 
 
+def _order(num_samples: int, seed: int, used: int) -> list[int]:
+    """lmforge's sample order (its GlobalSampler) over at least one whole epoch: the steps use
+    the first `used` samples, and TRL gets the whole training set as a user hands it over (what
+    it prepares up front, such as DPO's reference log-probs, covers all of it, as lmforge's
+    does)."""
+    from lmforge.data import GlobalSampler
+
+    return GlobalSampler(num_samples, seed).indices(0, max(used, num_samples))
+
+
 # ------------------------------------------------------------------------------------ SFT
 
 
@@ -129,16 +139,14 @@ def sft_rows(cfg: Any, tok: Any) -> tuple[list[dict[str, Any]], Any, int]:
     the ids of its samples back to back, labels in Hugging Face's convention (label t is the
     target of position t-1) and seq_lengths (TRL's packing column: position ids restart per
     sample). Returns (examples, held-out records, real tokens trained on)."""
-    from lmforge.data import GlobalSampler
     from lmforge.data.chat import load_sft_data
 
     train, heldout = load_sft_data(cfg.data, tok)
     pad = train.pad_id
-    order = GlobalSampler(len(train), cfg.data.seed).indices(
-        0, cfg.train.steps * cfg.train.global_batch_size
-    )
+    order = _order(len(train), cfg.data.seed, cfg.train.steps * cfg.train.global_batch_size)
+    used = cfg.train.steps * cfg.train.global_batch_size  # rows the steps train on
     examples, tokens = [], 0
-    for row in order:
+    for n, row in enumerate(order):
         ids: list[int] = []
         labels: list[int] = []
         lengths: list[int] = []
@@ -149,7 +157,7 @@ def sft_rows(cfg: Any, tok: Any) -> tuple[list[dict[str, Any]], Any, int]:
             ids += [*x, y[-1] if y[-1] != -100 else pad]
             labels += [-100, *y]
             lengths.append(len(x) + 1)
-            tokens += len(x)
+            tokens += len(x) if n < used else 0
         examples.append({"input_ids": ids, "labels": labels, "seq_lengths": lengths})
     return examples, heldout, tokens
 
@@ -192,23 +200,21 @@ def preference_examples(cfg: Any, tok: Any, with_prompt: bool) -> tuple[list[dic
     """lmforge's training pairs in lmforge's order: chosen / rejected ids as lmforge encodes them
     (and, for DPO, split into the prompt and the answer tokens lmforge learns). Returns
     (examples, held-out PreferenceDataset, real tokens trained on)."""
-    from lmforge.data import GlobalSampler
     from lmforge.data.chat import load_preference_data
     from lmforge.data.templates import ChatEncoder
 
     train, heldout = load_preference_data(cfg.data, tok)
-    order = GlobalSampler(len(train), cfg.data.seed).indices(
-        0, cfg.train.steps * cfg.train.global_batch_size
-    )
+    used = cfg.train.steps * cfg.train.global_batch_size  # pairs the steps train on
+    order = _order(len(train), cfg.data.seed, used)
     from lmforge.data.chat import chat_records
 
     records = chat_records(cfg.data, "preference")[0] if with_prompt else None
     encoder = ChatEncoder(tok) if with_prompt else None
     examples, tokens = [], 0
-    for k in order:
+    for n, k in enumerate(order):
         chosen = train.tokens["chosen_x"][k].tolist()
         rejected = train.tokens["rejected_x"][k].tolist()
-        tokens += len(chosen) + len(rejected)
+        tokens += len(chosen) + len(rejected) if n < used else 0
         if not with_prompt:
             examples.append({"chosen_ids": chosen, "rejected_ids": rejected})
             continue
@@ -314,7 +320,6 @@ def run_grpo(cfg: Any, out: Path, timer: Any) -> tuple[dict[str, Any], Path]:
     from trl import GRPOConfig, GRPOTrainer
 
     from finetune.rewards import build_reward_fn
-    from lmforge.data import GlobalSampler
     from lmforge.data.chat import chat_records
     from lmforge.data.chat_datasets import PromptDataset
 
@@ -323,7 +328,7 @@ def run_grpo(cfg: Any, out: Path, timer: Any) -> tuple[dict[str, Any], Path]:
     records = chat_records(cfg.data, "sft")[0]
     prompts = PromptDataset(records, tok, cfg.data.seq_len)
     groups = cfg.train.global_batch_size // cfg.group_size  # prompts per step
-    order = GlobalSampler(len(prompts), cfg.data.seed).indices(0, cfg.train.steps * groups)
+    order = _order(len(prompts), cfg.data.seed, cfg.train.steps * groups)
     rows = [
         {"prompt": prompts.prompts[i], "answer": prompts.answers[i], "task": prompts.tasks[i]}
         for i in order
