@@ -146,3 +146,30 @@ def test_without_the_harness_one_line_says_how_to_install_it(task_policy: Path) 
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install" in lines[0] and "lmforge[eval]" in lines[0], lines
+
+
+def test_own_preference_file_scores_pairs_by_a_reward_model(task_policy: Path, tmp_path) -> None:
+    from lmforge.checkpoint import load_reward_model, save_checkpoint
+    from lmforge.data.chat_datasets import PreferenceDataset
+    from lmforge.errors import ConfigError
+
+    model, tok, _ = load_checkpoint(task_policy)
+    records = preference_pairs("heldout", 8, 5)
+    file = tmp_path / "pairs.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ConfigError, match="not a reward model"):  # a language model: refused
+        evaluate_file(model, tok, str(file), reward_model=str(task_policy))
+    reward = tmp_path / "reward" / "step-000001"  # a reward checkpoint: the policy + a score head
+    scorer = load_reward_model(task_policy, seed=3)[0]
+    save_checkpoint(reward, scorer, tok, update_latest=True, stage="reward", step=1, head="reward")
+    got = evaluate_file(model, tok, str(file), reward_model=str(reward.parent))
+    # The same reward model on one pair at a time: padding and batching change no score.
+    data = PreferenceDataset(records, tok, model.cfg.max_seq_len)
+    wins = 0
+    for i in range(len(data)):
+        b = data.get_batch([i])
+        with torch.no_grad():
+            chosen = scorer(input_ids=b["chosen_ids"], last_index=b["chosen_last"])
+            rejected = scorer(input_ids=b["rejected_ids"], last_index=b["rejected_last"])
+        wins += int(chosen.item() > rejected.item())
+    assert got["pairs"] == 8 and got["reward_accuracy"] == pytest.approx(wins / 8)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.model import GPT
 
 
@@ -165,7 +165,12 @@ def _reward_scorer(path: str) -> Any:
     """A function batch -> (chosen scores, rejected scores) of the reward model at `path`."""
     from lmforge.checkpoint import load_reward_model
 
-    model, _, _ = load_reward_model(path)
+    model, _, meta = load_reward_model(path)
+    if meta.get("head") != "reward":  # a language model would get an untrained score head
+        raise ConfigError(
+            f"--reward-model: {path} is not a reward model (no trained score head); give a "
+            "reward stage's checkpoint or run directory"
+        )
 
     def score(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         b = batch["chosen_ids"].shape[0]
