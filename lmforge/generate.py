@@ -4,6 +4,8 @@ Prompts of different lengths are left-padded so that every row's next token sits
 column; positions count real tokens only, so a padded row computes what it would alone. Each new
 token comes with its log-probability under the temperature-scaled distribution (before top-k /
 top-p truncation), which RLHF stages use as the behaviour policy's log-probs.
+With a drafter (`draft=`, lmforge.speculative) the model checks several proposed tokens per
+forward and returns the same tokens (greedy, row seeds) or the same distribution.
 
 Shapes: B prompts, P padded prompt length, N new tokens, V vocabulary.
 """
