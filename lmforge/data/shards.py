@@ -8,6 +8,8 @@ workspace and renamed into place when complete, so a shard directory that exists
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import ctypes
 import datetime
@@ -196,23 +198,27 @@ def _encode_job(job: tuple[list[str], list[str]]) -> tuple[np.ndarray, ...]:
 
 
 class _Done:
-    """A finished result with the interface of multiprocessing's AsyncResult."""
+    """A result computed here, with the interface of a Future."""
 
     def __init__(self, value: tuple[np.ndarray, ...]) -> None:
         self.value = value
 
-    def get(self) -> tuple[np.ndarray, ...]:
+    def result(self) -> tuple[np.ndarray, ...]:
         return self.value
 
 
 class _Encoders:
     """Runs jobs in `workers` processes, started on the second job (a corpus of one job is
-    encoded here, without the cost of starting any); with one worker, always here."""
+    encoded here, without the cost of starting any); with one worker, always here.
+
+    A process pool executor, not multiprocessing.Pool: a worker that dies (killed, out of
+    memory) fails its job (BrokenProcessPool) instead of leaving us waiting for it forever.
+    """
 
     def __init__(self, workers: int, init_args: tuple[Any, ...]) -> None:
         self.workers, self.init_args = workers, init_args
         self.local = _FlatEncoder(*init_args)
-        self.pool: Any = None
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
         self.jobs = 0
 
     def submit(self, job: tuple[list[str], list[str]]) -> Any:
@@ -220,29 +226,35 @@ class _Encoders:
         if self.workers < 2 or self.jobs == 1:
             return _Done((*self.local(job[0]), *self.local(job[1])))
         if self.pool is None:
-            self.pool = self._start()
-        return self.pool.apply_async(_encode_job, (job,))
-
-    def _start(self) -> Any:
-        # Forked workers inherit the loaded modules (no import cost). Parallelism inside the
-        # tokenizers library is off in them: the processes are the parallelism, and this also
-        # keeps it from warning about a fork after its thread pool was used.
-        was = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        try:
-            ctx = multiprocessing.get_context("fork")
-            return ctx.Pool(self.workers, _init_worker, (os.getpid(), *self.init_args))
-        finally:
-            if was is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = was
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers,
+                # Forked workers inherit the loaded modules (no import cost).
+                mp_context=multiprocessing.get_context("fork"),
+                initializer=_init_worker,
+                initargs=(os.getpid(), *self.init_args),
+            )
+        return self.pool.submit(_encode_job, job)
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.terminate()  # results are all collected (or we are failing): stop now
-            self.pool.join()
+            # All results are in, or we are failing: drop queued jobs, let running ones end.
+            self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = None
+
+
+@contextlib.contextmanager
+def _no_tokenizer_threads() -> Iterator[None]:
+    """TOKENIZERS_PARALLELISM=false while workers fork: the processes are the parallelism, and
+    the library would otherwise warn in each worker forked after its thread pool was used."""
+    was = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if was is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = was
 
 
 @dataclass
@@ -320,6 +332,31 @@ class _StreamWriter:
             fh.close()
 
 
+def _run_jobs(
+    stream: Iterable[list[str]],
+    fraction: float,
+    encoders: _Encoders,
+    writer: _StreamWriter,
+    workers: int,
+) -> None:
+    """Submit the stream's jobs in order, writing each result once it is the oldest; at most
+    2 per worker wait at a time."""
+    pending: collections.deque[tuple[Any, np.ndarray, int]] = collections.deque()
+    in_flight = 0
+    for job, train_hashes, chars in _jobs(stream, fraction):
+        pending.append((encoders.submit(job), train_hashes, chars))
+        in_flight += chars
+        writer.stats.jobs += 1
+        writer.stats.peak_chars_in_flight = max(writer.stats.peak_chars_in_flight, in_flight)
+        while len(pending) > 2 * workers:
+            result, hashes, done = pending.popleft()
+            writer.write(result.result(), hashes)
+            in_flight -= done
+    while pending:
+        result, hashes, _ = pending.popleft()
+        writer.write(result.result(), hashes)
+
+
 def write_shards(
     stream: Iterable[list[str]],
     tokenizer: PreTrainedTokenizerBase,
@@ -343,21 +380,14 @@ def write_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     encoders = _Encoders(workers, (tokenizer.backend_tokenizer.to_str(), bos, eos, dtype.name))
     writer = _StreamWriter(out_dir, progress)
-    pending: collections.deque[tuple[Any, np.ndarray, int]] = collections.deque()
-    in_flight = 0
     try:
-        for job, train_hashes, chars in _jobs(stream, fraction):
-            pending.append((encoders.submit(job), train_hashes, chars))
-            in_flight += chars
-            writer.stats.jobs += 1
-            writer.stats.peak_chars_in_flight = max(writer.stats.peak_chars_in_flight, in_flight)
-            while len(pending) > 2 * workers:
-                result, hashes, done = pending.popleft()
-                writer.write(result.get(), hashes)
-                in_flight -= done
-        while pending:
-            result, hashes, _ = pending.popleft()
-            writer.write(result.get(), hashes)
+        with _no_tokenizer_threads():
+            _run_jobs(stream, fraction, encoders, writer, workers)
+    except concurrent.futures.process.BrokenProcessPool:
+        raise DataError(
+            f"a tokenising process died (killed, or out of memory?) while preparing "
+            f"'{name}'; lower data.num_proc (now {num_proc}) or free memory, and run again"
+        ) from None
     finally:
         encoders.close()
         writer.close()
