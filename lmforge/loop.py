@@ -38,6 +38,9 @@ from lmforge.checkpointer import MAIN, Checkpointer
 from lmforge.distributed import DistInfo
 from lmforge.engine import StatefulEngine, TrainEngine
 from lmforge.faults import DivergenceError, FaultMonitor, Verdict
+from lmforge.harness.training import BEFORE as HARNESS_BEFORE
+from lmforge.harness.training import PREFIX as HARNESS_PREFIX
+from lmforge.harness.training import check_stage, format_metrics, run_in_training
 from lmforge.optim import OptimConfig, lr_factor
 from lmforge.runtime import StopFlag, TrainConfig, all_mean
 from lmforge.tracking import Tracker, format_duration
@@ -272,6 +275,7 @@ def training_loop(run: Run, task: Task) -> dict[str, Any]:
     tracker."""
     engines = run.checkpointer.engines()
     last: dict[str, Any] = dict(run.carried)
+    check_stage(run.stage, run.checkpointer.config)
     plan_length(run, task)
     best = run.checkpointer.best
     if best is not None and best.stopped:
@@ -283,7 +287,7 @@ def training_loop(run: Run, task: Task) -> dict[str, Any]:
         return last
     if run.step == 0 and task.evaluate_first:
         before = _evaluate(run, task, engines, 0, "before training")
-        last.update({k.replace("eval/", "eval_before/"): v for k, v in before.items()})
+        last.update({_before_key(k): v for k, v in before.items()})
     stepper, window, stop = _Stepper(run, task), StepWindow(), StopFlag()
     started, train = time.perf_counter(), run.train
     for engine in engines.values():
@@ -417,21 +421,34 @@ def _judge_best(run: Run, step: int, result: dict[str, float]) -> tuple[bool, bo
 def _evaluate(
     run: Run, task: Task, engines: dict[str, StatefulEngine], step: int, title: str
 ) -> dict[str, float]:
-    """Run the stage's evaluation with every engine in eval mode; log it and print one line."""
+    """Run the stage's evaluation, and eval.harness_tasks on the main engine's model (see
+    lmforge.harness.training), with every engine in eval mode; log both and print one line."""
     for engine in engines.values():
         engine.train(False)
     result = task.evaluate(step)
+    ckpt = run.checkpointer
+    harness = run_in_training(ckpt.config, run.stage, engines[MAIN], ckpt.tokenizer)
     for engine in engines.values():
         engine.train(True)
-    if not result:  # no held-out data: said once, not at every evaluation
-        if not run.no_heldout_said:
-            run.tracker.message(f"{run.stage}: no held-out data, so evaluation is skipped")
-            run.no_heldout_said = True
+    if not result and not run.no_heldout_said:  # no held-out data: said once, not every time
+        run.tracker.message(f"{run.stage}: no held-out data, so evaluation is skipped")
+        run.no_heldout_said = True
+    if not result and not harness:
         return result
+    lines = [task.eval_line(result) if task.eval_line else _plain_line(result)] if result else []
+    lines += [format_metrics(harness)] if harness else []
+    result = {**result, **harness}
     run.tracker.log(step, result)
-    line = task.eval_line(result) if task.eval_line else _plain_line(result)
-    run.tracker.message(f"{title}: {line}")
+    run.tracker.message(f"{title}: {'; '.join(lines)}")
     return result
+
+
+def _before_key(key: str) -> str:
+    """The name a metric of the evaluation before training keeps in the run's last metrics:
+    eval/x -> eval_before/x, harness/t/m -> harness_before/t/m."""
+    if key.startswith(HARNESS_PREFIX):
+        return HARNESS_BEFORE + key[len(HARNESS_PREFIX) :]
+    return key.replace("eval/", "eval_before/")
 
 
 def _plain_line(result: dict[str, float]) -> str:

@@ -173,7 +173,63 @@ def report_rows(runs: Sequence[str | Path]) -> list[Row]:
             new = metrics.get(m.after)
             rows.append(Row(stage, m.label, old, new, str(ckpt), quantity, heldout))
             rows[-1].best = best_step(meta)
+        rows += harness_rows(ckpt, meta)
     _letter_sets(rows)
+    return rows
+
+
+def harness_rows(ckpt: Path, meta: Mapping[str, Any]) -> list[Row]:
+    """Rows of lm-evaluation-harness numbers of a run: those its evaluations logged during
+    training (eval.harness_tasks; before and after, from the checkpoint's metrics), then the
+    `lmforge eval` results written into its checkpoint and into its best checkpoint (if
+    another)."""
+    stage, metrics = str(meta.get("stage", "?")), meta.get("metrics", {})
+    limit = ((meta.get("config") or {}).get("eval") or {}).get("harness_limit")
+    limited = f", eval.harness_limit {limit:g}" if isinstance(limit, (int, float)) and limit else ""
+    rows = []
+    for key, value in metrics.items():
+        if not key.startswith("harness/") or key.count("/") < 2:
+            continue
+        task, metric = key[len("harness/") :].rsplit("/", 1)
+        before = metrics.get("harness_before/" + key[len("harness/") :])
+        words = f"harness task {task} during training{limited}"
+        row = Row(stage, f"harness {task} {metric}", before, value, str(ckpt), f"harness {task}/"
+                  f"{metric}", (words, None, "examples"), best=best_step(meta))  # fmt: skip
+        rows.append(row)
+    for where in _checkpoints_with_best(ckpt):
+        rows += _eval_file_rows(where, stage)
+    return rows
+
+
+def _checkpoints_with_best(ckpt: Path) -> list[Path]:
+    """The checkpoint and, when its run keeps a different best one, that one."""
+    from lmforge.checkpoint import BEST_FILE, read_pointer
+
+    found = [ckpt]
+    name = read_pointer(ckpt.parent, BEST_FILE) if (ckpt.parent / BEST_FILE).is_file() else None
+    if name and (ckpt.parent / name).is_dir() and (ckpt.parent / name) != ckpt:
+        found.append(ckpt.parent / name)
+    return found
+
+
+def _eval_file_rows(ckpt: Path, stage: str) -> list[Row]:
+    """One row per task and metric of each <checkpoint>/eval/*.json (`lmforge eval`)."""
+    from lmforge.harness.run import EVAL_DIR, listed_results
+
+    rows = []
+    for name, record in listed_results(ckpt).items():
+        if not isinstance(record, Mapping):
+            continue
+        limit = record.get("limit")
+        chat = ", chat" if record.get("chat") else ""
+        for task, values in (record.get("results") or {}).items():
+            for metric, value in (values if isinstance(values, Mapping) else {}).items():
+                if not isinstance(value, (int, float)):
+                    continue
+                words = f"lmforge eval {task} (limit {limit if limit else 'none'}{chat})"
+                where = f"{ckpt} ({EVAL_DIR}/{name})"
+                rows.append(Row(stage, f"eval {task} {metric}", None, float(value), where,
+                                f"eval {task}/{metric}", (words, None, "examples")))  # fmt: skip
     return rows
 
 

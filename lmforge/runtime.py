@@ -88,7 +88,7 @@ class TrainConfig:
     keep_best_mode: Literal["auto", "min", "max"] = option(
         "auto",
         "Whether lower or higher keep_best values are better; auto = min for metrics named "
-        "*loss or *ppl, max for any other.",
+        "*loss, *ppl, *perplexity or *bits_per_byte, max for any other.",
     )
     early_stop: int = option(
         0,
@@ -128,17 +128,18 @@ class TrainConfig:
                 "it waits for (e.g. keep_best: eval/loss)"
             )
         name = self.keep_best
-        if name and (not name.startswith(("eval/", "val/")) or not name.isprintable()):
+        evaluated = name.startswith(("eval/", "val/", "harness/"))  # harness: eval.harness_*
+        if name and (not evaluated or not name.isprintable()):
             raise ConfigError(
                 f"{prefix}.keep_best: {name!r} is not an evaluation metric; name one as "
-                "metrics.jsonl writes it, starting with eval/ or val/ (e.g. eval/loss)"
+                "metrics.jsonl writes it, starting with eval/, val/ or harness/ (e.g. eval/loss)"
             )
 
     def best_is_lower(self) -> bool:
         """Whether a lower keep_best value is better (keep_best_mode; auto: *loss, *ppl)."""
         if self.keep_best_mode != "auto":
             return self.keep_best_mode == "min"
-        return self.keep_best.endswith(("loss", "ppl"))
+        return self.keep_best.endswith(("loss", "ppl", "perplexity", "bits_per_byte"))
 
     def describe_length(self) -> str:
         """One line: how long the run trains and what it keeps (the dry run shows it)."""

@@ -30,6 +30,7 @@ from lmforge.engine import EngineConfig
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.faults import FaultConfig, FaultMonitor
 from lmforge.generate import GenerateConfig, generate
+from lmforge.harness.training import EvalConfig
 from lmforge.loop import Run
 from lmforge.model import ModelConfig
 from lmforge.model import flops_per_token as model_flops_per_token
@@ -73,6 +74,10 @@ class StageConfig:
     tracking: TrackingConfig = option(default_factory=TrackingConfig, doc="Logging.")
     faults: FaultConfig = option(
         default_factory=FaultConfig, doc="Non-finite losses or gradients, loss spikes, rollbacks."
+    )
+    eval: EvalConfig = option(
+        default_factory=EvalConfig,
+        doc="lm-evaluation-harness tasks at every evaluation of the run (harness_tasks).",
     )
 
     def validate(self, prefix: str = "") -> None:

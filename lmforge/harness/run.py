@@ -82,30 +82,12 @@ def run_harness(
     needs: every rank takes part in every forward pass)."""
     require_harness()
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     from lmforge.harness.model import LmforgeLM
 
-    names, paths = split_tasks(tasks)
-    requested = names + [n for p in paths for n in _yaml_task_names(p)]
-    if not requested:
-        raise ConfigError("--tasks: name at least one task")
-    own = set(SHIPPED)
-    include_defaults = any(n not in own for n in names)
     meta = {"answer_suffix": answer_suffix(tokenizer) if chat else "", **(metadata or {})}
     with _quiet_harness():
-        manager = TaskManager(
-            include_path=[str(TASKS_DIR), *map(str, paths)],
-            include_defaults=include_defaults,
-            metadata=meta,
-        )
-        unknown = [n for n in requested if n not in manager.all_tasks]
-        if unknown:
-            raise ConfigError(
-                f"--tasks: unknown task {', '.join(unknown)}; lmforge ships "
-                f"{', '.join(SHIPPED)}, and any lm-evaluation-harness task name or task YAML "
-                "path works"
-            )
+        manager, requested = resolve_tasks(tasks, meta)
         lm = LmforgeLM(model, tokenizer, batch_size=batch_size)
         if not split_ranks:
             lm._rank, lm._world_size = 0, 1
@@ -123,6 +105,40 @@ def run_harness(
     if out is None:  # a rank other than 0 of a split run: rank 0 holds the results
         return {}
     return _metrics(out["results"])
+
+
+def resolve_tasks(
+    tasks: Sequence[str], metadata: dict[str, Any] | None = None, *, key: str = "--tasks"
+) -> tuple[Any, list[str]]:
+    """(the harness's TaskManager, the task names to run) for `tasks`: names and task YAML
+    files / folders. An unknown name or a path without tasks is one ConfigError naming `key`.
+    The harness's own registry is indexed only when a name is not one of lmforge's."""
+    require_harness()
+    from lm_eval.tasks import TaskManager
+
+    try:
+        names, paths = split_tasks(tasks)
+        requested = names + [n for p in paths for n in _yaml_task_names(p)]
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("--tasks", key, 1)) from None
+    if not requested:
+        raise ConfigError(f"{key}: name at least one task")
+    # lmforge_* names are lmforge's own (none in the harness's registry): a misspelt one is
+    # found without indexing the registry's thousands of task files.
+    include_defaults = any(n not in SHIPPED and not n.startswith("lmforge_") for n in names)
+    manager = TaskManager(
+        include_path=[str(TASKS_DIR), *map(str, paths)],
+        include_defaults=include_defaults,
+        metadata=metadata or {},
+    )
+    unknown = [n for n in requested if n not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(
+            f"{key}: unknown task {', '.join(unknown)}; lmforge ships "
+            f"{', '.join(SHIPPED)}, and any lm-evaluation-harness task name or task YAML "
+            "path works"
+        )
+    return manager, requested
 
 
 def _metrics(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
