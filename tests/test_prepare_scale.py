@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,10 @@ def test_progress_closing_and_reuse_lines(
     reuse = capsys.readouterr().out.splitlines()
     assert len(reuse) == 1 and reuse[0].startswith("data: reusing cached token shards")
     assert f"{docs:,} documents" in reuse[0] and again.cache_dir == data.cache_dir
+    shutil.rmtree(data.cache_dir)  # shards gone, tokenizer cached: rebuilt, and said so
+    prepare_data(cfg, TOK)
+    closing = capsys.readouterr().out.splitlines()[-1]
+    assert "(cached tokenizer reused)" in closing and f"{docs:,} documents" in closing
 
     # Streaming: no size known up front, so progress without ETA; the same cache entry.
     stream_cfg = DataConfig(

@@ -239,7 +239,7 @@ def _build_shards(
     stream = build.stream()
     workers = resolve_workers(cfg.num_proc)
     note = "".join(f" ({n})" for n in build.notes)
-    say(f"tokenising with {workers} process(es){note}")
+    say(f"tokenising with {workers} process(es)")
     total = stream.total
     if total is not None and cfg.max_documents:
         total = min(total, cfg.max_documents)
@@ -258,7 +258,8 @@ def _build_shards(
     built = json.loads((out / "meta.json").read_text("utf-8"))
     publish(out, final)
     say(
-        f"built token shards in {time.monotonic() - start:.1f} s: "
+        f"built token shards in {time.monotonic() - start:.1f} s with {workers} process(es)"
+        f"{note}: "
         f"{_summary(built, cfg.seq_len)} -> {final}"
     )
 
