@@ -63,13 +63,16 @@ def run(repo: Path, start: Path, run_dir: Path, steps: int) -> dict[str, float]:
         "--train.save_every=1000", "--data.num_heldout=4", "--tracking.log_every=1",
     ]  # fmt: skip
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_gib = child.ru_maxrss / 2**20  # KiB on Linux
+    cpu = child.ru_utime + child.ru_stime  # the whole process: start-up, steps, saving
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "step_seconds" in r][1:] or rows  # the first step warms up
     med = {k: statistics.median(r[k] for r in rows if k in r) for k in ("step_seconds",)}
     for key in ("time/generation_seconds", "train_seconds", "generate_seconds"):
         med[key] = statistics.median(r[key] for r in rows if key in r)
-    return {"peak_rss_gib": peak_gib, **med}
+    rss = max((r["memory/rss_gb"] for r in rows if "memory/rss_gb" in r), default=0.0)
+    return {"peak_rss_gib": peak_gib, "rss_after_steps_gib": rss, "process_cpu_s": cpu, **med}
 
 
 def logprobs_step(variant: str, vocab: int) -> dict[str, float]:
@@ -107,7 +110,7 @@ def logprobs_step(variant: str, vocab: int) -> dict[str, float]:
     fn = plain if variant == "plain" else lean
     adv = torch.randn(micro)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         ref = [fn(reference, c) for c in chunks]
         old = [fn(policy, c) for c in chunks] if variant == "plain" else []
@@ -116,9 +119,10 @@ def logprobs_step(variant: str, vocab: int) -> dict[str, float]:
         mask = (c["labels"] != -100).float()
         loss, _ = grpo_loss(logp, old[j] if old else logp.detach(), ref[j], adv, mask, 0.2, 0.04)
         loss.backward()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"variant": variant, "step_peak_mib": (peak - base) / 1024, "seconds": seconds}
+    mib = (peak - base) / 1024
+    return {"variant": variant, "step_peak_mib": mib, "seconds": seconds, "cpu_seconds": cpu}
 
 
 def main() -> None:
@@ -146,7 +150,8 @@ def main() -> None:
         if not (start / "latest").exists():
             make_start(start, args.vocab)
         result = run(args.repo.resolve(), start, Path(tmp) / "grpo", args.steps)
-    print(json.dumps({"repo": str(args.repo), "vocab": args.vocab, **result}))
+    made = {"vocab": args.vocab} if args.start is None else {"start": str(args.start)}
+    print(json.dumps({"repo": str(args.repo), **made, **result}))
 
 
 if __name__ == "__main__":
