@@ -34,7 +34,7 @@ VOCAB = 2048
 DRAFT_MODEL = {"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2}
 LARGE_MODEL = {"dim": 256, "n_layers": 6, "n_heads": 4, "n_kv_heads": 2}
 # Pretraining steps of each (global batch 16 rows of 128 tokens, the demo's optimizer).
-DRAFT_STEPS, LARGE_STEPS = 300, 120
+DRAFT_STEPS, LARGE_STEPS = 200, 100
 # A smoke build: a few steps each, seconds long (tests).
 SMOKE_STEPS = 3
 
@@ -80,64 +80,77 @@ def _pretrain_args(run: Path, data_cache: Path, shape: dict[str, int], steps: in
     return args
 
 
-def _pretrain(args: list[str], threads: int) -> float:
-    """Run pretrain/train.py with `args`; its wall seconds."""
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "pretrain" / "train.py"), *args],
-        env=_stage_env(threads),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(
-            f"building the model pair failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+def _start(name: str, args: list[str], cache: Path, threads: int) -> subprocess.Popen[bytes]:
+    """Start pretrain/train.py with `args`, its output in cache/name.log."""
+    with open(cache / f"{name}.log", "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "pretrain" / "train.py"), *args],
+            env=_stage_env(threads),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
-    return time.perf_counter() - start
 
 
-def _build_one(
-    cache: Path, name: str, shape: dict[str, int], steps: int, threads: int, extra: list[str]
-) -> dict[str, Any]:
-    """Pretrain one model of the pair into cache/name unless it is there; its record (settings,
-    wall seconds), kept as cache/name.json."""
-    record_path = cache / f"{name}.json"
-    if record_path.exists() and (cache / name / "latest").exists():
-        return json.loads(record_path.read_text())
-    args = [*_pretrain_args(cache / name, cache / "data", shape, steps), *extra]
-    seconds = _pretrain(args, threads)
-    record = {"model": shape, "steps": steps, "seconds": round(seconds, 1), "threads": threads}
-    tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(record_path)
-    return record
+def _finish(name: str, proc: subprocess.Popen[bytes], cache: Path) -> None:
+    """Wait for one pretraining run; a failure stops the benchmark with its log's tail."""
+    if proc.wait() != 0:
+        tail = (cache / f"{name}.log").read_text(errors="replace")[-3000:]
+        raise SystemExit(f"building the model pair ({name}) failed:\n{tail}")
+
+
+def _tokenizer(data_cache: Path, proc: subprocess.Popen[bytes]) -> Path:
+    """The tokenizer the drafter's run trains into its data cache, once it is there."""
+    while True:
+        found = sorted((data_cache / "tokenizers").glob("*/tokenizer.json"))
+        if found:
+            time.sleep(2)  # its other files are written right after
+            return found[0].parent
+        if proc.poll() is not None:
+            raise SystemExit("building the model pair: the drafter's run trained no tokenizer")
+        time.sleep(1)
 
 
 def build_pair(cache: Path, *, smoke: bool, threads: int) -> dict[str, Any]:
-    """The drafter and the large model under `cache` (draft/, large/), each pretrained now
-    unless a finished one is there; returns how they were built and how long that took."""
+    """The drafter and the large model under `cache` (draft/, large/), pretrained now unless a
+    finished build is there; returns how they were built and how long that took (build.json)."""
+    record_path = cache / "build.json"
+    if record_path.exists() and all((cache / n / "latest").exists() for n in ("draft", "large")):
+        return {**json.loads(record_path.read_text()), "reused": True}
     cache.mkdir(parents=True, exist_ok=True)
-    reused = all((cache / n / "latest").exists() for n in ("draft", "large"))
-    draft_steps, large_steps = (SMOKE_STEPS, SMOKE_STEPS) if smoke else (DRAFT_STEPS, LARGE_STEPS)
-    # The drafter first: its run trains the tokenizer that the large model then reuses, so the
-    # two share every token id.
-    draft = _build_one(cache, "draft", DRAFT_MODEL, draft_steps, threads, [])
-    tokenizer = cache / "draft" / (cache / "draft" / "latest").read_text().strip()
-    large = _build_one(
-        cache, "large", LARGE_MODEL, large_steps, threads, [f"--tokenizer.path={tokenizer}"]
+    data = cache / "data"
+    steps = {"draft": DRAFT_STEPS, "large": LARGE_STEPS}
+    if smoke:
+        steps = {"draft": SMOKE_STEPS, "large": SMOKE_STEPS}
+    # The drafter's run trains the tokenizer; the large model's run starts as soon as it is
+    # there and reuses it (tokenizer.path), so the two share every token id and train at once.
+    t0 = time.perf_counter()
+    draft = _start(
+        "draft", _pretrain_args(cache / "draft", data, DRAFT_MODEL, steps["draft"]), cache, threads
     )
-    return {
+    tokenizer = _tokenizer(data, draft)
+    large_args = _pretrain_args(cache / "large", data, LARGE_MODEL, steps["large"])
+    large = _start("large", [*large_args, f"--tokenizer.path={tokenizer}"], cache, threads)
+    _finish("draft", draft, cache)
+    draft_s = time.perf_counter() - t0
+    _finish("large", large, cache)
+    total = time.perf_counter() - t0
+    record = {
         "how": (
             "pretrain/train.py --config configs/pretrain/demo.yaml (embedded corpus, causal "
             f"objective), rows of 128 tokens, global batch 16, a tokenizer of {VOCAB} tokens "
-            "trained by the drafter's run and reused by the large model's"
+            "trained by the drafter's run and reused by the large model's; both runs at once"
         ),
-        "draft": draft,
-        "large": large,
-        "seconds": round(draft["seconds"] + large["seconds"], 1),
-        "reused": reused,
+        "draft": {"model": DRAFT_MODEL, "steps": steps["draft"], "seconds": round(draft_s, 1)},
+        "large": {"model": LARGE_MODEL, "steps": steps["large"]},
+        "seconds": round(total, 1),
+        "threads_per_run": threads,
+        "smoke": smoke,
     }
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(record_path)
+    return {**record, "reused": False}
 
 
 # ------------------------------------------------------------------------------ measurement
@@ -285,10 +298,10 @@ def _checks(tokens: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
 
 def _side_record(name: str, times: list[float], tokens: int, stats: list[Any]) -> dict[str, Any]:
     record = {**common.summary(times), "new_tokens_per_s": tokens / statistics.median(times)}
-    if stats:
+    if stats:  # the figures of every timed pass together
         forwards = sum(s.forwards for s in stats)
-        record["model_forwards"] = forwards
-        record["tokens_per_forward"] = tokens / forwards
+        record["model_forwards_per_pass"] = forwards / len(times)
+        record["tokens_per_forward"] = tokens * len(times) / forwards
         if name != "plain":
             proposed, accepted = sum(s.proposed for s in stats), sum(s.accepted for s in stats)
             record["acceptance"] = accepted / max(proposed, 1)
@@ -301,8 +314,15 @@ def _grpo_rollouts(
 ) -> dict[str, Any]:
     """GRPO steps on the large model as the policy (the builtin tasks, 4 prompts x G=4, 32 new
     tokens, sampling at temperature 1) without a drafter, with the n-gram one and with the
-    draft model: the median step and rollout (sampling) seconds over the steps after the first."""
-    runs = {"none": [], "ngram": ["--rollout.draft=ngram"], "model": [f"--rollout.draft={draft}"]}
+    draft model (k as given, and adaptive): the median step and rollout (sampling) seconds over
+    the steps after the first."""
+    k = f"--rollout.draft_tokens={args.draft_tokens}"
+    runs = {
+        "none": [],
+        "ngram": ["--rollout.draft=ngram", k],
+        "model": [f"--rollout.draft={draft}", k],
+        "model_adaptive": [f"--rollout.draft={draft}", "--rollout.draft_tokens=0"],
+    }
     steps = args.rollout_steps
     out: dict[str, Any] = {"steps": steps, "prompts": 4, "group_size": 4, "new_tokens": 32}
     for name, extra in runs.items():
@@ -313,7 +333,7 @@ def _grpo_rollouts(
             "--group_size=4", "--train.global_batch_size=16", "--train.micro_batch_size=16",
             f"--train.steps={steps}", "--train.eval_every=0", "--train.save_every=1000",
             "--tracking.log_every=1", "--max_new_tokens=32", "--beta=0", "--optim.lr=1e-4",
-            f"--rollout.draft_tokens={args.draft_tokens}", *extra,
+            *extra,
         ]  # fmt: skip
         proc = subprocess.run(
             cmd, env=_stage_env(max(args.threads, 1)), cwd=REPO, capture_output=True, text=True
@@ -440,11 +460,16 @@ def print_table(r: dict[str, Any]) -> None:
             f"GRPO step ({g['prompts']} prompts x G={g['group_size']}, {g['new_tokens']} new "
             f"tokens, median of steps 2-{g['steps']}):"
         )
-        for name, label in (("none", "no drafter"), ("ngram", "n-gram"), ("model", "draft model")):
+        for name, label in (
+            ("none", "no drafter"),
+            ("ngram", "n-gram"),
+            ("model", "draft model"),
+            ("model_adaptive", "model, k adaptive"),
+        ):
             e = g[name]
             acc = f", acceptance {e['acceptance']:.1%}" if "acceptance" in e else ""
             print(
-                f"  {label:<12} step {e['step_s']:.2f} s, rollout {e['rollout_s']:.2f} s "
+                f"  {label:<18} step {e['step_s']:.2f} s, rollout {e['rollout_s']:.2f} s "
                 f"({g['none']['rollout_s'] / e['rollout_s']:.2f}x){acc}"
             )
 
