@@ -72,6 +72,8 @@ def test_a_batch_is_as_wide_as_its_longest_pair(pairs: PreferenceDataset) -> Non
             assert (full[f"{side}_labels"][:, longest:] == IGNORE).all()
             # the reward model's token is each chat's last, inside the width
             assert torch.equal(batch[f"{side}_last"], real[side] - 1)
+        collated = pairs.collate([pairs[i] for i in rows])  # a DataLoader's way: the same batch
+        assert all(torch.equal(collated[key], batch[key]) for key in batch)
     with pytest.raises(ValueError, match="shorter than the longest chat"):
         pairs.get_batch(ROWS, pad_to=10)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
 from lmforge.data.packing import Batch, collate
@@ -209,7 +210,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
     positions on short pairs, and right padding changes no real position's result.
     """
 
-    collate = staticmethod(collate)
     SIDES = ("chosen", "rejected")
 
     def __init__(
@@ -264,6 +264,26 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Batch:
         """Pair i as (T,) int64 tensors (and the () tensors chosen_last, rejected_last)."""
         return {key: value[0] for key, value in self.get_batch([i]).items()}
+
+    def collate(self, items: Sequence[Batch]) -> Batch:
+        """Stack pairs from `ds[i]` (each as wide as its own longer chat) into what get_batch
+        gives for the same pairs: (B, T) tensors right padded to the longest, and (B,) lasts."""
+        if not items:
+            raise ValueError("collate needs at least one item")
+        width = max(int(item[f"{side}_ids"].shape[0]) for item in items for side in self.SIDES)
+        fill = {"ids": self.pad_id, "labels": IGNORE, "mask": 0}
+        out: Batch = {}
+        for key in items[0]:
+            kind = key.split("_", 1)[1]
+            if kind == "last":  # () each
+                out[key] = torch.stack([item[key] for item in items])
+                continue
+            rows = [
+                F.pad(item[key], (0, width - item[key].shape[0]), value=fill[kind])
+                for item in items
+            ]
+            out[key] = torch.stack(rows)  # (B, T)
+        return out
 
     def get_batch(self, indices: Sequence[int] | np.ndarray, *, pad_to: int | None = None) -> Batch:
         """Pairs `indices` as (B, T) int64 tensors, and (B,) chosen_last / rejected_last.
