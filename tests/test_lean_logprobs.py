@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lmforge.prefs
 from finetune.dpo import logprobs as dpo_logprobs
+from finetune.grpo import GRPOConfig, old_logprobs_are_current
 from lmforge.lora import LoraSettings, apply_lora
 from lmforge.loss import IGNORE_INDEX
 from lmforge.model import GPT, build_model
@@ -164,6 +166,20 @@ def test_plain_path_where_the_head_is_not_a_plain_weight() -> None:
         assert output_weight(model) is None
 
 
+def test_old_pass_is_skipped_only_where_it_cannot_differ() -> None:
+    """One epoch and no dropout: skipped. More epochs (the weights move between them), or any
+    dropout (train mode differs from the rollout's eval mode): the pass runs."""
+    one, two = GRPOConfig(), GRPOConfig(epochs=2)
+    plain = SimpleNamespace(module=build_model(small_config(), seed=0))  # what grpo reads
+    assert old_logprobs_are_current(one, plain)
+    assert not old_logprobs_are_current(two, plain)
+    for dropout in ({"attn_dropout": 0.1}, {"resid_dropout": 0.1}):
+        model = build_model(small_config(**dropout), seed=0)
+        assert not old_logprobs_are_current(one, SimpleNamespace(module=model))
+    lora = apply_lora(build_model(small_config(), seed=0), LoraSettings(True, dropout=0.1))
+    assert not old_logprobs_are_current(one, SimpleNamespace(module=lora))
+
+
 # GRPO from task_base (random weights, the chat tasks' tokenizer): 2 micro-batches per step, a
 # reference (β > 0), a reward most groups vary in ('e' is in many of the 400 tokens).
 GRPO_ARGS = [
@@ -191,13 +207,22 @@ RUN_GRPO = (
 )
 
 
-def _grpo(run: Path, base: Path, variant: str) -> list[dict]:
-    cmd = [sys.executable, "-c", RUN_GRPO, variant, f"--init_from={base}", f"--run_dir={run}"]
-    proc = subprocess.run(
-        cmd + GRPO_ARGS, env=stage_env(), capture_output=True, text=True, timeout=900, cwd=REPO
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def _grpo(runs: dict[str, Path], base: Path) -> dict[str, list[dict]]:
+    """Run the variants side by side (one thread each) and return each one's metrics."""
+    procs = {}
+    for variant, run in runs.items():
+        cmd = [sys.executable, "-c", RUN_GRPO, variant, f"--init_from={base}", f"--run_dir={run}"]
+        procs[variant] = subprocess.Popen(
+            cmd + GRPO_ARGS, env=stage_env(), cwd=REPO, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    for proc in procs.values():
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out[-5000:]
+    return {
+        v: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for v, run in runs.items()
+    }
 
 
 def test_grpo_without_the_old_policy_pass_trains_the_same_weights(
@@ -205,8 +230,8 @@ def test_grpo_without_the_old_policy_pass_trains_the_same_weights(
 ) -> None:
     """One epoch: the old log-probs are the current ones detached. The same run with the extra
     no-grad pass forced gives the same losses, metrics and final weights."""
-    skip = _grpo(tmp_path / "skip", task_base, "skip")
-    forced = _grpo(tmp_path / "pass", task_base, "pass")
+    logs = _grpo({v: tmp_path / v for v in ("skip", "pass")}, task_base)
+    skip, forced = logs["skip"], logs["pass"]
     steps = [(a, b) for a, b in zip(skip, forced, strict=True) if "loss" in a]
     assert len(steps) == 3
     keys = ("loss", "kl", "clip_fraction", "sample_entropy", "reward", "grad_norm")
