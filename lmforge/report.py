@@ -221,15 +221,19 @@ def _eval_file_rows(ckpt: Path, stage: str) -> list[Row]:
         if not isinstance(record, Mapping):
             continue
         limit = record.get("limit")
+        shown = f"{limit:g}" if isinstance(limit, (int, float)) else "none"
         chat = ", chat" if record.get("chat") else ""
         for task, values in (record.get("results") or {}).items():
-            for metric, value in (values if isinstance(values, Mapping) else {}).items():
-                if not isinstance(value, (int, float)):
+            values = values if isinstance(values, Mapping) else {}
+            count = values.get("sample_len")  # the harness's count of examples, no measure
+            size = int(count) if isinstance(count, (int, float)) else None
+            held = (f"lmforge eval {task} (limit {shown}{chat})", size, "examples")
+            for metric, value in values.items():
+                if metric == "sample_len" or not isinstance(value, (int, float)):
                     continue
-                words = f"lmforge eval {task} (limit {limit if limit else 'none'}{chat})"
                 where = f"{ckpt} ({EVAL_DIR}/{name})"
                 rows.append(Row(stage, f"eval {task} {metric}", None, float(value), where,
-                                f"eval {task}/{metric}", (words, None, "examples")))  # fmt: skip
+                                f"eval {task}/{metric}", held))  # fmt: skip
     return rows
 
 

@@ -21,6 +21,26 @@ pytestmark = pytest.mark.slow
 KEY = "harness/lmforge_chat_mc/acc"
 
 
+PPL = "harness/my_ppl/word_perplexity"
+
+
+@pytest.fixture(scope="module")
+def own_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's task YAML over a local file of texts: perplexity, a number that moves with every
+    weight (multiple-choice accuracy of a few examples saturates)."""
+    folder = tmp_path_factory.mktemp("own_task")
+    texts = ["Sort the digits of 4721.", "Reverse the word lamp.", "Add 12 and 30.", "4 < 9"]
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (folder / "my_ppl.yaml").write_text(
+        "task: my_ppl\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'docs.jsonl'}\n"
+        "output_type: loglikelihood_rolling\ntest_split: test\n"
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n"
+    )
+    return folder / "my_ppl.yaml"
+
+
 def _args(base: Path, run: Path, *extra: str) -> list[str]:
     return [
         f"--init_from={base}",
@@ -42,14 +62,15 @@ def _args(base: Path, run: Path, *extra: str) -> list[str]:
     ]
 
 
-def _harness(run: Path) -> dict[int, float]:
-    return {r["step"]: r[KEY] for r in metrics(run) if KEY in r}
+def _harness(run: Path, key: str = KEY) -> dict[int, float]:
+    return {r["step"]: r[key] for r in metrics(run) if key in r}
 
 
 @pytest.fixture(scope="module")
-def one(task_base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def one(task_base: Path, own_task: Path, tmp_path_factory) -> tuple[Path, str]:
     run = tmp_path_factory.mktemp("harness") / "sft1"
-    proc = run_stage("finetune/sft.py", _args(task_base, run, f"--train.keep_best={KEY}"))
+    tasks = f"--eval.harness_tasks=[lmforge_chat_mc,{own_task}]"
+    proc = run_stage("finetune/sft.py", _args(task_base, run, tasks, f"--train.keep_best={KEY}"))
     return run, proc.stdout + proc.stderr
 
 
@@ -68,11 +89,15 @@ def test_harness_metrics_at_every_evaluation_and_keep_best(one: tuple[Path, str]
     assert meta["best"]["metric"] == KEY and meta["best"]["value"] == got[step]
 
 
-def test_two_processes_give_the_same_numbers(task_base: Path, one, tmp_path: Path) -> None:
+def test_two_processes_give_the_same_numbers(task_base, own_task, one, tmp_path: Path) -> None:
     run = tmp_path / "sft2"
-    run_stage("finetune/sft.py", _args(task_base, run), nproc=2, launcher="torchrun")
-    single, split = _harness(one[0]), _harness(run)
-    assert split == pytest.approx(single, abs=1e-9), (single, split)
+    tasks = f"--eval.harness_tasks=[lmforge_chat_mc,{own_task}]"
+    run_stage("finetune/sft.py", _args(task_base, run, tasks), nproc=2, launcher="torchrun")
+    assert _harness(run) == _harness(one[0])
+    single, split = _harness(one[0], PPL), _harness(run, PPL)
+    assert sorted(single) == [0, 1, 2] and single[2] < single[0], single  # it learns
+    # Two processes sum the same gradients in another order: equal up to rounding.
+    assert split == pytest.approx(single, rel=1e-4), (single, split)
 
 
 def test_unknown_task_or_no_harness_is_refused_at_config_load(monkeypatch) -> None:

@@ -256,12 +256,18 @@ def run_lmforge_tool(ws: Workspace, cmd: Command) -> None:
     script = {"pretrain": "pretrain/train.py"}.get(tool, f"finetune/{tool}.py")
     if script in SHORT:  # a stage's dry run describes the short run the stage lines trained
         argv = [*argv, *SHORT[script]]
+    if tool == "eval":  # four examples per task (the last --limit wins): seconds, same code
+        argv = [*argv, "--limit", "4"]
     out = ws.run(cmd, argv)
     if tool == "report":
         for run in argv[2:]:
             assert Path(run).name in out, out
     elif tool == "inspect":
         assert "sft" in out, out
+    elif tool == "eval":  # results printed and written into the checkpoint's eval/ folder
+        assert "eval done:" in out, out
+        written = ws.root / out.strip().splitlines()[-1].rsplit("; ", 1)[-1]
+        assert written.parent.name == "eval" and json.loads(written.read_text())["results"], out
     elif tool == "sample":
         assert out.strip(), "sample printed nothing"
         ws.samples[tuple(argv)] = out

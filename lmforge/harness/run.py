@@ -126,8 +126,10 @@ def resolve_tasks(
     # lmforge_* names are lmforge's own (none in the harness's registry): a misspelt one is
     # found without indexing the registry's thousands of task files.
     include_defaults = any(n not in SHIPPED and not n.startswith("lmforge_") for n in names)
+    # The harness indexes folders: a task file is found through its own folder.
+    folders = dict.fromkeys(str(p.parent if p.is_file() else p) for p in paths)
     manager = TaskManager(
-        include_path=[str(TASKS_DIR), *map(str, paths)],
+        include_path=[str(TASKS_DIR), *folders],
         include_defaults=include_defaults,
         metadata=metadata or {},
     )
