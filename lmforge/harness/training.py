@@ -17,7 +17,6 @@ are put back afterwards, so a run's training is the same with and without harnes
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -116,17 +115,19 @@ def check_stage(stage: str, config: Any) -> None:
 
 @contextlib.contextmanager
 def no_progress_bars() -> Iterator[None]:
-    """The harness's progress bars (tqdm reads TQDM_* at every bar) off: a training log
-    holds the evaluation's one line instead."""
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    """The harness's progress bars off (every tqdm bar is made with disable=True meanwhile): a
+    training log holds the evaluation's one line instead. tqdm reads TQDM_DISABLE only when
+    it is imported, so the environment cannot do this."""
+    from functools import partialmethod
+
+    from tqdm import std
+
+    init = std.tqdm.__init__
+    std.tqdm.__init__ = partialmethod(init, disable=True)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
+        std.tqdm.__init__ = init  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -149,6 +150,7 @@ def harness_metrics(
     *,
     stage: str,
     split_ranks: bool,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Run cfg's tasks on `module` (in eval mode already); {harness/<task>/<metric>: value},
     the same on every rank."""
@@ -166,6 +168,7 @@ def harness_metrics(
             batch_size=cfg.harness_batch_size,
             chat=cfg.chat(stage, tokenizer),
             split_ranks=split_ranks,
+            metadata=metadata,
         )
     flat = {
         f"{PREFIX}{task}/{m}": v
@@ -191,9 +194,18 @@ def run_in_training(config: Any, stage: str, engine: Any, tokenizer: Any) -> dic
     was_training = module.training
     module.eval()
     try:
-        return harness_metrics(cfg, module, tokenizer, stage=stage, split_ranks=not zero3)
+        return harness_metrics(
+            cfg, module, tokenizer, stage=stage, split_ranks=not zero3, metadata=_metadata(config)
+        )
     finally:
         module.train(was_training)
+
+
+def _metadata(config: Any) -> dict[str, Any]:
+    """Task metadata from the run's config: its data cache (lmforge_corpus reads the embedded
+    corpus there, as the run's own data does, not in a second cache)."""
+    cache = getattr(getattr(config, "data", None), "cache_dir", None)
+    return {"cache_dir": str(cache)} if isinstance(cache, str) and cache else {}
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
