@@ -13,15 +13,18 @@ import re
 import shutil
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 
 import lmforge.data.prepare as prepare_mod
 import lmforge.data.shards as shards_mod
 from lmforge.data import DataConfig, doc_hash, prepare_data, validation_mask
-from lmforge.data.shards import StreamStats
+from lmforge.data.corpus import open_corpus
+from lmforge.data.shards import StreamStats, write_shards
+from lmforge.data.sources import Source
 from lmforge.errors import DataError
-from lmforge.tokenizer import TokenizerConfig
+from lmforge.tokenizer import TokenizerConfig, train_tokenizer
 
 TOK = TokenizerConfig(vocab_size=400)
 WORDS = ["the", "a", "of", "river", "house", "people", "water", "light", "café", "naïve", "7"]
@@ -100,6 +103,34 @@ def test_shards_equal_for_any_worker_count_and_streaming(
     assert "tokenising with 2 process(es)" in out and "streaming corpus" in out
 
 
+def test_hub_path_gives_the_same_shards_streamed_or_downloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub code path fed a local dataset directory (load_dataset(name) accepts one):
+    downloaded into the datasets cache and read from Arrow, or streamed as it is tokenised."""
+    monkeypatch.setattr(shards_mod, "JOB_CHARS", 4000)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    docs = documents(500, seed=1)
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    lines = [{"text": d, "n": i} for i, d in enumerate(docs)] + [{"text": " ", "n": -1}]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines), "utf-8")
+    tokenizer = train_tokenizer(docs, 400)
+    got = []
+    for streaming in (False, True):
+        cfg = DataConfig(source=str(folder), streaming=streaming, max_documents=450)
+        stream = open_corpus(Source("hub", str(folder)), cfg, tmp_path / f"hf{streaming}")
+        assert stream.total == (None if streaming else len(lines))
+        out = tmp_path / f"shards{streaming}"
+        stats = write_shards(stream, tokenizer, out, fraction=0.1, num_proc=2, meta={})
+        assert stats.jobs > 10 and sum(stats.documents.values()) == 450
+        got.append([(out / f"{split}.bin").read_bytes() for split in ("train", "val")])
+    assert got[0] == got[1]
+    train, _ = split(docs[:450], 0.1)
+    flat = np.frombuffer(got[0][0], dtype=np.uint16)
+    assert tokenizer.decode(flat[1 : 1 + len(tokenizer.encode(train[0]))].tolist()) == train[0]
+
+
 def split(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
     docs = [d for d in docs if d.strip()]
     mask = validation_mask(np.array([doc_hash(d) for d in docs], dtype=np.uint64), fraction)
@@ -138,7 +169,7 @@ def test_progress_closing_and_reuse_lines(
     closing = capsys.readouterr().out.splitlines()[-1]
     assert "(cached tokenizer reused)" in closing and f"{docs:,} documents" in closing
 
-    # Streaming: no size known up front, so progress without ETA; the same cache entry.
+    # data.streaming changes nothing for local files (always read as they come): same entry.
     stream_cfg = DataConfig(
         source=str(source), cache_dir=str(tmp_path / "s"), seq_len=32, streaming=True
     )
@@ -146,7 +177,7 @@ def test_progress_closing_and_reuse_lines(
     streamed = prepare_data(stream_cfg, TokenizerConfig(path=str(tokenizer)))
     lines = capsys.readouterr().out.splitlines()
     progress = [line for line in lines if line.startswith("data: tokenising: ")]
-    assert progress and not any("ETA" in line for line in progress)
+    assert progress and all("ETA" in line for line in progress)  # records counted
     assert lines[-1].startswith("data: built token shards") and f"{docs:,} documents" in lines[-1]
     assert streamed.cache_dir.name == data.cache_dir.name
 

@@ -124,7 +124,7 @@ class DataConfig:
     cache_dir: str = option(".cache/lmforge", "directory of token shards and trained tokenizers")
     num_proc: int = option(0, "processes that tokenise; 0 = every core of the node")
     streaming: bool = option(
-        False, "read the corpus as it is tokenised (no full download or Arrow copy first)"
+        False, "hub datasets: read as tokenised, not downloaded first (local files always are)"
     )
     max_documents: int = option(0, "use at most this many documents; 0 = all (for quick runs)")
     max_record_bytes: int = option(

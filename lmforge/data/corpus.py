@@ -14,6 +14,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 
 from lmforge.data.config import DataConfig
 from lmforge.data.diagnose import find_problem
@@ -268,10 +269,19 @@ class DocumentStream:
 def open_corpus(
     source: Source, cfg: DataConfig, cache_dir: Path, builtin: Sequence[str] = ()
 ) -> DocumentStream:
-    """The corpus as a DocumentStream: read into a Dataset (Arrow files under cache_dir for
-    local sources), or with cfg.streaming straight from the files or the hub as it is iterated
-    (nothing downloaded or converted up front). Both give the same documents in the same order.
+    """The corpus as a DocumentStream. Local files are always read as they are iterated,
+    through datasets' streaming mode (an Arrow copy first would only cost time and disk). A hub
+    dataset is downloaded into the Hugging Face cache and read from there (reused by later
+    runs), or with cfg.streaming read from the hub as it is iterated (nothing stored). Both
+    ways give the same documents in the same order.
     """
+    if source.kind == "files":
+        return DocumentStream(
+            lambda: _stream_source(source, cfg),
+            source.name,
+            _records(source),
+            cfg.max_documents,
+        )
     if not cfg.streaming:
         ds = _read_corpus(source, cfg, cache_dir, builtin)
 
@@ -289,6 +299,25 @@ def open_corpus(
 
         return DocumentStream(chunks, source.name, len(texts), cfg.max_documents)
     return DocumentStream(lambda: _stream_source(source, cfg), source.name, None, cfg.max_documents)
+
+
+def _records(source: Source) -> int | None:
+    """How many records local files hold, when cheap to tell (for the ETA); else None."""
+    if source.builder == "text":
+        return len(source.files)  # one document per file
+    if source.builder == "parquet":
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in source.files)
+    if any(f.suffix.lower() != ".jsonl" for f in source.files):
+        return None  # a .json file is one JSON value
+    total = 0
+    for path in source.files:  # lines, read in blocks (the page cache has them: just hashed)
+        with open(path, "rb") as fh:
+            last = b"\n"
+            while block := fh.read(1 << 24):
+                total += block.count(b"\n")
+                last = block[-1:]
+            total += last != b"\n"
+    return total
 
 
 def _stream_source(source: Source, cfg: DataConfig) -> Iterator[list[str]]:
