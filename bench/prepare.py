@@ -7,8 +7,9 @@ every core), each side in its own fresh process and cache:
 
 - baseline: `datasets.load_dataset("json")` then `Dataset.map(batched=True, num_proc=N)` calling
   the tokenizer (`tokenizer(texts)["input_ids"]`), the usual recipe;
-- lmforge: `prepare_data` with `tokenizer.path` set (hash check of the file, reading, split by
-  document hash, tokenising, token shards on disk), optionally with `data.streaming`.
+- lmforge: `prepare_data` with `tokenizer.path` set (hash check of the file, reading it as it
+  is tokenised, split by document hash, token shards on disk). `--streaming` also times it with
+  `data.streaming` (for local files the same reader: a check that the setting costs nothing).
 
 Prints tokens/s of each (content tokens, the same count on both sides: it is checked), the
 ratio lmforge / baseline, and the peak memory of each side: the largest proportional resident
