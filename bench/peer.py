@@ -196,7 +196,7 @@ class Bench:
         fig["after_steps_seconds"] = end - fig.pop("_last_log")
         fig["wall_seconds"] = end - start
         fig["cpu_seconds"] = cpu
-        fig["run_dir"] = str(run_dir)
+        fig["run_dir"] = _relative(run_dir)
         return fig
 
     def trl(self, stage: str, name: str) -> dict[str, Any]:
@@ -222,6 +222,15 @@ class Bench:
 
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         return int(config["train"]["global_batch_size"])
+
+
+def _relative(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it (the results file names no
+    machine's directories; the stages run from the repository root, so it still resolves)."""
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def median(values: list[float]) -> float:
