@@ -102,7 +102,7 @@ def reference_logprobs(
         rows = list(range(start, min(start + micro, len(data))))
         lp = logprobs(reference, data.get_batch(rows), device).cpu()
         out.append(torch.stack(lp.chunk(2), dim=1))  # (b, 2)
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, 2)
 
 
 @torch.no_grad()
@@ -110,6 +110,8 @@ def evaluate(ctx: dict[str, Any]) -> dict[str, float]:
     """Held-out DPO loss, implicit-reward accuracy and margin, and how often the policy alone
     gives the chosen answer the higher log-prob (rows split across ranks)."""
     data, info, ref = ctx["heldout"], ctx["info"], ctx["heldout_ref"]
+    if len(data) == 0:  # no held-out pairs: nothing to measure (the loop says so once)
+        return {}
     sums = dict.fromkeys(("loss", "reward_accuracy", "reward_margin"), 0.0)
     sums.update(prefers_chosen=0.0, logp_margin=0.0)
     seen = 0

@@ -152,7 +152,8 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
 
     task = supervised_task(
         micro_step,
-        lambda step: pair_accuracy(engine, heldout, info, micro, device),
+        # No held-out pairs: nothing to measure (the loop says so once).
+        lambda step: pair_accuracy(engine, heldout, info, micro, device) if len(heldout) else {},
         planned(cfg.train, plan),
         info,
         num_samples=len(train_data),

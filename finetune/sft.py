@@ -92,6 +92,8 @@ def evaluator(cfg: SFTConfig, engine: Engine, data: Heldout, place: Launch) -> A
     the answers to run_dir/samples.jsonl)."""
 
     def evaluate(step: int) -> dict[str, float]:
+        if len(data.rows) == 0:  # no held-out chats: nothing to measure (the loop says so once)
+            return {}
         micro = cfg.train.micro_batch_size
         metrics = {"eval/loss": heldout_loss(engine, data.rows, place.info, micro, place.device)}
         samples = place.run_dir / "samples.jsonl" if place.info.is_main else None

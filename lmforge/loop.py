@@ -140,9 +140,13 @@ def supervised_task(
 
 
 def before_after(last: dict[str, Any], key: str, label: str) -> str:
-    """'label 0.250 -> 0.410' from eval_before/<key> and eval/<key> of a run's last metrics."""
+    """'label 0.250 -> 0.410' from eval_before/<key> and eval/<key> of a run's last metrics
+    ('label not measured' when the run evaluated nothing, e.g. without held-out data)."""
+    before, after = last.get(f"eval_before/{key}"), last.get(f"eval/{key}")
+    if before is None and after is None:
+        return f"{label} not measured"
     nan = float("nan")
-    before, after = last.get(f"eval_before/{key}", nan), last.get(f"eval/{key}", nan)
+    before, after = nan if before is None else before, nan if after is None else after
     return f"{label} {before:.3f} -> {after:.3f}"
 
 

@@ -195,3 +195,19 @@ def test_retention_never_deletes_the_best(tmp_path: Path) -> None:
         (ckpt / "config.json").write_text("{}")
     deleted = apply_retention(tmp_path, 1, 0, "step-000004", ("step-000002",))
     assert deleted == ["step-000001", "step-000003"]
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_finetuning_without_held_out_records_trains_and_says_so(
+    stage: str, task_base: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / stage
+    args = [f"--init_from={task_base}", f"--run_dir={run}", "--data.num_train=32"]
+    args += ["--data.num_heldout=0", "--data.seq_len=64", "--train.steps=2", "--train.epochs=0"]
+    args += ["--train.global_batch_size=8", "--train.micro_batch_size=8"]
+    out = run_stage(f"finetune/{stage}.py", [*args, "--train.eval_every=1"])
+    text = out.stdout + out.stderr
+    assert text.count("no held-out data, so evaluation is skipped") == 1, text[-2000:]
+    assert "not measured" in text
+    assert (run / "step-000002" / "lmforge.json").is_file()
+    assert not any(k.startswith("eval/") for m in metrics(run) for k in m)
