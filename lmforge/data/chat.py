@@ -39,9 +39,8 @@ from lmforge.data.chat_datasets import PreferenceDataset, SFTDataset
 from lmforge.data.config import (
     MAX_RECORD_BYTES,
     DataConfig,
-    check_mixture_names,
-    check_weights,
     source_name,
+    validate_mixture,
 )
 from lmforge.data.corpus import doc_hash, quiet_datasets, validation_mask
 from lmforge.data.diagnose import _json_records
@@ -156,7 +155,7 @@ class ChatDataConfig:
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"{p}tasks: a task is listed twice: {self.tasks}")
         if self.sources:
-            self._validate_sources(p)
+            validate_mixture(self.source, self.sources, p)
         used = [self.source, self.heldout_source, *(s.source for s in self.sources)]
         used += [s.heldout_source or "" for s in self.sources]
         if self.tasks and "builtin" not in {u.strip() for u in used}:
@@ -167,18 +166,6 @@ class ChatDataConfig:
                 f"--{p}tasks=[] (or `tasks: []` in the config's data section)"
             )
         check_template_value(self.chat_template, f"{p}chat_template")
-
-    def _validate_sources(self, p: str) -> None:
-        """A mixture: no `source` beside it, distinct names, weights that can all be sampled."""
-        if self.source.strip() != "builtin":
-            raise ConfigError(
-                f"{p}source and {p}sources are both set; use one: a single source, or the "
-                f"mixture (add '{self.source}' to {p}sources)"
-            )
-        for i, src in enumerate(self.sources):
-            src.validate(f"{p}sources[{i}]")
-        check_mixture_names([s.label() for s in self.sources], f"{p}sources")
-        check_weights([s.weight for s in self.sources], f"{p}sources")
 
     def for_source(self, index: int) -> ChatDataConfig:
         """This section as a single-source config of mixture source `index`."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from lmforge.config import option
 from lmforge.errors import ConfigError
@@ -49,6 +49,20 @@ def check_weights(weights: list[float], key: str) -> None:
                 f"{key}[{i}].weight: {weight} is under 1/{MIX_BLOCK} of the total weight "
                 f"{total:g}; raise it or leave the source out"
             )
+
+
+def validate_mixture(source: str, sources: list[Any], p: str) -> None:
+    """A data section's mixture: no `source` beside it, every entry valid, distinct names,
+    weights that can all be sampled. `p` is the section's key prefix ("data.")."""
+    if source.strip() != "builtin":
+        raise ConfigError(
+            f"{p}source and {p}sources are both set; use one: a single source, or the "
+            f"mixture (add '{source}' to {p}sources)"
+        )
+    for i, src in enumerate(sources):
+        src.validate(f"{p}sources[{i}]")
+    check_mixture_names([s.label() for s in sources], f"{p}sources")
+    check_weights([s.weight for s in sources], f"{p}sources")
 
 
 @dataclass
@@ -153,19 +167,7 @@ class DataConfig:
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"{p}seed: must be in [0, 2**63), got {self.seed}")
         if self.sources:
-            self._validate_sources(p)
-
-    def _validate_sources(self, p: str) -> None:
-        """A mixture: no `source` beside it, distinct names, weights that can all be sampled."""
-        if self.source.strip() != "builtin":
-            raise ConfigError(
-                f"{p}source and {p}sources are both set; use one: a single source, or the "
-                f"mixture (add '{self.source}' to {p}sources)"
-            )
-        for i, src in enumerate(self.sources):
-            src.validate(f"{p}sources[{i}]")
-        check_mixture_names([s.label() for s in self.sources], f"{p}sources")
-        check_weights([s.weight for s in self.sources], f"{p}sources")
+            validate_mixture(self.source, self.sources, p)
 
     def for_source(self, index: int) -> DataConfig:
         """This section as a single-source config of mixture source `index`."""
