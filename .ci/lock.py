@@ -1,9 +1,10 @@
-"""Print constraints.txt: the exact version of every package lmforge[dev] needs, as installed in
-the running environment (run it with .venv/bin/python after the suite passed: `make lock`).
+"""Print constraints.txt: the exact version of every package lmforge[dev,eval] needs, as
+installed in the running environment (run it with .venv/bin/python after the suite passed:
+`make lock`).
 
-What is pinned: lmforge's requirements with the `dev` extra, and theirs, transitively, as found
-installed. Local version labels are dropped (`torch==2.13.0`, not `2.13.0+cpu`) so the CPU and the
-CUDA builds of the same release both satisfy the pin; packages a build pulls only on some
+What is pinned: lmforge's requirements with the `dev` and `eval` extras, and theirs,
+transitively, as found installed. Local version labels are dropped (`torch==2.13.0`, not
+`2.13.0+cpu`) so the CPU and the CUDA builds of the same release both satisfy the pin; packages a build pulls only on some
 machines (CUDA's nvidia-*) are not listed, which a constraints file allows. A pinned version
 whose Requires-Python excludes some Python lmforge supports carries a marker, so that on such a
 Python the constraint steps aside instead of making the install impossible.
@@ -20,7 +21,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = "lmforge"
-EXTRAS = ("dev",)
+EXTRAS = ("dev", "eval")
 MIN_PYTHON = (3, 10, 0)  # pyproject's requires-python
 
 
