@@ -4,10 +4,11 @@ installed in the running environment (run it with .venv/bin/python after the sui
 
 What is pinned: lmforge's requirements with the `dev` and `eval` extras, and theirs,
 transitively, as found installed. Local version labels are dropped (`torch==2.13.0`, not
-`2.13.0+cpu`) so the CPU and the CUDA builds of the same release both satisfy the pin; packages a build pulls only on some
-machines (CUDA's nvidia-*) are not listed, which a constraints file allows. A pinned version
-whose Requires-Python excludes some Python lmforge supports carries a marker, so that on such a
-Python the constraint steps aside instead of making the install impossible.
+`2.13.0+cpu`) so the CPU and the CUDA builds of the same release both satisfy the pin; packages
+a build pulls only on some machines (CUDA's nvidia-*) are not listed, which a constraints file
+allows. A pinned version whose Requires-Python excludes some Python lmforge supports carries a
+marker, so that on such a Python the constraint steps aside instead of making the install
+impossible.
 """
 
 from __future__ import annotations
