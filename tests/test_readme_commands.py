@@ -265,8 +265,9 @@ def run_lmforge_tool(ws: Workspace, cmd: Command) -> None:
     elif tool == "inspect":
         assert "sft" in out, out
     elif tool == "eval":  # results printed and written into the checkpoint's eval/ folder
-        assert "eval done:" in out, out
-        written = ws.root / out.strip().splitlines()[-1].rsplit("; ", 1)[-1]
+        done = [line for line in out.splitlines() if line.startswith("eval done:")]
+        assert done, out
+        written = ws.root / done[0].rsplit("; ", 1)[-1]
         assert written.parent.name == "eval" and json.loads(written.read_text())["results"], out
     elif tool == "sample":
         assert out.strip(), "sample printed nothing"
