@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -346,8 +346,20 @@ class LMHead(nn.Module):
         h: torch.Tensor,
         labels: torch.Tensor | None = None,
         loss: LossConfig | None = None,
-    ) -> torch.Tensor:
-        """h (B, T, D) -> logits (B, T, V); with labels (B, T) -> (loss sum, token count)."""
+        *,
+        logprob_labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> Any:
+        """h (B, T, D) -> logits (B, T, V); with labels (B, T) -> (loss sum, token count); with
+        logprob_labels (B, T) -> per-token log-probs (B, T) and entropies (B, T) or None, from
+        logits computed a chunk of rows at a time (lmforge.prefs.token_logprobs_chunked)."""
+        if logprob_labels is not None:
+            from lmforge.prefs import token_logprobs_chunked  # prefs builds on this module
+
+            return token_logprobs_chunked(
+                h, self.weight, logprob_labels, temperature=temperature, with_entropy=with_entropy
+            )
         if labels is None:
             return F.linear(h, self.weight)
         return linear_cross_entropy(h.flatten(0, 1), self.weight, labels.flatten(), loss)
@@ -413,11 +425,16 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
-    ) -> torch.Tensor:
+        logprob_labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> Any:
         """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only, or the mean loss
         when labels (B, T) are given, or with return_hidden the final hidden states (B, T, D)
-        after the last norm (what the output layer reads; through an engine's forward, so that
-        callers computing log-probs in chunks never hold the logits).
+        after the last norm, or with logprob_labels (B, T) the per-token log-probs of those
+        labels under softmax(logits / temperature) and, with_entropy, the entropies: (B, T)
+        each, computed inside the output layer's own forward (where ZeRO-3 has its weight
+        whole) a chunk of rows at a time, never the fp32 (B, T, V) logits.
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (with a cache: the new tokens'
         flags; the cache keeps the earlier ones). position_ids (B, T) default to cache length +
@@ -434,6 +451,10 @@ class GPT(nn.Module):
         )
         if return_hidden:
             return h
+        if logprob_labels is not None:
+            return self.output(
+                h, logprob_labels=logprob_labels, temperature=temperature, with_entropy=with_entropy
+            )
         if labels is not None:
             loss_sum, count = self.output(h, labels, self.loss_cfg)
             return loss_sum / count.clamp(min=1)

@@ -186,15 +186,14 @@ def sequence_logprobs_chunked(
 def output_weight(model: Any) -> torch.Tensor | None:
     """The output-layer weight (V, D) that `model_token_logprobs` reads log-probs from in
     chunks, or None where the plain path must be taken: a model that is not an lmforge GPT
-    (through an engine's `module`, or bare), an output layer that is not the plain `LMHead`
-    (e.g. an adapter put on it), or a weight partitioned by ZeRO-3 (whole only inside the head's
-    own forward, and only engine.py may gather it). A tied weight is the embedding itself: the
+    (through an engine's `module`, or bare) or an output layer that is not the plain `LMHead`
+    (e.g. an adapter put on it). Under ZeRO-3 the weight is a partition outside the head's own
+    forward, which is where the chunks are computed. A tied weight is the embedding itself: the
     gradient from here adds to the embedding's as autograd adds any shared use."""
     module = getattr(model, "module", model)  # an engine wraps the model
     if not isinstance(module, GPT) or type(module.output) is not LMHead:
         return None
-    weight = module.output.weight
-    return None if hasattr(weight, "ds_id") else weight
+    return module.output.weight
 
 
 def model_token_logprobs(
@@ -206,16 +205,19 @@ def model_token_logprobs(
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """`token_logprobs_chunked` of `model` (a GPT or an engine wrapping one) on input_ids
-    (B, T) and aligned labels (B, T): the final hidden states come through the model's (or
-    engine's) own forward, then the output weight is applied chunk by chunk. None where
-    `output_weight` says the chunked path cannot be taken: the caller computes from logits."""
-    weight = output_weight(model)
-    if weight is None:
+    (B, T) and aligned labels (B, T), run by the model's (or engine's) own forward so that the
+    output layer computes them in its forward: ZeRO-3 gathers its weight there, for the
+    backward pass too. None where `output_weight` says the chunked path cannot be taken: the
+    caller computes from logits."""
+    if output_weight(model) is None:
         return None
-    hidden = model(input_ids=input_ids, return_hidden=True)  # (B, T, D)
-    return token_logprobs_chunked(
-        hidden, weight, labels, temperature=temperature, with_entropy=with_entropy
+    out: tuple[torch.Tensor, torch.Tensor | None] = model(
+        input_ids=input_ids,
+        logprob_labels=labels,
+        temperature=temperature,
+        with_entropy=with_entropy,
     )
+    return out
 
 
 # ------------------------------------------------------------------------------- the losses
