@@ -11,7 +11,7 @@ prompts; it runs before the first step too, so the log shows what SFT changed.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,15 @@ from lmforge.checkpoint import load_checkpoint
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
 from lmforge.data import GlobalSampler
-from lmforge.data.chat import ChatDataConfig, chat_tokenizer, load_sft_data
+from lmforge.data.chat import (
+    ChatDataConfig,
+    chat_tokenizer,
+    heldout_sources,
+    load_sft_data,
+    source_rows,
+)
 from lmforge.data.chat_datasets import PromptDataset, SFTDataset
+from lmforge.data.tasks import check_answer
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
@@ -62,11 +69,11 @@ class SFTConfig(StageConfig):
 
 
 @torch.no_grad()
-def heldout_loss(
+def heldout_loss_sums(
     engine: Engine, data: SFTDataset, info: DistInfo, micro: int, device: torch.device
-) -> float:
-    """Mean loss per assistant token over every held-out row, rows split across ranks (the
-    same number of forward passes on every rank: see eval_chunks)."""
+) -> torch.Tensor:
+    """(loss sum, assistant-token count) over every held-out row, rows split across ranks (the
+    same number of forward passes on every rank: see eval_chunks), summed over ranks: (2,)."""
     total = torch.zeros(2, dtype=torch.float64)  # (loss sum, label count)
     for rows, counted in eval_chunks(len(data), info.rank, info.world, micro):
         batch = data.get_batch(rows)
@@ -74,8 +81,38 @@ def heldout_loss(
         loss = engine(**to_device(batch, device)).float().item()
         if counted:
             total += torch.tensor([loss * count, count], dtype=torch.float64)
-    total = all_mean(total, info.world) * info.world
+    return all_mean(total, info.world) * info.world
+
+
+def heldout_loss(
+    engine: Engine, data: SFTDataset, info: DistInfo, micro: int, device: torch.device
+) -> float:
+    """Mean loss per assistant token over every held-out row."""
+    total = heldout_loss_sums(engine, data, info, micro, device)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+class SourcePrompts(PromptDataset):
+    """Held-out prompts of a mixture: exact match is also scored per source (`by_source`,
+    filled by each `exact_match` call), from the same greedy answers."""
+
+    def __init__(self, records: list[dict[str, Any]], tokenizer: Any, seq_len: int) -> None:
+        super().__init__(records, tokenizer, seq_len)
+        self.sources = heldout_sources(records, self.record_ids) or []
+        self.by_source: dict[str, float] = {}
+
+    def exact_match(self, completions: Any) -> dict[str, float]:
+        """Overall and per-task scores; per-source scores go to `by_source`."""
+        scores = super().exact_match(completions)
+        hits = [
+            check_answer(task, completion, answer)
+            for task, completion, answer in zip(self.tasks, completions, self.answers, strict=True)
+        ]
+        self.by_source = {
+            name: sum(hits[r] for r in rows) / len(rows)
+            for name, rows in source_rows(self.sources).items()
+        }
+        return scores
 
 
 @dataclass
@@ -85,6 +122,9 @@ class Heldout:
     rows: SFTDataset
     prompts: PromptDataset
     tokenizer: Any
+    # A mixture's held-out rows again, one dataset per source (packed on their own, so a row
+    # never mixes sources); empty for one source.
+    parts: dict[str, SFTDataset] = field(default_factory=dict)
 
 
 def evaluator(cfg: SFTConfig, engine: Engine, data: Heldout, place: Launch) -> Any:
@@ -95,7 +135,11 @@ def evaluator(cfg: SFTConfig, engine: Engine, data: Heldout, place: Launch) -> A
         if len(data.rows) == 0:  # no held-out chats: nothing to measure (the loop says so once)
             return {}
         micro = cfg.train.micro_batch_size
-        metrics = {"eval/loss": heldout_loss(engine, data.rows, place.info, micro, place.device)}
+        info, device = place.info, place.device
+        if data.parts:
+            metrics = loss_by_source(engine, data.parts, info, micro, device)
+        else:
+            metrics = {"eval/loss": heldout_loss(engine, data.rows, info, micro, device)}
         samples = place.run_dir / "samples.jsonl" if place.info.is_main else None
         scores = exact_match(
             engine.inference_model(),
@@ -105,9 +149,43 @@ def evaluator(cfg: SFTConfig, engine: Engine, data: Heldout, place: Launch) -> A
             samples_file=samples,
             step=step,
         )
-        return {**metrics, **accuracy_metrics(scores)}
+        by_source = getattr(data.prompts, "by_source", {})
+        per_source = {f"eval/{name}/accuracy": value for name, value in by_source.items()}
+        return {**metrics, **accuracy_metrics(scores), **per_source}
 
     return evaluate
+
+
+def loss_by_source(
+    engine: Engine,
+    parts: dict[str, SFTDataset],
+    info: DistInfo,
+    micro: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """eval/<name>/loss of each source and eval/loss over all of them (per assistant token, so
+    the overall loss is the per-source losses weighted by their assistant tokens). The engine
+    gives one mean per forward pass, so each source's rows are their own micro-batches: at
+    most one pass more per source than one mixed set, the same count on every rank."""
+    out: dict[str, float] = {}
+    total = torch.zeros(2, dtype=torch.float64)
+    for name, rows in parts.items():
+        sums = heldout_loss_sums(engine, rows, info, micro, device)
+        out[f"eval/{name}/loss"] = (sums[0] / sums[1].clamp(min=1)).item()
+        total += sums
+    return {"eval/loss": (total[0] / total[1].clamp(min=1)).item(), **out}
+
+
+def build_heldout(records: list[dict[str, Any]], tok: Any, data: ChatDataConfig) -> Heldout:
+    """The held-out rows and prompts; for a mixture also each source's rows on their own."""
+    names = heldout_sources(records, range(len(records)))
+    prompts = (SourcePrompts if names else PromptDataset)(records, tok, data.seq_len)
+    parts = {
+        name: SFTDataset([records[i] for i in rows], tok, data.seq_len, pack=data.pack)
+        for name, rows in source_rows(names or []).items()
+    }
+    rows = SFTDataset(records, tok, data.seq_len, pack=data.pack)
+    return Heldout(rows, prompts, tok, parts)
 
 
 def train(cfg: SFTConfig) -> dict[str, Any]:
@@ -129,11 +207,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     model.train()
     model.loss_cfg = cfg.loss
     train_data, heldout_records = load_sft_data(cfg.data, tok)
-    heldout = Heldout(
-        SFTDataset(heldout_records, tok, cfg.data.seq_len, pack=cfg.data.pack),
-        PromptDataset(heldout_records, tok, cfg.data.seq_len),
-        tok,
-    )
+    heldout = build_heldout(heldout_records, tok, cfg.data)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     plan = cfg.batch_plan(place.info.world)

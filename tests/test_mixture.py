@@ -17,8 +17,10 @@ import pytest
 from stagerun import metrics
 
 from lmforge.config import load_config
-from lmforge.data.chat import ChatDataConfig, chat_records
+from lmforge.data.chat import ChatDataConfig, chat_records, chat_tokenizer
+from lmforge.data.chat_datasets import SFTDataset
 from lmforge.data.sampler import MixtureSampler, rank_slice
+from lmforge.tokenizer import load_tokenizer
 
 WEIGHTS = [0.5, 0.3, 0.2]
 
@@ -204,31 +206,51 @@ def test_chat_mixture_draws_by_weight_and_keeps_each_held_out_set(tmp_path: Path
     assert abs(sum(r.get("task") is None for r in train) - 60) <= 6
 
 
-def test_sft_runs_on_a_two_source_mixture(
+def test_sft_runs_on_a_two_source_mixture_and_evaluates_each_source(
     task_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     chats = write_chats(tmp_path / "data")
     run_dir = tmp_path / "sft"
+    sources = f"[builtin, {{source: '{chats}', weight: 2, name: words}}]"
     out = run_main(
         "finetune.sft",
         [
             f"--init_from={task_base}",
-            f"--data.sources=[builtin, {{source: '{chats}', weight: 2, name: words}}]",
+            f"--data.sources={sources}",
             "--data.num_train=64",
             "--data.num_heldout=6",
             "--data.seq_len=64",
             "--train.steps=3",
             "--train.global_batch_size=8",
             "--train.micro_batch_size=8",
-            "--train.eval_every=0",
+            "--train.eval_every=3",
             "--train.save_every=100",
             "--tracking.log_every=1",
+            "--answer_tokens=4",
             f"--run_dir={run_dir}",
         ],
         capsys,
     )
-    assert "SFT data: 179 samples" in out, out[
-        -2000:
-    ]  # builtin's 64 + the file's 115 (+5 held out)
-    steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
-    assert steps == [1, 2, 3], out[-2000:]
+    # builtin's 64 + the file's 115 (+5 held out)
+    assert "SFT data: 179 samples" in out, out[-2000:]
+    records = metrics(run_dir)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3], out[-2000:]
+    evals = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 3]
+
+    # The overall held-out loss is the per-source losses weighted by each source's assistant
+    # tokens (the loss is per token); exact match is scored per source from the same answers.
+    cfg = load_config(ChatDataConfig, None, [f"--sources={sources}", "--num_train=64"])
+    cfg.num_heldout, cfg.seq_len = 6, 64
+    tok = chat_tokenizer(load_tokenizer(task_base), cfg)
+    heldout = chat_records(cfg, "sft")[1]
+    tokens = {
+        name: SFTDataset([r for r in heldout if r["source"] == name], tok, 64).num_label_tokens
+        for name in ("builtin", "words")
+    }
+    assert all(tokens.values()), tokens
+    for record in evals:
+        mean = sum(record[f"eval/{k}/loss"] * n for k, n in tokens.items()) / sum(tokens.values())
+        assert record["eval/loss"] == pytest.approx(mean, rel=1e-5)
+        assert {"eval/builtin/accuracy", "eval/words/accuracy"} <= set(record)
+    assert evals[-1]["eval/words/loss"] < evals[0]["eval/words/loss"]

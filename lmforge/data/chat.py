@@ -54,6 +54,7 @@ from lmforge.tokenizer import ROLE_TOKENS, SPECIAL_TOKENS
 log = logging.getLogger(__name__)
 Format = Literal["auto", "messages", "prompt_completion", "preference"]
 Record = dict[str, Any]
+SOURCE_KEY = "source"  # a mixture's held-out records: the name of the source each came from
 _NEEDS = {  # the fields each format requires ("prompt" of preference data is optional)
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
@@ -578,7 +579,13 @@ def _mixture_records(
             raise DataError(f"data.sources[{i}].source '{cfg.sources[i].source}': no records")
         trains.append(train)
         if one.heldout_source.strip() not in shared:
-            heldout += held
+            # Each held-out record keeps its source's name ("source": reward functions never
+            # see it) so that the stages can log their held-out metrics per source; a
+            # heldout_source shared by several sources is named after its own path.
+            own = one.heldout_source.strip()
+            shared_by = bool(own) and sum(h.strip() == own for h in _heldouts(cfg)) > 1
+            name = source_name(one.heldout_source) if shared_by else cfg.sources[i].label()
+            heldout += [{**r, SOURCE_KEY: name} for r in held]
         if one.heldout_source.strip():
             shared.add(one.heldout_source.strip())
     sizes = [len(t) for t in trains]
@@ -594,6 +601,27 @@ def _mixture_records(
         ),
     )
     return mixed, heldout
+
+
+def _heldouts(cfg: ChatDataConfig) -> list[str]:
+    """The held-out source each mixture source reads ('' = its own split or builtin tasks)."""
+    return [cfg.for_source(i).heldout_source for i in range(len(cfg.sources))]
+
+
+def heldout_sources(records: Sequence[Record], record_ids: Sequence[int]) -> list[str] | None:
+    """The source name of each row of a held-out dataset (row k is records[record_ids[k]]), or
+    None when the records are not a mixture's (one source: no per-source metrics)."""
+    if not records or SOURCE_KEY not in records[0]:
+        return None
+    return [records[i][SOURCE_KEY] for i in record_ids]
+
+
+def source_rows(names: Sequence[str]) -> dict[str, list[int]]:
+    """Row indices of each source name, in the order the names first appear."""
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(names):
+        groups.setdefault(name, []).append(row)
+    return groups
 
 
 def _as_sft(example: Record) -> Record:
