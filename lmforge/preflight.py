@@ -414,20 +414,50 @@ def check_hub_dataset(name: str, key: str, found: Findings) -> None:
     found.checked.append(f"{key} {name}: a hub dataset in the local cache (records not read)")
 
 
+def _as_entry(check: Callable[[], T], key: str) -> Callable[[], T]:
+    """`check` with `data.source` in its errors retold as `key` (`data.sources[i].source`, a
+    mixture entry's): the single-source readers name `data.source`."""
+    from lmforge.errors import DataError
+
+    if key == "data.source":  # not a mixture: the reader's own words
+        return check
+
+    def run() -> T:
+        try:
+            return check()
+        except DataError as err:
+            raise DataError(str(err).replace("data.source ", f"{key} ", 1)) from None
+
+    return run
+
+
 def check_corpus(data: Any, found: Findings) -> None:
-    """Pretraining data: the source resolves, its files pass the reader's encoding checks, and
-    the first records of each file hold data.text_field."""
+    """Pretraining data: each source (one, or every entry of a mixture) resolves, its files pass
+    the reader's encoding checks, and the first records of each file hold its text_field."""
+    if not data.sources:
+        check_one_corpus(data, "data.source", "data.source", found)
+        return
+    total = sum(s.weight for s in data.sources)
+    for i, src in enumerate(data.sources):
+        key = f"data.sources[{i}]"
+        what = f"{key} (name {src.label()}, weight {src.weight:g} = {src.weight / total:.1%})"
+        check_one_corpus(data.for_source(i), key, what, found)
+
+
+def check_one_corpus(data: Any, key: str, what: str, found: Findings) -> None:
+    """One pretraining source: `key` names it in problems, `what` in the checked line."""
     from lmforge.data.diagnose import record_problem
     from lmforge.data.sources import resolve_source
 
     if data.source.strip() == "builtin":
-        found.checked.append("data.source builtin: the embedded corpus")
+        found.checked.append(f"{what} builtin: the embedded corpus")
         return
-    source = found.attempt("data.source", lambda: resolve_source(data))
+    entry = key if key == "data.source" else f"{key}.source"
+    source = found.attempt(key, _as_entry(lambda: resolve_source(data), entry))
     if source is None:
         return
     if source.kind == "hub":
-        check_hub_dataset(source.name, "data.source", found)
+        check_hub_dataset(source.name, key, found)
         return
 
     def first() -> int:
@@ -441,12 +471,12 @@ def check_corpus(data: Any, found: Findings) -> None:
             count += len(records)
         return count
 
-    count = found.attempt("data.source", first)
+    count = found.attempt(key, _as_entry(first, entry))
     if count is not None:
         found.checked.append(
-            f"data.source {source.describe()}: readable; first records of each file have "
+            f"{what} {source.describe()}: readable; first records of each file have "
             f"'{data.text_field}'" if source.builder != "text" else
-            f"data.source {source.describe()}: readable UTF-8 text"
+            f"{what} {source.describe()}: readable UTF-8 text"
         )  # fmt: skip
 
 
@@ -456,8 +486,45 @@ def _chat_kind(stage: str) -> str:
 
 def check_chat_data(data: Any, stage: str, tok: Any, found: Findings) -> list[dict[str, Any]]:
     """Chat data: read and checked by the stage's reader (every record: the reader checks them
-    all before training too), the first records tokenised with the stage's tokenizer. Returns
-    the first training records (for the reward-function sample)."""
+    all before training too), the first records tokenised with the stage's tokenizer; a mixture
+    entry by entry (each listed, each problem its own line). Returns the first training records
+    (for the reward-function sample; a mixture's first source's)."""
+    if not data.sources:
+        return check_chat_source(data, stage, tok, "data", "data.source", found)
+    total = sum(s.weight for s in data.sources)
+    first: list[dict[str, Any]] = []
+    for i, src in enumerate(data.sources):
+        key = f"data.sources[{i}]"
+        what = f"{key} (name {src.label()}, weight {src.weight:g} = {src.weight / total:.1%})"
+        records = check_chat_source(data.for_source(i), stage, tok, key, what, found)
+        first = first or records
+    return first
+
+
+def _retold(check: Callable[[], T], prefix: str) -> Callable[[], T]:
+    """`check` with the reader's `data.source` / `data.heldout_source` in its errors retold as
+    `prefix.source` / `prefix.heldout_source` (a mixture entry's keys)."""
+    if prefix == "data":
+        return check
+    from lmforge.errors import DataError
+
+    def run() -> T:
+        try:
+            return check()
+        except DataError as err:
+            text = str(err).replace("data.source ", f"{prefix}.source ", 1)
+            raise DataError(
+                text.replace("data.heldout_source ", f"{prefix}.heldout_source ", 1)
+            ) from None
+
+    return run
+
+
+def check_chat_source(
+    data: Any, stage: str, tok: Any, prefix: str, what: str, found: Findings
+) -> list[dict[str, Any]]:
+    """One chat source (`data` a single-source config): problems name `prefix.key`, the checked
+    line starts with `what`."""
     from lmforge.data.chat import chat_records
     from lmforge.data.config import DataConfig
     from lmforge.data.sources import resolve_source
@@ -469,23 +536,28 @@ def check_chat_data(data: Any, stage: str, tok: Any, found: Findings) -> list[di
             continue
         name = value.partition(":")[0]
         probe = DataConfig(source=value, max_record_bytes=data.max_record_bytes)
-        resolved = found.attempt(f"data.{key}", lambda probe=probe: resolve_source(probe))
+        check = _retold(lambda probe=probe: resolve_source(probe), prefix)
+        if key == "heldout_source" and prefix != "data":  # the probe's errors say data.source
+            check = _as_entry(lambda probe=probe: resolve_source(probe), f"{prefix}.{key}")
+        resolved = found.attempt(f"{prefix}.{key}", check)
         if resolved is not None and resolved.kind == "hub":
             hub = True
-            check_hub_dataset(name, f"data.{key}", found)
+            check_hub_dataset(name, f"{prefix}.{key}", found)
     if hub or len(found.problems) > before:  # a source is missing or remote: nothing to read
         return []
     kind = _chat_kind(stage)
-    pair = found.attempt("data.source", lambda: chat_records(data, kind))  # type: ignore[arg-type]
+    key = f"{prefix}.source"
+    read = _retold(lambda: chat_records(data, kind), prefix)  # type: ignore[arg-type]
+    pair = found.attempt(key, read)
     if pair is None:
         return []
     train, heldout = pair
     found.checked.append(
-        f"data.source {data.source}: {len(train):,} training and {len(heldout):,} held-out "
+        f"{what} {data.source}: {len(train):,} training and {len(heldout):,} held-out "
         f"{kind} records"
     )
     if tok is not None:
-        found.attempt("data.source", lambda: encode_first(train, heldout, kind, tok, data))
+        found.attempt(key, lambda: encode_first(train, heldout, kind, tok, data))
     return train[:FIRST_RECORDS]
 
 

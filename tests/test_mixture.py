@@ -254,3 +254,36 @@ def test_sft_runs_on_a_two_source_mixture_and_evaluates_each_source(
         assert record["eval/loss"] == pytest.approx(mean, rel=1e-5)
         assert {"eval/builtin/accuracy", "eval/words/accuracy"} <= set(record)
     assert evals[-1]["eval/words/loss"] < evals[0]["eval/words/loss"]
+
+
+def test_dry_run_of_a_pretraining_mixture_checks_every_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pretrain.train import main
+
+    records, texts = write_sources(tmp_path / "data")
+    args = pretrain_args(tmp_path / "run", tmp_path / "cache", records, texts)
+    with in_process():
+        assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    listed = [line for line in out.splitlines() if line.startswith("# checked: data.sources")]
+    assert len(listed) == 2, out[-2000:]
+    assert "data.sources[0] (name animals, weight 3 = 75.0%)" in listed[0]
+    assert "first records of each file have 'body'" in listed[0]
+    assert "data.sources[1] (name num, weight 1 = 25.0%)" in listed[1]
+    assert "readable UTF-8 text" in listed[1]
+
+    # A missing file: one line naming its entry; the good entry is still listed.
+    missing = tmp_path / "data" / "gone.jsonl"
+    args[args.index(next(a for a in args if a.startswith("--data.sources")))] = (
+        f"--data.sources=[{{source: '{records}', text_field: body}}, '{missing}']"
+    )
+    with in_process():
+        assert main([*args, "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    problems = err.split("problem:\n", 1)[-1].splitlines()
+    assert problems == [
+        f"  data.sources[1].source '{missing}': no such file or directory; check the path"
+    ], err[-2000:]
+    assert "# checked: data.sources[0] (name animals, weight 1 = 50.0%)" in out
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
