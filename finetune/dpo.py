@@ -24,7 +24,7 @@ from lmforge.batching import eval_chunks
 from lmforge.checkpoint import load_checkpoint
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
-from lmforge.data.chat import ChatDataConfig, chat_tokenizer, load_preference_data
+from lmforge.data.chat import ChatDataConfig, SourceSums, chat_tokenizer, preference_data
 from lmforge.data.chat_datasets import PreferenceDataset, pair_order
 from lmforge.engine import build_engine
 from lmforge.errors import ConfigError
@@ -115,11 +115,17 @@ def evaluate(ctx: dict[str, Any]) -> dict[str, float]:
     sums = dict.fromkeys(("loss", "reward_accuracy", "reward_margin"), 0.0)
     sums.update(prefers_chosen=0.0, logp_margin=0.0)
     seen = 0
+    by_source = SourceSums(ctx.get("sources"))  # a mixture's pairs: per source, same passes
     for idx, counted in eval_chunks(len(data), info.rank, info.world, ctx["micro"]):
         pi_c, pi_r = logprobs(ctx["engine"], data.get_batch(idx), ctx["device"]).cpu().chunk(2)
         if not counted:  # a stand-in pass that keeps ZeRO-3's collectives in step
             continue
         seen += len(idx)
+        for name, at in by_source.groups(idx):
+            rows = [idx[j] for j in at]
+            part, pm = dpo_loss(pi_c[at], pi_r[at], ref[rows, 0], ref[rows, 1], **ctx["loss_args"])
+            values = {"loss": part.item(), "reward_accuracy": pm["accuracy"].item()}
+            by_source.add(name, values, len(at))
         loss, m = dpo_loss(pi_c, pi_r, ref[idx, 0], ref[idx, 1], **ctx["loss_args"])
         n = len(idx)
         sums["loss"] += loss.item() * n
@@ -128,7 +134,8 @@ def evaluate(ctx: dict[str, Any]) -> dict[str, float]:
         sums["prefers_chosen"] += (pi_c > pi_r).float().sum().item()
         sums["logp_margin"] += (pi_c - pi_r).sum().item()
     means = global_means(sums, seen, info.world)
-    return {f"eval/{key}": value for key, value in means.items()}
+    per_source = by_source.means(("loss", "reward_accuracy"), info.world)
+    return {**{f"eval/{key}": value for key, value in means.items()}, **per_source}
 
 
 def train(cfg: DPOConfig) -> dict[str, Any]:
@@ -147,7 +154,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     reference, _, _ = load_checkpoint(cfg.init_from, with_tokenizer=False, device=device)
     reference.requires_grad_(False)
     policy.train()
-    train_data, heldout = load_preference_data(cfg.data, tok)
+    train_data, heldout, sources = preference_data(cfg.data, tok)
     micro = cfg.train.micro_batch_size
     precomputed = cfg.reference == "precomputed"
     train_ref = reference_logprobs(reference, train_data, micro, device) if precomputed else None
@@ -176,6 +183,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         "engine": engine,
         "heldout": heldout,
         "heldout_ref": heldout_ref,
+        "sources": sources,
         "info": info,
         "micro": micro,
         "device": device,

@@ -25,7 +25,7 @@ from lmforge.batching import eval_chunks
 from lmforge.checkpoint import load_reward_model
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
-from lmforge.data.chat import ChatDataConfig, chat_tokenizer, load_preference_data
+from lmforge.data.chat import ChatDataConfig, SourceSums, chat_tokenizer, preference_data
 from lmforge.data.chat_datasets import PreferenceDataset, pair_order
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, build_engine
@@ -84,11 +84,19 @@ def pair_scores(
 
 @torch.no_grad()
 def pair_accuracy(
-    engine: Engine, data: PreferenceDataset, info: DistInfo, micro: int, device: torch.device
+    engine: Engine,
+    data: PreferenceDataset,
+    info: DistInfo,
+    micro: int,
+    device: torch.device,
+    sources: list[str] | None = None,
 ) -> dict[str, float]:
-    """Held-out pair accuracy, loss and mean margin, rows split across ranks."""
+    """Held-out pair accuracy, loss and mean margin, rows split across ranks; with `sources`
+    (each held-out pair's source, a mixture's) also eval/<name>/accuracy and /loss, from the
+    same passes."""
     sums = {"accuracy": 0.0, "loss": 0.0, "margin": 0.0}
     seen = 0
+    by_source = SourceSums(sources)
     for rows, counted in eval_chunks(len(data), info.rank, info.world, micro):
         chosen, rejected = pair_scores(engine, data.get_batch(rows), device)
         if not counted:  # a stand-in pass that keeps ZeRO-3's collectives in step
@@ -98,8 +106,13 @@ def pair_accuracy(
         sums["accuracy"] += accuracy.item() * len(chosen)
         sums["loss"] += loss.item() * len(chosen)
         sums["margin"] += (chosen - rejected).sum().item()
+        for name, at in by_source.groups(rows):
+            part_loss, part_accuracy = bradley_terry_loss(chosen[at], rejected[at])
+            values = {"accuracy": part_accuracy.item(), "loss": part_loss.item()}
+            by_source.add(name, values, len(at))
     means = global_means(sums, seen, info.world)
-    return {f"eval/{key}": value for key, value in means.items()}
+    per_source = by_source.means(("accuracy", "loss"), info.world)
+    return {**{f"eval/{key}": value for key, value in means.items()}, **per_source}
 
 
 def train(cfg: RewardConfig) -> dict[str, Any]:
@@ -120,7 +133,7 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
             f"{model.cfg.max_seq_len}"
         )
     model.train()
-    train_data, heldout = load_preference_data(cfg.data, tok)
+    train_data, heldout, sources = preference_data(cfg.data, tok)
     micro, plan = cfg.train.micro_batch_size, cfg.batch_plan(info.world)
     engine = build_engine(
         model,
@@ -153,7 +166,9 @@ def train(cfg: RewardConfig) -> dict[str, Any]:
     task = supervised_task(
         micro_step,
         # No held-out pairs: nothing to measure (the loop says so once).
-        lambda step: pair_accuracy(engine, heldout, info, micro, device) if len(heldout) else {},
+        lambda step: (
+            pair_accuracy(engine, heldout, info, micro, device, sources) if len(heldout) else {}
+        ),
         planned(cfg.train, plan),
         info,
         num_samples=len(train_data),

@@ -287,3 +287,38 @@ def test_dry_run_of_a_pretraining_mixture_checks_every_source(
     ], err[-2000:]
     assert "# checked: data.sources[0] (name animals, weight 1 = 50.0%)" in out
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_dpo_on_a_mixture_reports_each_source_from_the_same_passes(
+    task_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Say {i}.", "chosen": f"{i}", "rejected": f"{i + 1}"} for i in range(60)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sources = f"[builtin, {{source: '{pairs}', name: says}}]"
+    data = [f"--sources={sources}", "--num_train=32", "--num_heldout=6", "--heldout_fraction=0.2"]
+    run_dir = tmp_path / "dpo"
+    run_main(
+        "finetune.dpo",
+        [
+            f"--init_from={task_base}",
+            *(f"--data.{a[2:]}" for a in data),
+            "--data.seq_len=64",
+            "--train.steps=2",
+            "--train.global_batch_size=8",
+            "--train.micro_batch_size=4",
+            "--train.eval_every=2",
+            "--train.save_every=100",
+            f"--run_dir={run_dir}",
+        ],
+        capsys,
+    )
+    heldout = chat_records(load_config(ChatDataConfig, None, data), "preference")[1]
+    pairs_of = {n: sum(r["source"] == n for r in heldout) for n in ("builtin", "says")}
+    assert pairs_of["builtin"] == 6 and pairs_of["says"] > 0
+    evals = [r for r in metrics(run_dir) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    for record in evals:  # the overall numbers are the pair-weighted per-source ones
+        for key in ("loss", "reward_accuracy"):
+            mean = sum(record[f"eval/{n}/{key}"] * c for n, c in pairs_of.items())
+            assert record[f"eval/{key}"] == pytest.approx(mean / sum(pairs_of.values()))

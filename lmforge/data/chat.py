@@ -49,6 +49,7 @@ from lmforge.data.sources import resolve_source
 from lmforge.data.tasks import TASKS, preference_pairs, task_examples
 from lmforge.data.templates import NAMED_TEMPLATES, check_template_value, use_chat_template
 from lmforge.errors import ConfigError, DataError
+from lmforge.runtime import global_means
 from lmforge.tokenizer import ROLE_TOKENS, SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
@@ -651,8 +652,49 @@ def load_preference_data(
     cfg: ChatDataConfig, tokenizer: PreTrainedTokenizerFast
 ) -> tuple[PreferenceDataset, PreferenceDataset]:
     """The reward / DPO stages' data: training pairs and held-out pairs, as padded rows."""
+    train, heldout, _ = preference_data(cfg, tokenizer)
+    return train, heldout
+
+
+def preference_data(
+    cfg: ChatDataConfig, tokenizer: PreTrainedTokenizerFast
+) -> tuple[PreferenceDataset, PreferenceDataset, list[str] | None]:
+    """load_preference_data, and the source name of each held-out pair (None: one source)."""
     train_records, heldout_records = chat_records(cfg, "preference")
     train = PreferenceDataset(train_records, tokenizer, cfg.seq_len)
     heldout = PreferenceDataset(heldout_records, tokenizer, cfg.seq_len)
     log.info("%s; held-out: %s", train.summary(), heldout.summary())
-    return train, heldout
+    return train, heldout, heldout_sources(heldout_records, heldout.record_ids)
+
+
+class SourceSums:
+    """Per-source sums of held-out metrics, added batch by batch from the evaluation's own
+    passes (`names`: the source of each held-out row, None for one source: then nothing is
+    kept), turned into eval/<name>/<key> means over every rank's rows by `means`."""
+
+    def __init__(self, names: Sequence[str] | None) -> None:
+        self.names = names
+        self.sums: dict[str, dict[str, float]] = {n: {} for n in dict.fromkeys(names or [])}
+        self.seen = dict.fromkeys(self.sums, 0)
+
+    def groups(self, rows: Sequence[int]) -> list[tuple[str, list[int]]]:
+        """(source name, positions in `rows` of its rows) of a batch of held-out rows."""
+        if self.names is None:
+            return []
+        return list(source_rows([self.names[r] for r in rows]).items())
+
+    def add(self, name: str, values: dict[str, float], count: int) -> None:
+        """Add `values` (means over `count` rows of source `name`) to its sums."""
+        sums = self.sums[name]
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value * count
+        self.seen[name] += count
+
+    def means(self, keys: Sequence[str], world: int) -> dict[str, float]:
+        """eval/<name>/<key> for every source and key (one all-reduce per source, in the same
+        order on every rank: each rank knows every source, even one without rows here)."""
+        out: dict[str, float] = {}
+        for name, sums in self.sums.items():
+            means = global_means({k: sums.get(k, 0.0) for k in keys}, self.seen[name], world)
+            out.update({f"eval/{name}/{k}": v for k, v in means.items()})
+        return out
