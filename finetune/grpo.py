@@ -29,7 +29,13 @@ from lmforge.checkpoint import load_checkpoint
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
 from lmforge.data import GlobalSampler
-from lmforge.data.chat import ChatDataConfig, chat_records, chat_tokenizer
+from lmforge.data.chat import (
+    ChatDataConfig,
+    accuracy_by_source,
+    chat_records,
+    chat_tokenizer,
+    heldout_prompts,
+)
 from lmforge.data.chat_datasets import PromptDataset
 from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
@@ -233,7 +239,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     draft = load_rollout_draft(cfg.rollout, tok, model.cfg, device)
     model.train()
     train_records, heldout_records = chat_records(cfg.data, "sft")
-    heldout = PromptDataset(heldout_records, tok, cfg.data.seq_len)
+    heldout = heldout_prompts(heldout_records, tok, cfg.data.seq_len)  # a mixture's: by source
     engine = build_engine(
         model,
         cfg.engine,
@@ -269,9 +275,10 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     run.tracker.message(plan.describe())
     task = Task(
         step=grpo_step(cfg, policy, place, plan),
-        evaluate=lambda step: evaluate_policy(
-            engine, reference, heldout, tok, score, cfg, place.run_dir, step
-        ),
+        evaluate=lambda step: {
+            **evaluate_policy(engine, reference, heldout, tok, score, cfg, place.run_dir, step),
+            **accuracy_by_source(heldout),  # from the same greedy answers
+        },
         samples_per_step=groups,
         num_samples=len(policy.prompts),
         tokens_per_step=0,

@@ -31,7 +31,13 @@ from lmforge.checkpoint import load_checkpoint, load_reward_model
 from lmforge.checkpointer import Checkpointer
 from lmforge.config import option
 from lmforge.data import GlobalSampler
-from lmforge.data.chat import ChatDataConfig, chat_records, chat_tokenizer
+from lmforge.data.chat import (
+    ChatDataConfig,
+    accuracy_by_source,
+    chat_records,
+    chat_tokenizer,
+    heldout_prompts,
+)
 from lmforge.data.chat_datasets import PromptDataset
 from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
@@ -330,7 +336,7 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     score = build_score(cfg, tok, place.device)
     train_records, heldout_records = chat_records(cfg.data, "sft")
     prompts = PromptDataset(train_records, tok, cfg.data.seq_len)
-    heldout = PromptDataset(heldout_records, tok, cfg.data.seq_len)
+    heldout = heldout_prompts(heldout_records, tok, cfg.data.seq_len)  # a mixture's: by source
     actor_engine, critic_engine = (
         build_engine(
             model, cfg.engine, cfg.optim, micro_batch=plan.micro, grad_accum=plan.accum,
@@ -364,9 +370,12 @@ def train(cfg: PPOConfig) -> dict[str, Any]:
     run.tracker.message(plan.describe())
     task = Task(
         step=ppo_step(cfg, models, prompts, place, moments=moments, kl_ctl=kl_ctl),
-        evaluate=lambda step: evaluate_policy(
-            actor_engine, reference, heldout, tok, score, cfg, place.run_dir, step
-        ),
+        evaluate=lambda step: {
+            **evaluate_policy(
+                actor_engine, reference, heldout, tok, score, cfg, place.run_dir, step
+            ),
+            **accuracy_by_source(heldout),  # from the same greedy answers
+        },
         samples_per_step=cfg.train.global_batch_size,
         num_samples=len(prompts),
         tokens_per_step=0,

@@ -27,13 +27,14 @@ from lmforge.config import option
 from lmforge.data import GlobalSampler
 from lmforge.data.chat import (
     ChatDataConfig,
+    accuracy_by_source,
     chat_tokenizer,
+    heldout_prompts,
     heldout_sources,
     load_sft_data,
     source_rows,
 )
 from lmforge.data.chat_datasets import PromptDataset, SFTDataset
-from lmforge.data.tasks import check_answer
 from lmforge.distributed import DistInfo
 from lmforge.engine import Engine, build_engine
 from lmforge.errors import ConfigError
@@ -92,29 +93,6 @@ def heldout_loss(
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-class SourcePrompts(PromptDataset):
-    """Held-out prompts of a mixture: exact match is also scored per source (`by_source`,
-    filled by each `exact_match` call), from the same greedy answers."""
-
-    def __init__(self, records: list[dict[str, Any]], tokenizer: Any, seq_len: int) -> None:
-        super().__init__(records, tokenizer, seq_len)
-        self.sources = heldout_sources(records, self.record_ids) or []
-        self.by_source: dict[str, float] = {}
-
-    def exact_match(self, completions: Any) -> dict[str, float]:
-        """Overall and per-task scores; per-source scores go to `by_source`."""
-        scores = super().exact_match(completions)
-        hits = [
-            check_answer(task, completion, answer)
-            for task, completion, answer in zip(self.tasks, completions, self.answers, strict=True)
-        ]
-        self.by_source = {
-            name: sum(hits[r] for r in rows) / len(rows)
-            for name, rows in source_rows(self.sources).items()
-        }
-        return scores
-
-
 @dataclass
 class Heldout:
     """What SFT evaluates on: held-out rows (loss) and their prompts (exact match)."""
@@ -149,9 +127,7 @@ def evaluator(cfg: SFTConfig, engine: Engine, data: Heldout, place: Launch) -> A
             samples_file=samples,
             step=step,
         )
-        by_source = getattr(data.prompts, "by_source", {})
-        per_source = {f"eval/{name}/accuracy": value for name, value in by_source.items()}
-        return {**metrics, **accuracy_metrics(scores), **per_source}
+        return {**metrics, **accuracy_metrics(scores), **accuracy_by_source(data.prompts)}
 
     return evaluate
 
@@ -179,7 +155,7 @@ def loss_by_source(
 def build_heldout(records: list[dict[str, Any]], tok: Any, data: ChatDataConfig) -> Heldout:
     """The held-out rows and prompts; for a mixture also each source's rows on their own."""
     names = heldout_sources(records, range(len(records)))
-    prompts = (SourcePrompts if names else PromptDataset)(records, tok, data.seq_len)
+    prompts = heldout_prompts(records, tok, data.seq_len)
     parts = {
         name: SFTDataset([records[i] for i in rows], tok, data.seq_len, pack=data.pack)
         for name, rows in source_rows(names or []).items()

@@ -35,7 +35,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from lmforge.config import option
-from lmforge.data.chat_datasets import PreferenceDataset, SFTDataset
+from lmforge.data.chat_datasets import PreferenceDataset, PromptDataset, SFTDataset
 from lmforge.data.config import (
     MAX_RECORD_BYTES,
     DataConfig,
@@ -46,7 +46,7 @@ from lmforge.data.corpus import doc_hash, quiet_datasets, validation_mask
 from lmforge.data.diagnose import _json_records
 from lmforge.data.sampler import MixtureSampler
 from lmforge.data.sources import resolve_source
-from lmforge.data.tasks import TASKS, preference_pairs, task_examples
+from lmforge.data.tasks import TASKS, check_answer, preference_pairs, task_examples
 from lmforge.data.templates import NAMED_TEMPLATES, check_template_value, use_chat_template
 from lmforge.errors import ConfigError, DataError
 from lmforge.runtime import global_means
@@ -665,6 +665,42 @@ def preference_data(
     heldout = PreferenceDataset(heldout_records, tokenizer, cfg.seq_len)
     log.info("%s; held-out: %s", train.summary(), heldout.summary())
     return train, heldout, heldout_sources(heldout_records, heldout.record_ids)
+
+
+class SourcePrompts(PromptDataset):
+    """Held-out prompts of a mixture: exact match is also scored per source (`by_source`,
+    filled by each `exact_match` call), from the same greedy answers."""
+
+    def __init__(self, records: list[dict[str, Any]], tokenizer: Any, seq_len: int) -> None:
+        super().__init__(records, tokenizer, seq_len)
+        self.sources = heldout_sources(records, self.record_ids) or []
+        self.by_source: dict[str, float] = {}
+
+    def exact_match(self, completions: Any) -> dict[str, float]:
+        """Overall and per-task scores; per-source scores go to `by_source`."""
+        scores = super().exact_match(completions)
+        hits = [
+            check_answer(task, completion, answer)
+            for task, completion, answer in zip(self.tasks, completions, self.answers, strict=True)
+        ]
+        self.by_source = {
+            name: sum(hits[r] for r in rows) / len(rows)
+            for name, rows in source_rows(self.sources).items()
+        }
+        return scores
+
+
+def heldout_prompts(records: list[Record], tokenizer: Any, seq_len: int) -> PromptDataset:
+    """The held-out prompts for exact match: a SourcePrompts for a mixture's records."""
+    if records and SOURCE_KEY in records[0]:
+        return SourcePrompts(records, tokenizer, seq_len)
+    return PromptDataset(records, tokenizer, seq_len)
+
+
+def accuracy_by_source(prompts: PromptDataset) -> dict[str, float]:
+    """eval/<name>/accuracy of the last exact_match of a mixture's prompts ({} for one source)."""
+    by_source = getattr(prompts, "by_source", {})
+    return {f"eval/{name}/accuracy": value for name, value in by_source.items()}
 
 
 class SourceSums:
