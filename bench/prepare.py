@@ -126,8 +126,9 @@ def run_side(args: argparse.Namespace) -> None:
     print(json.dumps(result), flush=True)
 
 
-def _tree_pss(proc: Any) -> int:
-    """Proportional resident bytes of a process and all its descendants now (0 once gone).
+def _tree_pss(proc: Any, cpu: dict[int, float]) -> int:
+    """Proportional resident bytes of a process and all its descendants now (0 once gone);
+    records each one's CPU seconds so far (user + system) in `cpu`, by pid.
 
     PSS, not RSS: forked workers share their parent's pages, which a sum of RSS would count
     once per process.
@@ -139,6 +140,8 @@ def _tree_pss(proc: Any) -> int:
         for p in [proc, *proc.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
                 total += p.memory_full_info().pss
+                times = p.cpu_times()
+                cpu[p.pid] = times.user + times.system
     return total
 
 
@@ -154,9 +157,9 @@ def measure(side: str, corpus: Path, tokenizer: Path, procs: int, root: Path) ->
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     with tempfile.TemporaryFile("w+") as log:
         child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
-        proc, peak = psutil.Process(child.pid), 0
+        proc, peak, cpu = psutil.Process(child.pid), 0, {}
         while child.poll() is None:
-            peak = max(peak, _tree_pss(proc))
+            peak = max(peak, _tree_pss(proc, cpu))
             time.sleep(0.05)
         log.seek(0)
         output = log.read()
@@ -164,6 +167,9 @@ def measure(side: str, corpus: Path, tokenizer: Path, procs: int, root: Path) ->
         raise SystemExit(f"{side} side failed (exit {child.returncode}):\n{output[-4000:]}")
     result = json.loads(output.strip().splitlines()[-1])
     result["tree_peak_pss_mb"] = peak / 2**20
+    # CPU seconds of the whole tree (last sample of each process: a slight undercount), and
+    # of the timed part alone, which the child reports for itself and its reaped children.
+    result["tree_cpu_s"] = sum(cpu.values())
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     shutil.rmtree(work, ignore_errors=True)
     return result
@@ -215,7 +221,8 @@ def main() -> None:
                 print(
                     f"{side}: {r['tokens']:,} tokens in {r['seconds']:.1f} s, "
                     f"{r['tokens_per_s']:,.0f} tokens/s, peak PSS {r['tree_peak_pss_mb']:,.0f} "
-                    f"MB (process tree), {r['main_peak_rss_mb']:,.0f} MB (main process)",
+                    f"MB (process tree), {r['main_peak_rss_mb']:,.0f} MB (main process), "
+                    f"{r['tree_cpu_s']:.1f} CPU s (process tree, imports included)",
                     flush=True,
                 )
     base = results["datasets"]

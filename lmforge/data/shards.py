@@ -134,7 +134,7 @@ class TokenShard:
 
 # Text per tokenisation job: large enough that handing it to a worker costs little next to
 # encoding it, small enough that the jobs in flight (at most 2 per worker) bound the memory.
-JOB_CHARS = 4 << 20
+JOB_CHARS = 1 << 20
 JOB_DOCS = 8192
 
 
@@ -197,42 +197,39 @@ def _encode_job(job: tuple[list[str], list[str]]) -> tuple[np.ndarray, ...]:
     return (*encoder(job[0]), *encoder(job[1]))
 
 
-class _Done:
-    """A result computed here, with the interface of a Future."""
-
-    def __init__(self, value: tuple[np.ndarray, ...]) -> None:
-        self.value = value
-
-    def result(self) -> tuple[np.ndarray, ...]:
-        return self.value
+def _ready() -> None:
+    """A no-op job: submitting it makes the pool fork its workers now."""
 
 
 class _Encoders:
-    """Runs jobs in `workers` processes, started on the second job (a corpus of one job is
-    encoded here, without the cost of starting any); with one worker, always here.
+    """Runs jobs in `workers` processes, forked as soon as this is made (they start while the
+    first job is still being read); with one worker, in this process.
 
     A process pool executor, not multiprocessing.Pool: a worker that dies (killed, out of
     memory) fails its job (BrokenProcessPool) instead of leaving us waiting for it forever.
     """
 
     def __init__(self, workers: int, init_args: tuple[Any, ...]) -> None:
-        self.workers, self.init_args = workers, init_args
-        self.local = _FlatEncoder(*init_args)
+        self.workers = workers
+        self.local = _FlatEncoder(*init_args) if workers < 2 else None
         self.pool: concurrent.futures.ProcessPoolExecutor | None = None
-        self.jobs = 0
-
-    def submit(self, job: tuple[list[str], list[str]]) -> Any:
-        self.jobs += 1
-        if self.workers < 2 or self.jobs == 1:
-            return _Done((*self.local(job[0]), *self.local(job[1])))
-        if self.pool is None:
+        if workers >= 2:
             self.pool = concurrent.futures.ProcessPoolExecutor(
-                self.workers,
+                workers,
                 # Forked workers inherit the loaded modules (no import cost).
                 mp_context=multiprocessing.get_context("fork"),
                 initializer=_init_worker,
-                initargs=(os.getpid(), *self.init_args),
+                initargs=(os.getpid(), *init_args),
             )
+            self.pool.submit(_ready)  # fork now, not when the first job is ready
+
+    def submit(self, job: tuple[list[str], list[str]]) -> Any:
+        """The job's result as a Future (already done when encoded here)."""
+        if self.pool is None:
+            assert self.local is not None
+            done: concurrent.futures.Future[tuple[np.ndarray, ...]] = concurrent.futures.Future()
+            done.set_result((*self.local(job[0]), *self.local(job[1])))
+            return done
         return self.pool.submit(_encode_job, job)
 
     def close(self) -> None:
@@ -378,10 +375,12 @@ def write_shards(
     bos, eos = special_ids(tokenizer)
     workers = resolve_workers(num_proc)
     out_dir.mkdir(parents=True, exist_ok=True)
-    encoders = _Encoders(workers, (tokenizer.backend_tokenizer.to_str(), bos, eos, dtype.name))
+    init_args = (tokenizer.backend_tokenizer.to_str(), bos, eos, dtype.name)
     writer = _StreamWriter(out_dir, progress)
+    encoders: _Encoders | None = None
     try:
         with _no_tokenizer_threads():
+            encoders = _Encoders(workers, init_args)
             _run_jobs(stream, fraction, encoders, writer, workers)
     except concurrent.futures.process.BrokenProcessPool:
         raise DataError(
@@ -389,7 +388,8 @@ def write_shards(
             f"'{name}'; lower data.num_proc (now {num_proc}) or free memory, and run again"
         ) from None
     finally:
-        encoders.close()
+        if encoders is not None:
+            encoders.close()
         writer.close()
     stats = writer.stats
     if stats.documents["train"] == 0:
