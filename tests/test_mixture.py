@@ -1,7 +1,8 @@
 """Weighted data mixtures (`data.sources`): the sampler's proportions, order and wrap-around, a
 pretraining run on two sources of different record shapes that resumes exactly and logs
-per-source validation losses, and an SFT run on a two-source mixture. One-line errors for bad
-entries are in test_bad_input.py."""
+per-source validation losses, SFT and DPO runs on two-source mixtures that log their held-out
+metrics per source, and dry runs of a pretraining mixture. One-line errors for bad entries are
+in test_bad_input.py."""
 
 from __future__ import annotations
 
