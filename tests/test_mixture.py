@@ -323,3 +323,22 @@ def test_dpo_on_a_mixture_reports_each_source_from_the_same_passes(
         for key in ("loss", "reward_accuracy"):
             mean = sum(record[f"eval/{n}/{key}"] * c for n, c in pairs_of.items())
             assert record[f"eval/{key}"] == pytest.approx(mean / sum(pairs_of.values()))
+
+
+def test_dry_run_of_a_chat_mixture_lists_each_entry(
+    task_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from finetune.sft import main
+
+    chats, missing = write_chats(tmp_path / "data"), tmp_path / "data" / "gone.jsonl"
+    sources = f"[builtin, {{source: '{chats}', weight: 3}}, '{missing}']"
+    args = [f"--init_from={task_base}", f"--data.sources={sources}", "--data.num_train=40"]
+    with in_process():
+        assert main([*args, f"--run_dir={tmp_path / 'run'}", "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    assert "# checked: data.sources[0] (name builtin, weight 1 = 20.0%) builtin: 40 training" in out
+    assert f"# checked: data.sources[1] (name words, weight 3 = 60.0%) {chats}: 115 training" in out
+    problems = err.split("problem:\n", 1)[-1].splitlines()
+    assert problems == [
+        f"  data.sources[2].source '{missing}': no such file or directory; check the path"
+    ], err[-2000:]
