@@ -44,9 +44,14 @@ QUALITY = {
     "sft": ("eval/loss", "eval/accuracy"),
     "reward": ("eval/accuracy", "eval/loss"),
     "dpo": ("eval/reward_accuracy", "eval/loss", "eval/prefers_chosen"),
-    "grpo": ("eval/accuracy", "eval/reward"),
+    "grpo": ("eval/accuracy", "eval/reward", "eval/kl"),
 }
 NOISE_SEED = 1  # the data seed of the re-run that measures the noise of sample order
+# Stages whose training samples (GRPO's rollouts): pair i runs both sides with --train.seed=i.
+# The two sides draw their rollouts from different generators, so one seed is one draw of each
+# side's result, not the same draw; a few steps at the demo's learning rate can land a draw far
+# from the others (decisions.md), so each pair is another draw and the medians compare sides.
+SAMPLED = ("grpo",)
 
 
 def parse_steps(text: str) -> dict[str, int]:
@@ -151,8 +156,11 @@ class Bench:
         self.steps = parse_steps(args.steps)
         self.sft_from = args.sft_from
 
-    def stage_args(self, stage: str, seed: int | None = None) -> list[str]:
-        """Overrides both sides get: starting weights, steps, cadence, the user's overrides."""
+    def stage_args(
+        self, stage: str, seed: int | None = None, train_seed: int | None = None
+    ) -> list[str]:
+        """Overrides both sides get: starting weights, steps, cadence, the user's overrides;
+        `seed` sets data.seed (the noise run), `train_seed` train.seed (a sampled stage's pair)."""
         steps = self.steps[stage]
         init = self.args.init if stage == "sft" else self.sft_from
         out = [
@@ -165,7 +173,8 @@ class Bench:
             '--train.keep_best=""',
             *self.overrides,
         ]
-        return out + ([f"--data.seed={seed}"] if seed is not None else [])
+        out += [f"--data.seed={seed}"] if seed is not None else []
+        return out + ([f"--train.seed={train_seed}"] if train_seed is not None else [])
 
     def default_sft(self) -> str:
         """The demo configs' SFT checkpoint (runs/sft/best) when it exists, else ''."""
@@ -177,11 +186,13 @@ class Bench:
     def config(self, stage: str) -> str:
         return str(REPO / "configs" / "finetune" / f"{stage}.yaml")
 
-    def lmforge(self, stage: str, name: str, seed: int | None = None) -> dict[str, Any]:
+    def lmforge(
+        self, stage: str, name: str, seed: int | None = None, train_seed: int | None = None
+    ) -> dict[str, Any]:
         """One lmforge run as a user starts it; its figures from its own metrics."""
         run_dir = self.work / name
         cmd = [sys.executable, f"finetune/{stage}.py", "--config", self.config(stage)]
-        cmd += [f"--run_dir={run_dir}", *self.stage_args(stage, seed)]
+        cmd += [f"--run_dir={run_dir}", *self.stage_args(stage, seed, train_seed)]
         log = self.work / f"{name}.log"
         start, end, cpu, rc = run_process(cmd, log)
         if rc != 0:
@@ -199,12 +210,12 @@ class Bench:
         fig["run_dir"] = _relative(run_dir)
         return fig
 
-    def trl(self, stage: str, name: str) -> dict[str, Any]:
+    def trl(self, stage: str, name: str, train_seed: int | None = None) -> dict[str, Any]:
         """One TRL run (bench/peer_trl.py) with the same config and overrides."""
         result = self.work / f"{name}.json"
         cmd = [sys.executable, "bench/peer_trl.py", "--stage", stage, "--config"]
         cmd += [self.config(stage), "--out", str(self.work / name), "--result", str(result)]
-        cmd += self.stage_args(stage)
+        cmd += self.stage_args(stage, train_seed=train_seed)
         log = self.work / f"{name}.log"
         start, end, _, rc = run_process(cmd, log)
         if rc != 0:
@@ -264,6 +275,11 @@ def summarise(stage: str, pairs: list[dict[str, Any]], noise: dict[str, Any] | N
                 k: median([r["quality"][k] for r in runs if k in r["quality"]])
                 for k in runs[0]["quality"]
             },
+            "quality_range": {  # lowest and highest over the pairs: a sampled stage's spread
+                k: [min(v), max(v)]
+                for k in runs[0]["quality"]
+                if (v := [r["quality"][k] for r in runs if k in r["quality"]])
+            },
         }
         if stage == "grpo":
             out[side]["generate_tokens_per_s_median"] = median(
@@ -313,7 +329,19 @@ def report(stage: str, s: dict[str, Any]) -> list[str]:
         for k in QUALITY[stage]
     )
     lines.append(f"  quality (lmforge's evaluation): {quality}")
+    if stage in SAMPLED:  # one rollout draw per pair: the spread is the noise of sampling
+        spread = "; ".join(
+            f"{k.removeprefix('eval/')} lmforge {_span(lm['quality_range'].get(k))} "
+            f"TRL {_span(trl['quality_range'].get(k))}"
+            for k in QUALITY[stage]
+        )
+        lines.append(f"  over the pairs' seeds (lowest-highest): {spread}")
     return lines
+
+
+def _span(pair: list[float] | None) -> str:
+    """'0.675-0.690' from [lowest, highest] (or '-' without values)."""
+    return f"{pair[0]:.3f}-{pair[1]:.3f}" if pair else "-"
 
 
 def versions() -> dict[str, str]:
@@ -402,10 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         for stage in stages:
             if stage != "sft" and not bench.sft_from:
                 bench.sft_from = bench.default_sft()
-            lm = bench.lmforge(stage, f"lmforge-{stage}-{i}")
+            seed = i if stage in SAMPLED else None  # another draw of the rollouts per pair
+            lm = bench.lmforge(stage, f"lmforge-{stage}-{i}", train_seed=seed)
             if stage == "sft" and not bench.sft_from:
                 bench.sft_from = lm["run_dir"]  # the later stages start from this SFT run
-            pairs[stage].append({"lmforge": lm, "trl": bench.trl(stage, f"trl-{stage}-{i}")})
+            trl_run = bench.trl(stage, f"trl-{stage}-{i}", train_seed=seed)
+            pairs[stage].append({"lmforge": lm, "trl": trl_run, "train_seed": seed})
             trl_s = pairs[stage][-1]["trl"]["train_seconds"]
             print(
                 f"{stage} pair {i}: training lmforge {lm['train_seconds']:.1f} s, TRL "

@@ -371,9 +371,35 @@ def run_grpo(cfg: Any, out: Path, timer: Any) -> tuple[dict[str, Any], Path]:
         callbacks=[timer],
     )
     trainer.train()
-    return {"generate_seconds": gen.seconds, "generated_tokens": gen.tokens}, _save(
-        trainer, tok, out
-    )
+    extra = {"generate_seconds": gen.seconds, "generated_tokens": gen.tokens}
+    return {**extra, "log": _history(trainer, GRPO_LOGGED)}, _save(trainer, tok, out)
+
+
+# TRL's logged GRPO figures kept in the result, by the name of lmforge's metric beside them
+# in its metrics.jsonl (both are means over the step's sampled completions; TRL's
+# learning_rate is the rate the step used, lmforge's lr the rate of the next step).
+GRPO_LOGGED = {
+    "loss": "loss",
+    "kl": "kl",
+    "reward": "reward",
+    "learning_rate": "lr",
+    "grad_norm": "grad_norm",
+    "completions/mean_length": "response_length",
+    "entropy": "sample_entropy",
+}
+
+
+def _history(trainer: Any, keys: dict[str, str]) -> list[dict[str, float]]:
+    """The trainer's logged records (every tracking.log_every steps), `keys` renamed to
+    lmforge's metric names, for a step-by-step comparison with lmforge's metrics.jsonl."""
+    rows = []
+    for entry in trainer.state.log_history:
+        if "loss" not in entry or "step" not in entry:
+            continue  # the closing summary (train_runtime, ...)
+        row = {"step": entry["step"]}
+        row.update({ours: float(entry[k]) for k, ours in keys.items() if k in entry})
+        rows.append(row)
+    return rows
 
 
 class _GenerationTimer:
