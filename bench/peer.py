@@ -372,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         "else this benchmark's first lmforge SFT run)",
     )
     parser.add_argument("--noise", type=int, default=1, help="1: re-run lmforge, another seed")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=1,
+        help="train.seed of a sampled stage's (GRPO's) first pair; pair i gets first-seed + i - 1",
+    )
     parser.add_argument("--work", default="runs/peer", help="directory for both sides' runs")
     parser.add_argument("--out", default="", help="results file (default bench/results/...)")
     args, overrides = parser.parse_known_args(argv)
@@ -430,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         for stage in stages:
             if stage != "sft" and not bench.sft_from:
                 bench.sft_from = bench.default_sft()
-            seed = i if stage in SAMPLED else None  # another draw of the rollouts per pair
+            seed = args.first_seed + i - 1 if stage in SAMPLED else None  # another rollout draw
             lm = bench.lmforge(stage, f"lmforge-{stage}-{i}", train_seed=seed)
             if stage == "sft" and not bench.sft_from:
                 bench.sft_from = lm["run_dir"]  # the later stages start from this SFT run
