@@ -199,39 +199,62 @@ def _encode_job(job: tuple[list[str], list[str]]) -> tuple[np.ndarray, ...]:
     return (*encoder(job[0]), *encoder(job[1]))
 
 
-def _ready() -> None:
-    """A no-op job: submitting it makes the pool fork its workers now."""
+class _Held:
+    """The first job, held until a second shows that workers are worth forking: it then goes to
+    them like every other job; if the stream ends first, it is encoded here, without a pool."""
+
+    def __init__(self, job: tuple[list[str], list[str]], encoders: _Encoders) -> None:
+        self.job: tuple[list[str], list[str]] | None = job
+        self.encoders = encoders
+        self.future: concurrent.futures.Future[tuple[np.ndarray, ...]] | None = None
+
+    def result(self) -> tuple[np.ndarray, ...]:
+        if self.future is not None:
+            return self.future.result()
+        assert self.job is not None
+        return self.encoders.encode_here(self.job)
 
 
 class _Encoders:
-    """Runs jobs in `workers` processes, forked as soon as this is made (they start while the
-    first job is still being read); with one worker, in this process.
+    """Runs jobs in `workers` processes, forked once a second job exists (the first waits for
+    them, so they share the work from its start); with one worker, or a corpus of one job, in
+    this process.
 
     A process pool executor, not multiprocessing.Pool: a worker that dies (killed, out of
     memory) fails its job (BrokenProcessPool) instead of leaving us waiting for it forever.
     """
 
     def __init__(self, workers: int, init_args: tuple[Any, ...]) -> None:
-        self.workers = workers
-        self.local = _FlatEncoder(*init_args) if workers < 2 else None
+        self.workers, self.init_args = workers, init_args
+        self.local: _FlatEncoder | None = None
         self.pool: concurrent.futures.ProcessPoolExecutor | None = None
-        if workers >= 2:
+        self.first: _Held | None = None
+
+    def encode_here(self, job: tuple[list[str], list[str]]) -> tuple[np.ndarray, ...]:
+        """(train ids, lengths, val ids, lengths) of a job, encoded in this process."""
+        if self.local is None:
+            self.local = _FlatEncoder(*self.init_args)
+        return (*self.local(job[0]), *self.local(job[1]))
+
+    def submit(self, job: tuple[list[str], list[str]]) -> Any:
+        """The job's result, as something with a Future's result()."""
+        if self.workers < 2:
+            done: concurrent.futures.Future[tuple[np.ndarray, ...]] = concurrent.futures.Future()
+            done.set_result(self.encode_here(job))
+            return done
+        if self.first is None:
+            self.first = _Held(job, self)
+            return self.first
+        if self.pool is None:
             self.pool = concurrent.futures.ProcessPoolExecutor(
-                workers,
+                self.workers,
                 # Forked workers inherit the loaded modules (no import cost).
                 mp_context=multiprocessing.get_context("fork"),
                 initializer=_init_worker,
-                initargs=(os.getpid(), *init_args),
+                initargs=(os.getpid(), *self.init_args),
             )
-            self.pool.submit(_ready)  # fork now, not when the first job is ready
-
-    def submit(self, job: tuple[list[str], list[str]]) -> Any:
-        """The job's result as a Future (already done when encoded here)."""
-        if self.pool is None:
-            assert self.local is not None
-            done: concurrent.futures.Future[tuple[np.ndarray, ...]] = concurrent.futures.Future()
-            done.set_result((*self.local(job[0]), *self.local(job[1])))
-            return done
+            self.first.future = self.pool.submit(_encode_job, self.first.job)
+            self.first.job = None
         return self.pool.submit(_encode_job, job)
 
     def close(self) -> None:
