@@ -232,6 +232,10 @@ class StopFlag:
         if signalled:
             self.reason = "stop requested"
         elif orphaned:
+            if not self._launcher and self._watch is not None:
+                # Another rank saw it first; ranks sharing a launcher see it gone by now too,
+                # and the line then names it rather than "another rank's".
+                self._launcher = self._watch.gone()
             self.reason = self._launcher or "another rank's launcher exited"
         return signalled or orphaned
 
