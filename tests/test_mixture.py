@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stagerun import metrics
+from stagerun import metrics, tiny_pretrain_args
 
 from lmforge.config import load_config
 from lmforge.data.chat import ChatDataConfig, chat_records, chat_tokenizer
@@ -81,23 +81,13 @@ def pretrain_args(run_dir: Path, cache: Path, records: Path, texts: Path) -> lis
         f"[{{source: '{records}', text_field: body, weight: 3}}, "
         f"{{source: '{texts}', weight: 1, name: num, validation_fraction: 0.1}}]"
     )
+    # The seconds-long run of every pretraining test, on the mixture (later overrides win).
     return [
-        "--model=debug",
+        *tiny_pretrain_args(run_dir, cache, steps=4, save_every=100),
         "--tokenizer.vocab_size=300",
         f"--data.sources={sources}",
         "--data.seq_len=32",
-        f"--data.cache_dir={cache}",
-        "--train.steps=4",
-        "--train.global_batch_size=8",
-        "--train.micro_batch_size=4",
         "--train.eval_every=2",
-        "--train.eval_batches=2",
-        "--train.save_every=100",
-        "--train.samples=0",
-        "--optim.lr=3e-3",
-        "--optim.warmup_steps=2",
-        "--tracking.log_every=1",
-        f"--run_dir={run_dir}",
     ]
 
 

@@ -39,6 +39,7 @@ from lmforge.data.chat_datasets import PreferenceDataset, PromptDataset, SFTData
 from lmforge.data.config import (
     MAX_RECORD_BYTES,
     DataConfig,
+    check_entry,
     source_name,
     validate_mixture,
 )
@@ -84,10 +85,7 @@ class ChatSourceConfig:
 
     def validate(self, prefix: str = "data.sources[0]") -> None:
         """Raise ConfigError naming `prefix.key` for a value that cannot work."""
-        if not self.source.strip():
-            raise ConfigError(f"{prefix}.source: must not be empty")
-        if not self.weight > 0:
-            raise ConfigError(f"{prefix}.weight: must be positive, got {self.weight}")
+        check_entry(self.source, self.weight, self.name, prefix)
         fraction = self.heldout_fraction
         if fraction is not None and not 0.0 <= fraction < 1.0:
             raise ConfigError(f"{prefix}.heldout_fraction: must be in [0, 1), got {fraction}")

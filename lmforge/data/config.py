@@ -65,6 +65,20 @@ def validate_mixture(source: str, sources: list[Any], p: str) -> None:
     check_weights([s.weight for s in sources], f"{p}sources")
 
 
+def check_entry(source: str, weight: float, name: str, prefix: str) -> None:
+    """The checks every mixture entry shares: a source, a positive weight, a name that can be a
+    metric key. Raises ConfigError naming `prefix.key`."""
+    if not source.strip():
+        raise ConfigError(f"{prefix}.source: must not be empty")
+    if not weight > 0:
+        raise ConfigError(f"{prefix}.weight: must be positive, got {weight}")
+    if name and not _NAME.match(name):
+        raise ConfigError(
+            f"{prefix}.name: '{name}' must be letters, digits, '_', '.' or '-' "
+            "(it becomes a metric key)"
+        )
+
+
 @dataclass
 class SourceConfig:
     """One source of a pretraining mixture; unset fields take the data section's values."""
@@ -88,15 +102,7 @@ class SourceConfig:
 
     def validate(self, prefix: str = "data.sources[0]") -> None:
         """Raise ConfigError naming `prefix.key` for a value that cannot work."""
-        if not self.source.strip():
-            raise ConfigError(f"{prefix}.source: must not be empty")
-        if not self.weight > 0:
-            raise ConfigError(f"{prefix}.weight: must be positive, got {self.weight}")
-        if self.name and not _NAME.match(self.name):
-            raise ConfigError(
-                f"{prefix}.name: '{self.name}' must be letters, digits, '_', '.' or '-' "
-                "(it becomes a metric key)"
-            )
+        check_entry(self.source, self.weight, self.name, prefix)
         for key in ("text_field", "hub_split"):
             if getattr(self, key) is not None and not getattr(self, key).strip():
                 raise ConfigError(f"{prefix}.{key}: must not be empty (null = the data section's)")
