@@ -309,9 +309,14 @@ def report(stage: str, s: dict[str, Any]) -> list[str]:
     lines = [
         f"{stage}: training time lmforge / TRL {s['train_ratio_median']:.2f} (pairs {per}); "
         f"lmforge {lm['train_seconds_median']:.1f} s, TRL {trl['train_seconds_median']:.1f} s",
-        f"  tokens/s lmforge {lm['tokens_per_s_median']:,.0f}, "
-        f"TRL {trl['tokens_per_s_median']:,.0f}"
-        f"; whole process lmforge {lm['wall_seconds_median']:.1f} s, TRL "
+        # GRPO trains on its own samples: no fixed token count (its generation line follows)
+        (
+            f"  tokens/s lmforge {lm['tokens_per_s_median']:,.0f}, "
+            f"TRL {trl['tokens_per_s_median']:,.0f}; "
+            if trl["tokens_per_s_median"]
+            else "  "
+        )
+        + f"whole process lmforge {lm['wall_seconds_median']:.1f} s, TRL "
         f"{trl['wall_seconds_median']:.1f} s, ratio {s['wall_ratio_median']:.2f} (pairs {wall})",
         f"  process CPU seconds lmforge {lm['cpu_seconds_median']:.1f}, TRL "
         f"{trl['cpu_seconds_median']:.1f}, ratio {s['cpu_ratio_median']:.2f}",

@@ -90,6 +90,26 @@ class KVCache:
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def load_rows(self, src: KVCache, rows: torch.Tensor) -> None:
+        """Fill this empty cache with the written slots of `src`, row b taking src's row rows[b]
+        (B,): a prompt that several rows share (a GRPO group) is run once and copied. Writes
+        into the existing buffers, so a kept (compiled) cache keeps its addresses."""
+        n = src.length
+        for mine, theirs in ((self.k, src.k), (self.v, src.v)):
+            for layer, t in enumerate(theirs):
+                mine[layer][:, :, :n] = t[rows, :, :n]
+        self.valid[:, :n] = src.valid[rows, :n]
+        self.length, self.padded = n, src.padded
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Drop the rows where keep (B,) is False; the rest stay, in order (a row that stopped
+        leaves a decode batch). Dynamic caches only: a static one keeps its shapes."""
+        if self.static:
+            raise RuntimeError("a static cache keeps its batch; drop rows before make_static")
+        self.k = [t[keep] for t in self.k]
+        self.v = [t[keep] for t in self.v]
+        self.valid = self.valid[keep]
+
     def drop(self, start: int, keep: torch.Tensor) -> None:
         """Forget, in row b, the written slots from start + keep[b] on (keep (B,)): they become
         holes that attention skips (speculative decoding's rejected tokens). The length rolls

@@ -447,6 +447,85 @@ def _check_length(model: GPT, cfg: GenerateConfig, prompt_len: int) -> None:
         )
 
 
+def _prefill(
+    model: GPT,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: KVCache | None,
+) -> torch.Tensor:
+    """The prompts' forward (ids, mask, positions (B, P)) into `cache` -> last logits (B, 1, V).
+    Rows with the same prompt (a GRPO or PPO group: G rows per prompt) share one computation,
+    copied into each row's cache slots."""
+    if cache is None:
+        return model(ids, attention_mask=mask, position_ids=positions, last_only=True)
+    # (U, 2P) distinct prompts; inverse (B,): each row's among them
+    distinct, inverse = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
+    if len(distinct) == len(ids):
+        return model(ids, attention_mask=mask, position_ids=positions, cache=cache, last_only=True)
+    # one row of each distinct prompt (U,): scatter keeps some row of every group
+    first = torch.empty(len(distinct), dtype=torch.long, device=ids.device)
+    first.scatter_(0, inverse, torch.arange(len(ids), device=ids.device))
+    own = KVCache(
+        model.cfg, len(first), ids.shape[1], dtype=cache.k[0].dtype, device=cache.k[0].device
+    )
+    logits = model(
+        ids[first], attention_mask=mask[first], position_ids=positions[first], cache=own,
+        last_only=True,
+    )  # fmt: skip
+    cache.load_rows(own, inverse)  # own row u holds distinct prompt u
+    return logits[inverse]
+
+
+def _can_shrink(
+    cfg: GenerateConfig, device: torch.device, stops: _Stops, seeds: torch.Tensor | None
+) -> bool:
+    """Whether finished rows may leave the decode batch: on a CPU (where a step's cost grows
+    with its rows and reading back which rows stopped is free), when rows can stop, and when a
+    row's tokens do not depend on its batch (greedy, or its own seeded stream: a shared
+    generator's draws would shift)."""
+    return device.type == "cpu" and stops.active and (cfg.temperature == 0 or seeds is not None)
+
+
+def _decode_shrinking(
+    logits: torch.Tensor,
+    model: GPT,
+    cache: KVCache,
+    positions: torch.Tensor,
+    cfg: GenerateConfig,
+    rows: _Rows,
+    stops: _Stops,
+    pad_id: int,
+    seeds: torch.Tensor | None,
+) -> int:
+    """`_decode` through a growing cache whose batch shrinks: once an eighth of the rows still
+    in it have stopped, they leave it (cache rows, positions, seeds), so the steps after the
+    short answers run only the rows still generating (a GRPO batch of 2-token answers and one
+    long one). The same tokens as `_decode` (see `_can_shrink`). Returns the forwards it ran."""
+    gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
+    b = logits.shape[0]
+    alive = torch.arange(b, device=logits.device)  # (A,) batch rows still in the decode batch
+    last = positions[:, -1:]  # (A, 1)
+    forwards = 0
+    for i in range(cfg.max_new_tokens):
+        token, lp = _pick_token(logits, cfg, gen, seeds, i)  # (A,)
+        full = torch.full((b,), pad_id, dtype=torch.long, device=token.device)
+        full_lp = torch.zeros(b, dtype=lp.dtype, device=lp.device)
+        full[alive], full_lp[alive] = token, lp
+        rows.record(i, full, full_lp, pad_id)
+        if stops.all_finished(rows, i, full) or i + 1 == cfg.max_new_tokens:
+            break
+        keep = ~rows.finished[alive]  # (A,)
+        if int((~keep).sum()) * 8 >= len(keep):
+            alive, token, last = alive[keep], token[keep], last[keep]
+            seeds = seeds[keep] if seeds is not None else None
+            cache.keep_rows(keep)
+        last = last + 1
+        logits = model(token[:, None], position_ids=last, cache=cache, last_only=True)
+        forwards += 1
+    return forwards
+
+
 def _decode_plain(
     model: GPT,
     ids: torch.Tensor,
@@ -465,14 +544,18 @@ def _decode_plain(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding does not count
     cache = _new_cache(model, cfg, b, p + cfg.max_new_tokens, static) if use_cache else None
     with _eager():
-        logits = model(
-            ids, attention_mask=mask, position_ids=positions, cache=cache, last_only=True
-        )
+        logits = _prefill(model, ids, mask, positions, cache)
     if cache is None:
         step = _recompute_step(model, ids, mask, positions)
     elif static:
         cache.make_static(compiled=cfg.compile)
         step = _static_step(model, cache, positions, compiled)
+    elif _can_shrink(cfg, ids.device, stops, seeds):
+        with _eager():
+            forwards = _decode_shrinking(
+                logits, model, cache, positions, cfg, rows, stops, pad_id, seeds
+            )
+        return DecodeStats(forwards=1 + forwards)
     else:
         step = _cached_step(model, cache, positions)
     # One eager stance around the loop (entering it costs about as much as a small op).
