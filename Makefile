@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 BENCH_ARGS  ?=
 
-.PHONY: setup demo test lint format clean bench bench-peer lock
+.PHONY: setup demo test lint format clean bench bench-peer gpu-check lock
 
 setup: $(STAMP)
 
@@ -67,6 +67,21 @@ bench: $(STAMP)
 # demo's checkpoints (make demo). BENCH_ARGS passes options (e.g. BENCH_ARGS="--pairs 1").
 bench-peer: $(STAMP)
 	$(BIN)/python bench/peer.py $(BENCH_ARGS)
+
+# Everything that proves lmforge on one CUDA device, as one bounded command (bench/gpu_check.py):
+# the CUDA tests, every stage in bf16, the benchmarks against transformers, the 7b preset.
+# Results and logs go to $$GPU_OUT (or $$OUT, or bench/results/gpu-check). On a machine without
+# this .venv (a GPU image with torch) it uses python3, with the wheels of .whl/ installed into
+# GPU_SITE first. GPU_CHECK_ARGS passes options, e.g. GPU_CHECK_ARGS=--cpu-dry-run on a CPU.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_SITE ?= /tmp/lmforge-site
+GPU_CHECK_ARGS ?=
+gpu-check:
+	if ls .whl/*.whl >/dev/null 2>&1; then \
+	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) .whl/*.whl; \
+	fi
+	PYTHONPATH=$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PATH=$(GPU_SITE)/bin:$$PATH \
+	  $(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -50,6 +50,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps run before timing")
     parser.add_argument("--offload", action="store_true", help="optimizer state in CPU memory")
     parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each block in backward, both sides (transformers' gradient checkpointing)",
+    )
+    parser.add_argument(
         "--order",
         choices=("interleaved", "sequential"),
         default=None,
@@ -72,7 +77,10 @@ def _settings(args: argparse.Namespace, steps: int) -> tuple[Any, Any]:
     from lmforge.optim import OptimConfig
 
     engine = EngineConfig(
-        zero_stage=args.zero, offload_optimizer=args.offload, compile=args.compile
+        zero_stage=args.zero,
+        offload_optimizer=args.offload,
+        compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing,
     )
     return engine, OptimConfig()
 
@@ -119,6 +127,8 @@ def build_baseline(args: argparse.Namespace, cfg: Any, device: torch.device, ste
 
     engine_cfg, optim = _settings(args, steps)
     twin = common.llama_twin(build_model(cfg, device=device, seed=args.seed))
+    if args.activation_checkpointing:
+        twin.gradient_checkpointing_enable()
     common.free_memory(device)
     ds_cfg = resolve_deepspeed_config(
         load_deepspeed_json(engine_cfg.deepspeed),
@@ -271,6 +281,7 @@ def run(args: argparse.Namespace, *, show: bool = True) -> dict[str, Any]:
             "processes": 1,
             "zero_stage": args.zero,
             "offload_optimizer": args.offload,
+            "activation_checkpointing": args.activation_checkpointing,
             "precision": precision,
             "compile": args.compile,
             "order": "interleaved" if interleaved else "sequential",
@@ -338,7 +349,9 @@ def print_table(r: dict[str, Any]) -> None:
     print(
         f"\ntrain: {s['preset']} ({s['parameters'] / 1e6:.1f}M params), seq {s['seq_len']} x "
         f"micro-batch {s['micro_batch']}, ZeRO-{s['zero_stage']}"
-        f"{' + optimizer offload' if s['offload_optimizer'] else ''}, {s['precision']}, {how}, "
+        f"{' + optimizer offload' if s['offload_optimizer'] else ''}"
+        f"{' + activation checkpointing' if s.get('activation_checkpointing') else ''}, "
+        f"{s['precision']}, {how}, "
         f"{r['device']}{threads}, "
         f"{s['measured_steps']} measured steps ({s['order']})"
     )

@@ -1,0 +1,291 @@
+"""The GPU check: on one CUDA device, in one bounded command (`make gpu-check`), everything that
+proves lmforge there, written under one folder as it goes:
+
+- the machine: nvidia-smi, library versions, the measured bf16 matmul peak (env.json);
+- `pytest -m gpu`: the CUDA tests of the fast paths against the plain paths;
+- every stage in bf16, a few steps each, chained as `make demo` chains them (pretrain -> SFT ->
+  reward -> DPO -> GRPO -> PPO), then each checkpoint loaded by plain transformers;
+- bench/train.py (124M at T=1024 eager and compiled, 1B at T=2048 compiled) and
+  bench/generate.py (124M, batch 64, 64 + 256 tokens) against transformers in the same run;
+- the 7b preset under ZeRO-3 with activation checkpointing, with and without optimizer offload,
+  next to `lmforge estimate`.
+
+Every step is its own process with its own time limit, cut to what the whole budget has left, so
+one failure or hang costs only its share; summary.json is rewritten after each step, so a lease
+that ends early still leaves what was done. Steps a failed step feeds (the stage chain) are
+skipped with the reason. `--cpu-dry-run` runs the same steps on the CPU at the smallest sizes:
+the test suite runs it, so the command a GPU lease gets has run before.
+
+Usage: python bench/gpu_check.py [--out DIR] [--budget SECONDS] [--cpu-dry-run]
+(DIR: --out, else $GPU_OUT, else $OUT, else bench/results/gpu-check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+# A step is not started with less than this left of the budget: it could not finish.
+MIN_STEP_SECONDS = 10.0
+
+
+@dataclass
+class Step:
+    """One bounded command: its name (and log file), argv, time limit in seconds, and the steps
+    whose success it needs."""
+
+    name: str
+    argv: list[str]
+    timeout: float
+    needs: list[str] = field(default_factory=list)
+
+
+def _stage(script: str, config: str, run: Path, args: list[str]) -> list[str]:
+    """A stage's command line: its demo config, the run folder, and the check's overrides."""
+    return [PY, str(REPO / script), "--config", str(REPO / config), f"--run_dir={run}", *args]
+
+
+def stage_steps(out: Path, dry: bool) -> list[Step]:
+    """pretrain -> SFT -> reward -> DPO -> GRPO -> PPO, a few steps each, bf16 on a GPU (fp32 on
+    the CPU), each from the checkpoint before it, then the transformers load of every one."""
+    runs = out / "runs"
+    steps = 2 if dry else 5
+    common = [f"--train.steps={steps}", "--train.eval_every=0", f"--train.save_every={steps}"]
+    common += ["--train.epochs=0", "--train.early_stop=0", '--train.keep_best=""']
+    common += ["--tracking.log_every=1", f"--engine.precision={'fp32' if dry else 'bf16'}"]
+    # the CPU: 8 rows a step, 64 chat examples; a GPU: the demo configs' own sizes
+    small = ["--train.global_batch_size=8", "--train.micro_batch_size=8"] if dry else []
+    chat = ["--data.num_train=64", "--data.num_heldout=8", *small] if dry else []
+    pre = ["--data.max_documents=200", "--train.eval_batches=1", "--train.samples=0"]
+    if dry:
+        pre += ["--model=debug", "--tokenizer.vocab_size=512", "--data.seq_len=64", *small]
+        pre += [f"--data.cache_dir={out / 'cache'}"]
+    sft, reward = runs / "sft", runs / "reward"
+    rl = [f"--init_from={sft}", *chat, *(["--max_new_tokens=8"] if dry else [])]
+    table = [
+        ("pretrain", "pretrain/train.py", "configs/pretrain/demo.yaml", pre, []),
+        ("sft", "finetune/sft.py", "configs/finetune/sft.yaml",
+         [f"--init_from={runs / 'pretrain'}", *chat], ["pretrain"]),
+        ("reward", "finetune/reward.py", "configs/finetune/reward.yaml",
+         [f"--init_from={sft}", *chat], ["sft"]),
+        ("dpo", "finetune/dpo.py", "configs/finetune/dpo.yaml",
+         [f"--init_from={sft}", *chat], ["sft"]),
+        ("grpo", "finetune/grpo.py", "configs/finetune/grpo.yaml",
+         [*rl, *(["--group_size=4"] if dry else [])], ["sft"]),
+        ("ppo", "finetune/ppo.py", "configs/finetune/ppo.yaml",
+         [*rl, f"--reward_model={reward}"], ["sft", "reward"]),
+    ]  # fmt: skip
+    out_steps = [
+        Step(name, _stage(script, cfg, runs / name, [*common, *args]), 90 if dry else 45, needs)
+        for name, script, cfg, args, needs in table
+    ]
+    names = [s.name for s in out_steps]
+    load = [PY, str(Path(__file__).resolve()), "--hf-load", str(runs), *names]
+    return [*out_steps, Step("hf_load", load, 60, needs=names)]
+
+
+def bench_steps(out: Path, dry: bool) -> list[Step]:
+    """The throughput benchmarks against transformers, and the 7b preset's memory check. The
+    CPU dry run leaves out --compile: compiling costs a minute a step on a CPU, and the compiled
+    paths have their own CPU tests."""
+    res = out / "bench"
+    compile_ = [] if dry else ["--compile"]
+    train, gen = [PY, str(REPO / "bench" / "train.py")], [PY, str(REPO / "bench" / "generate.py")]
+    if dry:  # the same scripts and options at the smallest sizes
+        t = ["--model=debug", "--seq-len=32", "--micro-batch=2", "--steps=1", "--warmup=1"]
+        t1b, big, big_t = t, "debug", [*t, "--activation-checkpointing"]
+        g = ["--model=debug", "--batch=4", "--prompt-len=8", "--new-tokens=8", "--repeats=1"]
+    else:
+        few = ["--steps=10", "--warmup=2"]  # the lease is short; 10 timed steps of each side
+        t = ["--model=gpt2-124m", "--seq-len=1024", "--micro-batch=16", *few]
+        t1b = ["--model=1b", "--seq-len=2048", "--micro-batch=8", *few]
+        big = "7b"
+        big_t = ["--model=7b", "--seq-len=2048", "--micro-batch=1", "--steps=3", "--warmup=1"]
+        big_t += ["--activation-checkpointing"]
+        g = ["--model=gpt2-124m", "--batch=64", "--prompt-len=64", "--new-tokens=256"]
+    est = [PY, "-m", "lmforge.cli", "estimate", f"--model={big}", "--seq-len=2048"]
+    return [
+        Step("train_124m_zero2", [*train, *t, "--zero=2", f"--out={res / 'train-124m.json'}"], 120),
+        Step("train_124m_zero1_compile", [*train, *t, "--zero=1", *compile_,
+                                          f"--out={res / 'train-124m-compile.json'}"], 150),
+        Step("train_1b_zero2_compile", [*train, *t1b, "--zero=2", *compile_,
+                                        f"--out={res / 'train-1b-compile.json'}"], 150),
+        Step("generate_124m", [*gen, *g, f"--out={res / 'generate-124m.json'}"], 90),
+        Step("generate_124m_compile", [*gen, *g, *compile_,
+                                       f"--out={res / 'generate-124m-compile.json'}"], 150),
+        Step("estimate_7b", est, 60),
+        Step("train_7b_zero3", [*train, *big_t, "--zero=3", f"--out={res / 'train-7b.json'}"], 150),
+        Step("train_7b_zero3_offload", [*train, *big_t, "--zero=3", "--offload",
+                                        f"--out={res / 'train-7b-offload.json'}"], 150),
+    ]  # fmt: skip
+
+
+def plan(out: Path, dry: bool) -> list[Step]:
+    """Every step, most important first: what a short lease must not miss comes early."""
+    env = Step(
+        "env", [PY, str(Path(__file__).resolve()), "--env-report", str(out / "env.json")], 60
+    )
+    tests = [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+    return [env, Step("pytest_gpu", tests, 120), *stage_steps(out, dry), *bench_steps(out, dry)]
+
+
+def check_env(dry: bool) -> dict[str, str]:
+    """The environment of every step: unbuffered output, offline hubs, and on the CPU the settings
+    the CPU test runs use (DeepSpeed's CPU accelerator, one thread)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    env.update(HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    # DeepSpeed's own op builds reject the image's "9.0a" architecture string
+    env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    if dry:
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def run_step(step: Step, out: Path, left: float, env: dict[str, str]) -> dict[str, Any]:
+    """Run one step with its output in out/logs/NAME.log, killed at min(its limit, `left`)."""
+    limit = min(step.timeout, left)
+    log = out / "logs" / f"{step.name}.log"
+    start = time.monotonic()
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(step.argv) + "\n")
+        f.flush()
+        proc = subprocess.Popen(
+            step.argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            rc: int | None = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the whole group: launchers leave children behind
+            proc.wait()
+            rc = None
+    seconds = time.monotonic() - start
+    status = "ok" if rc == 0 else ("timeout" if rc is None else "failed")
+    return {"status": status, "rc": rc, "seconds": round(seconds, 1), "limit": round(limit, 1)}
+
+
+def _say(out: Path, line: str) -> None:
+    """Print a progress line and keep it in out/check.log (it comes back with the results)."""
+    print(line, flush=True)
+    with open(out / "check.log", "a") as f:
+        f.write(line + "\n")
+
+
+def run_all(steps: list[Step], out: Path, budget: float, dry: bool) -> dict[str, Any]:
+    """Run the steps in order within `budget` seconds; summary.json after each one."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    env, deadline = check_env(dry), time.monotonic() + budget
+    summary: dict[str, Any] = {"dry_run": dry, "budget_s": budget, "steps": {}}
+    for i, step in enumerate(steps, 1):
+        left = deadline - time.monotonic()
+        failed = [n for n in step.needs if summary["steps"].get(n, {}).get("status") != "ok"]
+        if failed:
+            record: dict[str, Any] = {"status": "skipped", "why": f"needs {', '.join(failed)}"}
+        elif left < MIN_STEP_SECONDS:
+            record = {"status": "skipped", "why": f"budget: {left:.0f} s left"}
+        else:
+            record = run_step(step, out, left, env)
+        summary["steps"][step.name] = record
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        what = record.get("why") or f"{record['seconds']} s (limit {record['limit']} s)"
+        _say(out, f"[{i}/{len(steps)}] {step.name}: {record['status']}, {what}")
+    return summary
+
+
+def env_report(path: Path) -> None:
+    """nvidia-smi, library versions, the device and its measured bf16 matmul peak -> `path`."""
+    import torch
+
+    from lmforge.tracking import measure_peak_flops
+
+    smi = shutil.which("nvidia-smi")
+    report: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for name in ("transformers", "deepspeed", "datasets", "accelerate", "trl"):
+        try:
+            report[name] = __import__(name).__version__
+        except Exception as err:  # a missing or broken package is part of the report
+            report[name] = f"unavailable: {type(err).__name__}: {err}"
+    report["cuda"] = torch.version.cuda
+    cuda = torch.cuda.is_available()
+    report["device"] = torch.cuda.get_device_name(0) if cuda else "cpu"
+    peak = measure_peak_flops(torch.device("cuda")) if cuda else None
+    report["bf16_matmul_peak_tflops"] = round(peak / 1e12, 1) if peak else None
+    if smi:
+        report["nvidia_smi"] = subprocess.run([smi], capture_output=True, text=True).stdout
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "nvidia_smi"}, indent=2))
+
+
+def hf_load(runs: Path, names: list[str]) -> None:
+    """Load each stage's latest checkpoint with plain transformers (the reward model as a
+    sequence classifier) and run one forward; raise on the first that fails."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    for name in names:
+        run = runs / name
+        ckpt = run / (run / "latest").read_text().strip()
+        auto = AutoModelForSequenceClassification if name == "reward" else AutoModelForCausalLM
+        model = auto.from_pretrained(ckpt)
+        with torch.no_grad():
+            out = model(torch.tensor([[1, 2, 3, 4]]))
+        values = out.logits.float()
+        assert torch.isfinite(values).all(), f"{ckpt}: non-finite output"
+        print(f"{name}: {ckpt.name} loads in transformers ({type(model).__name__}), ok")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the check; exit 1 when a step did not succeed (the summary says which)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="", help="result folder ($GPU_OUT, $OUT, or bench/results/)")
+    ap.add_argument("--budget", type=float, default=390.0, help="seconds for all steps")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="same steps, smallest sizes, CPU")
+    ap.add_argument("--only", default="", help="comma-separated step names to run")
+    ap.add_argument("--env-report", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--hf-load", nargs="+", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.env_report:
+        env_report(Path(args.env_report))
+        return 0
+    if args.hf_load:
+        hf_load(Path(args.hf_load[0]), args.hf_load[1:])
+        return 0
+    default = REPO / "bench" / "results" / "gpu-check"
+    out = Path(args.out or os.environ.get("GPU_OUT") or os.environ.get("OUT") or default)
+    steps = plan(out.resolve(), args.cpu_dry_run)
+    if args.only:
+        keep = set(args.only.split(","))
+        unknown = keep - {s.name for s in steps}
+        if unknown:
+            names = ", ".join(s.name for s in steps)
+            print(f"--only: no step {', '.join(sorted(unknown))}; steps: {names}", file=sys.stderr)
+            return 2
+        steps = [s for s in steps if s.name in keep]
+        for s in steps:
+            s.needs = [n for n in s.needs if n in keep]
+    start = time.monotonic()
+    summary = run_all(steps, out.resolve(), args.budget, args.cpu_dry_run)
+    states = [r["status"] for r in summary["steps"].values()]
+    _say(
+        out.resolve(),
+        f"gpu check: {states.count('ok')}/{len(states)} steps ok in "
+        f"{time.monotonic() - start:.0f} s; results and logs in {out}",
+    )
+    return 0 if all(s == "ok" for s in states) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
