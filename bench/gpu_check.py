@@ -242,8 +242,8 @@ def hf_load(runs: Path, names: list[str]) -> None:
         model = auto.from_pretrained(ckpt)
         with torch.no_grad():
             out = model(torch.tensor([[1, 2, 3, 4]]))
-        values = out.logits.float()
-        assert torch.isfinite(values).all(), f"{ckpt}: non-finite output"
+        if not torch.isfinite(out.logits.float()).all():
+            raise SystemExit(f"{ckpt}: transformers' forward gives non-finite values")
         print(f"{name}: {ckpt.name} loads in transformers ({type(model).__name__}), ok")
 
 

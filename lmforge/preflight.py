@@ -414,21 +414,36 @@ def check_hub_dataset(name: str, key: str, found: Findings) -> None:
     found.checked.append(f"{key} {name}: a hub dataset in the local cache (records not read)")
 
 
-def _as_entry(check: Callable[[], T], key: str) -> Callable[[], T]:
-    """`check` with `data.source` in its errors retold as `key` (`data.sources[i].source`, a
-    mixture entry's): the single-source readers name `data.source`."""
+def _retold(check: Callable[[], T], words: dict[str, str]) -> Callable[[], T]:
+    """`check` with each key of `words` in its DataError retold as the value, once (the
+    single-source readers name `data.source`; a mixture entry's problem names its own key)."""
     from lmforge.errors import DataError
 
-    if key == "data.source":  # not a mixture: the reader's own words
+    if not words:  # not a mixture: the reader's own words
         return check
 
     def run() -> T:
         try:
             return check()
         except DataError as err:
-            raise DataError(str(err).replace("data.source ", f"{key} ", 1)) from None
+            text = str(err)
+            for said, meant in words.items():
+                text = text.replace(f"{said} ", f"{meant} ", 1)
+            raise DataError(text) from None
 
     return run
+
+
+def _entries(data: Any) -> list[tuple[int, str, str]]:
+    """(index, key, what) of each mixture entry: `data.sources[i]`, and the same with its name
+    and share of the weight, for the checked lines."""
+    total = sum(s.weight for s in data.sources)
+    out = []
+    for i, src in enumerate(data.sources):
+        key = f"data.sources[{i}]"
+        share = f"weight {src.weight:g} = {src.weight / total:.1%}"
+        out.append((i, key, f"{key} (name {src.label()}, {share})"))
+    return out
 
 
 def check_corpus(data: Any, found: Findings) -> None:
@@ -437,10 +452,7 @@ def check_corpus(data: Any, found: Findings) -> None:
     if not data.sources:
         check_one_corpus(data, "data.source", "data.source", found)
         return
-    total = sum(s.weight for s in data.sources)
-    for i, src in enumerate(data.sources):
-        key = f"data.sources[{i}]"
-        what = f"{key} (name {src.label()}, weight {src.weight:g} = {src.weight / total:.1%})"
+    for i, key, what in _entries(data):
         check_one_corpus(data.for_source(i), key, what, found)
 
 
@@ -452,8 +464,8 @@ def check_one_corpus(data: Any, key: str, what: str, found: Findings) -> None:
     if data.source.strip() == "builtin":
         found.checked.append(f"{what} builtin: the embedded corpus")
         return
-    entry = key if key == "data.source" else f"{key}.source"
-    source = found.attempt(key, _as_entry(lambda: resolve_source(data), entry))
+    words = {} if key == "data.source" else {"data.source": f"{key}.source"}
+    source = found.attempt(key, _retold(lambda: resolve_source(data), words))
     if source is None:
         return
     if source.kind == "hub":
@@ -471,7 +483,7 @@ def check_one_corpus(data: Any, key: str, what: str, found: Findings) -> None:
             count += len(records)
         return count
 
-    count = found.attempt(key, _as_entry(first, entry))
+    count = found.attempt(key, _retold(first, words))
     if count is not None:
         found.checked.append(
             f"{what} {source.describe()}: readable; first records of each file have "
@@ -491,33 +503,11 @@ def check_chat_data(data: Any, stage: str, tok: Any, found: Findings) -> list[di
     (for the reward-function sample; a mixture's first source's)."""
     if not data.sources:
         return check_chat_source(data, stage, tok, "data", "data.source", found)
-    total = sum(s.weight for s in data.sources)
     first: list[dict[str, Any]] = []
-    for i, src in enumerate(data.sources):
-        key = f"data.sources[{i}]"
-        what = f"{key} (name {src.label()}, weight {src.weight:g} = {src.weight / total:.1%})"
+    for i, key, what in _entries(data):
         records = check_chat_source(data.for_source(i), stage, tok, key, what, found)
         first = first or records
     return first
-
-
-def _retold(check: Callable[[], T], prefix: str) -> Callable[[], T]:
-    """`check` with the reader's `data.source` / `data.heldout_source` in its errors retold as
-    `prefix.source` / `prefix.heldout_source` (a mixture entry's keys)."""
-    if prefix == "data":
-        return check
-    from lmforge.errors import DataError
-
-    def run() -> T:
-        try:
-            return check()
-        except DataError as err:
-            text = str(err).replace("data.source ", f"{prefix}.source ", 1)
-            raise DataError(
-                text.replace("data.heldout_source ", f"{prefix}.heldout_source ", 1)
-            ) from None
-
-    return run
 
 
 def check_chat_source(
@@ -536,9 +526,9 @@ def check_chat_source(
             continue
         name = value.partition(":")[0]
         probe = DataConfig(source=value, max_record_bytes=data.max_record_bytes)
-        check = _retold(lambda probe=probe: resolve_source(probe), prefix)
-        if key == "heldout_source" and prefix != "data":  # the probe's errors say data.source
-            check = _as_entry(lambda probe=probe: resolve_source(probe), f"{prefix}.{key}")
+        # the probe reads `value` as its data.source, so its errors say data.source
+        probe_words = {} if prefix == "data" else {"data.source": f"{prefix}.{key}"}
+        check = _retold(lambda probe=probe: resolve_source(probe), probe_words)
         resolved = found.attempt(f"{prefix}.{key}", check)
         if resolved is not None and resolved.kind == "hub":
             hub = True
@@ -547,7 +537,15 @@ def check_chat_source(
         return []
     kind = _chat_kind(stage)
     key = f"{prefix}.source"
-    read = _retold(lambda: chat_records(data, kind), prefix)  # type: ignore[arg-type]
+    words = (
+        {}
+        if prefix == "data"
+        else {
+            "data.source": f"{prefix}.source",
+            "data.heldout_source": f"{prefix}.heldout_source",
+        }
+    )
+    read = _retold(lambda: chat_records(data, kind), words)  # type: ignore[arg-type]
     pair = found.attempt(key, read)
     if pair is None:
         return []

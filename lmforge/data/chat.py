@@ -47,7 +47,7 @@ from lmforge.data.corpus import doc_hash, quiet_datasets, validation_mask
 from lmforge.data.diagnose import _json_records
 from lmforge.data.sampler import MixtureSampler
 from lmforge.data.sources import resolve_source
-from lmforge.data.tasks import TASKS, check_answer, preference_pairs, task_examples
+from lmforge.data.tasks import TASKS, preference_pairs, task_examples
 from lmforge.data.templates import NAMED_TEMPLATES, check_template_value, use_chat_template
 from lmforge.errors import ConfigError, DataError
 from lmforge.runtime import global_means
@@ -676,16 +676,12 @@ class SourcePrompts(PromptDataset):
 
     def exact_match(self, completions: Any) -> dict[str, float]:
         """Overall and per-task scores; per-source scores go to `by_source`."""
-        scores = super().exact_match(completions)
-        hits = [
-            check_answer(task, completion, answer)
-            for task, completion, answer in zip(self.tasks, completions, self.answers, strict=True)
-        ]
+        hits = self.hits(completions)  # each answer checked once for both
         self.by_source = {
             name: sum(hits[r] for r in rows) / len(rows)
             for name, rows in source_rows(self.sources).items()
         }
-        return scores
+        return self.scores(hits)
 
 
 def heldout_prompts(records: list[Record], tokenizer: Any, seq_len: int) -> PromptDataset:

@@ -452,15 +452,24 @@ class PromptDataset:
         record lacks it): the keyword lists reward functions receive."""
         return {name: [self.fields[i].get(name) for i in rows] for name in self.field_names}
 
-    def exact_match(self, completions: Sequence[str]) -> dict[str, float]:
-        """Share of completions equal to their answer (check_answer): "all" and per task."""
+    def hits(self, completions: Sequence[str]) -> list[bool]:
+        """Whether each completion equals its prompt's answer (check_answer), in row order."""
         if len(completions) != len(self):
             raise ValueError(f"got {len(completions)} completions for {len(self)} prompts")
-        hits: dict[str, list[bool]] = {}
-        for task, completion, answer in zip(self.tasks, completions, self.answers, strict=True):
-            hits.setdefault(task, []).append(check_answer(task, completion, answer))
-        scores = {task: sum(h) / len(h) for task, h in sorted(hits.items())}
-        return {"all": sum(map(sum, hits.values())) / max(1, len(self)), **scores}
+        rows = zip(self.tasks, completions, self.answers, strict=True)
+        return [check_answer(task, completion, answer) for task, completion, answer in rows]
+
+    def scores(self, hits: Sequence[bool]) -> dict[str, float]:
+        """Share of hits (one per row): "all" and per task."""
+        by_task: dict[str, list[bool]] = {}
+        for task, hit in zip(self.tasks, hits, strict=True):
+            by_task.setdefault(task, []).append(hit)
+        per_task = {task: sum(h) / len(h) for task, h in sorted(by_task.items())}
+        return {"all": sum(hits) / max(1, len(self)), **per_task}
+
+    def exact_match(self, completions: Sequence[str]) -> dict[str, float]:
+        """Share of completions equal to their answer (check_answer): "all" and per task."""
+        return self.scores(self.hits(completions))
 
     def summary(self) -> str:
         """One line for the log."""
