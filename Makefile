@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 BENCH_ARGS  ?=
 
-.PHONY: setup demo test lint format clean bench bench-peer gpu-check lock
+.PHONY: setup demo test lint format clean bench bench-peer gpu-check gpu-wheels lock
 
 setup: $(STAMP)
 
@@ -77,11 +77,38 @@ GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_SITE ?= /tmp/lmforge-site
 GPU_CHECK_ARGS ?=
 gpu-check:
+ifeq ($(GPU_PYTHON),$(BIN)/python)
+	$(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
+else
 	if ls .whl/*.whl >/dev/null 2>&1; then \
-	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) .whl/*.whl; \
+	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade \
+	    --target $(GPU_SITE) .whl/*.whl; \
 	fi
 	PYTHONPATH=$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PATH=$(GPU_SITE)/bin:$$PATH \
 	  $(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
+endif
+
+# The wheels a GPU machine without network needs beyond an image with torch and transformers
+# (DeepSpeed, datasets and what they pull), pinned by the constraints, into .whl/ for the Python
+# of that machine (GPU_WHEEL_PY); carry .whl/ there and `make gpu-check` installs them. DeepSpeed
+# ships a source archive only: it becomes a pure-Python wheel (its CUDA ops build on first use).
+GPU_WHEEL_PY ?= 3.12
+GPU_WHEELS ?= deepspeed hjson pydantic pydantic-core annotated-types typing-inspection ninja \
+  py-cpuinfo msgpack einops datasets dill multiprocess pandas python-dateutil pytz tzdata six
+GPU_PLATFORMS := $(foreach p,manylinux_2_28 manylinux_2_17 manylinux2014,--platform $(p)_x86_64)
+gpu-wheels: $(STAMP)
+	mkdir -p .whl
+	for p in $(GPU_WHEELS); do \
+	  $(BIN)/pip download -q --no-deps -c $(CONSTRAINTS) -d .whl --only-binary=:all: \
+	    --python-version $(GPU_WHEEL_PY) --implementation cp $(GPU_PLATFORMS) "$$p" \
+	  || $(BIN)/pip download -q --no-deps -c $(CONSTRAINTS) -d .whl --no-binary=:all: "$$p" \
+	  || exit 1; \
+	done
+	for s in .whl/*.tar.gz; do \
+	  [ -e "$$s" ] || continue; \
+	  $(BIN)/pip wheel -q --no-deps -w .whl "$$s" && rm "$$s" || exit 1; \
+	done
+	ls .whl
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -141,7 +141,8 @@ def plan(out: Path, dry: bool) -> list[Step]:
 
 def check_env(dry: bool) -> dict[str, str]:
     """The environment of every step: unbuffered output, offline hubs, and on the CPU the settings
-    the CPU test runs use (DeepSpeed's CPU accelerator, one thread)."""
+    the CPU test runs use (DeepSpeed's CPU accelerator, one thread) and the CUDA tests' CPU
+    device."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     env.update(HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
@@ -149,6 +150,7 @@ def check_env(dry: bool) -> dict[str, str]:
     env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     if dry:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        env["LMFORGE_GPU_TESTS_DEVICE"] = "cpu"  # tests/test_gpu.py runs its checks on the CPU
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env

@@ -26,10 +26,13 @@ def free_port() -> int:
 def stage_env() -> dict[str, str]:
     """The environment of a CPU stage run, without any launcher variables of our own."""
     env = dict(os.environ)
+    # An inherited path stays after the repository: on a machine whose packages come from a
+    # folder of carried wheels (the GPU check), DeepSpeed is found only through it.
+    path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.update(
         DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1",
-        PYTHONPATH=str(REPO),
+        PYTHONPATH=path,
         HF_DATASETS_OFFLINE="1",
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",

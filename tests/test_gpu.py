@@ -12,7 +12,10 @@ the plain path, on the same weights and inputs.
 - row-seeded sampling gives the CPU's tokens.
 
 Every check is a helper taking the device, so the logic also runs on a CPU; the tests call
-them with CUDA and are skipped on machines without it (`pytest -m gpu` selects them).
+them with CUDA and are skipped on machines without it (`pytest -m gpu` selects them). With
+LMFORGE_GPU_TESTS_DEVICE=cpu (the GPU check's CPU dry run sets it) they run on the CPU instead,
+leaving out what only CUDA has (fused-only kernel lists, compiled decoding), so the command a
+GPU gets has run in the same environment before.
 
 Shapes: B batch, T sequence length, D width, V vocabulary, N rows (B·T).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
 from contextlib import AbstractContextManager, nullcontext
@@ -43,12 +47,12 @@ from lmforge.loss import IGNORE_INDEX, LossConfig, linear_cross_entropy
 from lmforge.model import ModelConfig, build_model
 from lmforge.optim import OptimConfig, param_groups
 
+DEVICE = torch.device(os.environ.get("LMFORGE_GPU_TESTS_DEVICE") or "cuda")
+ON_CUDA = DEVICE.type == "cuda"
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(ON_CUDA and not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-CUDA = torch.device("cuda")
 # SDPA's kernels other than the math one: under this list a call only the math kernel can
 # serve raises instead of falling back.
 FUSED_KERNELS = [
@@ -172,7 +176,7 @@ def _bf16_engines_train(device: torch.device) -> None:
 def test_bf16_engine_trains_under_every_zero_stage() -> None:
     """bf16 DeepSpeed engines, ZeRO 0-3 in one process on CUDA: the loss of a fixed batch is
     finite and falls, the first agrees with the fp32 forward, the parameters change."""
-    _bf16_engines_train(CUDA)
+    _bf16_engines_train(DEVICE)
 
 
 # -------------------------------------------------------------------------- 2. SDPA kernels
@@ -211,7 +215,7 @@ def _fused_attention_matches_math(device: torch.device, restrict: bool = True) -
 def test_fused_attention_kernels_equal_the_math_kernel() -> None:
     """Flash / cuDNN / memory-efficient attention (math kernel disabled) on the bf16 GQA model
     give the math kernel's logits, without a mask and with a padding mask."""
-    _fused_attention_matches_math(CUDA)
+    _fused_attention_matches_math(DEVICE, restrict=ON_CUDA)
 
 
 # ---------------------------------------------------------------------------- 3. fused AdamW
@@ -252,7 +256,7 @@ def _fused_adamw_matches_plain(device: torch.device) -> None:
 def test_fused_adamw_steps_as_the_plain_one() -> None:
     """build_engine's optimizer on CUDA is the fused AdamW, and its step equals
     AdamW(fused=False, foreach=False) on the same gradients."""
-    _fused_adamw_matches_plain(CUDA)
+    _fused_adamw_matches_plain(DEVICE)
 
 
 # ---------------------------------------------------------------------------- 4. chunked loss
@@ -302,7 +306,7 @@ def _chunked_loss_matches_full_logits(device: torch.device, dtype: torch.dtype) 
 def test_chunked_loss_equals_full_fp32_cross_entropy_in_bf16() -> None:
     """lmforge's chunked output+loss in bf16 on CUDA against F.cross_entropy of full fp32
     logits: loss value and both gradients, with ignored labels."""
-    _chunked_loss_matches_full_logits(CUDA, torch.bfloat16)
+    _chunked_loss_matches_full_logits(DEVICE, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------- 5. fast decoding
@@ -359,7 +363,7 @@ def _fast_decoding_matches(device: torch.device, compiled: bool = True) -> None:
 def test_static_and_compiled_decoding_return_the_dynamic_caches_tokens() -> None:
     """Greedy fp32 on CUDA: static cache and torch.compile (CUDA graphs) against the dynamic
     cache; the dynamic cache with repeated prompts against use_cache=False."""
-    _fast_decoding_matches(CUDA)
+    _fast_decoding_matches(DEVICE, compiled=ON_CUDA)
 
 
 # ------------------------------------------------------------------ 6. activation checkpoints
@@ -400,7 +404,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(
 ) -> None:
     """With dropout on CUDA: loss and every gradient with recomputation against without
     (fp32: 1e-5; bf16: the kernels may sum in another order, so a bf16 tolerance)."""
-    _checkpointing_matches(CUDA, dtype, tol)
+    _checkpointing_matches(DEVICE, dtype, tol)
 
 
 # --------------------------------------------------------------------- 7. row-seeded sampling
@@ -436,4 +440,4 @@ def _row_seeded_sampling_matches_cpu(device: torch.device) -> None:
 def test_row_seeded_sampling_gives_the_cpus_tokens() -> None:
     """generate(row_seeds=...) at temperature 1 in fp32: CUDA tokens against CPU tokens of the
     same weights."""
-    _row_seeded_sampling_matches_cpu(CUDA)
+    _row_seeded_sampling_matches_cpu(DEVICE)

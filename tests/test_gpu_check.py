@@ -1,10 +1,12 @@
 """The GPU check (`make gpu-check`, bench/gpu_check.py) before any GPU sees it: its CPU dry run
-executes every step at the smallest sizes, and its bounds hold (a failed step skips what needs
-it, a hanging one is killed at its limit, the budget is never overrun)."""
+executes every step at the smallest sizes (the CUDA tests on the CPU), and its bounds hold (a
+failed step skips what needs it, a hanging one is killed at its limit, the budget is never
+overrun)."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +40,9 @@ def test_cpu_dry_run_runs_every_step(tmp_path: Path) -> None:
         .splitlines()[-1]
         .startswith(f"gpu check: {len(names)}/{len(names)} steps ok")
     )
+    # the CUDA tests ran their checks on the CPU, none skipped
+    tests = (out / "logs" / "pytest_gpu.log").read_text().strip().splitlines()[-1]
+    assert re.fullmatch(r"\d+ passed in [\d.]+s", tests), tests
     env = json.loads((out / "env.json").read_text())
     assert env["device"] == "cpu" and env["torch"]
     loads = (out / "logs" / "hf_load.log").read_text()
