@@ -12,9 +12,11 @@ proves lmforge there, written under one folder as it goes:
 
 Every step is its own process with its own time limit, cut to what the whole budget has left, so
 one failure or hang costs only its share; summary.json is rewritten after each step, so a lease
-that ends early still leaves what was done. Steps a failed step feeds (the stage chain) are
-skipped with the reason. `--cpu-dry-run` runs the same steps on the CPU at the smallest sizes:
-the test suite runs it, so the command a GPU lease gets has run before.
+that ends early still leaves what was done (bench/steps.py). Steps a failed step feeds (the stage
+chain) are skipped with the reason. The CUDA tests run beside the stage chain and DeepSpeed's
+CPU Adam op builds beside everything; each benchmark has the GPU to itself. `--cpu-dry-run` runs
+the same steps on the CPU at the smallest sizes: the test suite runs it, so the command a GPU
+lease gets has run before.
 
 Usage: python bench/gpu_check.py [--out DIR] [--budget SECONDS] [--cpu-dry-run]
 (DIR: --out, else $GPU_OUT, else $OUT, else bench/results/gpu-check).
@@ -29,25 +31,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steps import Step, run_all, say
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-# A step is not started with less than this left of the budget: it could not finish.
-MIN_STEP_SECONDS = 10.0
-
-
-@dataclass
-class Step:
-    """One bounded command: its name (and log file), argv, time limit in seconds, and the steps
-    whose success it needs."""
-
-    name: str
-    argv: list[str]
-    timeout: float
-    needs: list[str] = field(default_factory=list)
+CPU_ADAM = "build_cpu_adam"  # the background build of DeepSpeed's CPU Adam op
 
 
 def _stage(script: str, config: str, run: Path, args: list[str]) -> list[str]:
@@ -114,7 +105,7 @@ def bench_steps(out: Path, dry: bool) -> list[Step]:
         big_t += ["--activation-checkpointing"]
         g = ["--model=gpt2-124m", "--batch=64", "--prompt-len=64", "--new-tokens=256"]
     est = [PY, "-m", "lmforge.cli", "estimate", f"--model={big}", "--seq-len=2048"]
-    return [
+    steps = [
         Step("train_124m_zero2", [*train, *t, "--zero=2", f"--out={res / 'train-124m.json'}"], 120),
         Step("train_124m_zero1_compile", [*train, *t, "--zero=1", *compile_,
                                           f"--out={res / 'train-124m-compile.json'}"], 150),
@@ -126,17 +117,36 @@ def bench_steps(out: Path, dry: bool) -> list[Step]:
         Step("estimate_7b", est, 60),
         Step("train_7b_zero3", [*train, *big_t, "--zero=3", f"--out={res / 'train-7b.json'}"], 150),
         Step("train_7b_zero3_offload", [*train, *big_t, "--zero=3", "--offload",
-                                        f"--out={res / 'train-7b-offload.json'}"], 150),
+                                        f"--out={res / 'train-7b-offload.json'}"], 150,
+             wait_for=[CPU_ADAM]),
     ]  # fmt: skip
+    for step in steps:  # a benchmark has the GPU to itself
+        step.wait_for.insert(0, "pytest_gpu")
+    return steps
 
 
 def plan(out: Path, dry: bool) -> list[Step]:
-    """Every step, most important first: what a short lease must not miss comes early."""
+    """Every step, most important first: what a short lease must not miss comes early. The
+    CUDA tests (light on the GPU) run beside the stage chain, and the optimizer-offload op
+    builds on the CPU beside everything until the offloaded run needs it; the benchmarks wait
+    for the tests, so each has the GPU to itself."""
     env = Step(
         "env", [PY, str(Path(__file__).resolve()), "--env-report", str(out / "env.json")], 60
     )
     tests = [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py"]
-    return [env, Step("pytest_gpu", tests, 120), *stage_steps(out, dry), *bench_steps(out, dry)]
+    # DeepSpeed's CPU Adam compiles on first use (a minute): built once, here, for the later run
+    build = [
+        PY,
+        "-c",
+        "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()",
+    ]
+    return [
+        env,
+        Step("pytest_gpu", tests, 150, background=True),
+        Step(CPU_ADAM, build, 240, background=True),
+        *stage_steps(out, dry),
+        *bench_steps(out, dry),
+    ]
 
 
 def check_env(dry: bool) -> dict[str, str]:
@@ -154,57 +164,6 @@ def check_env(dry: bool) -> dict[str, str]:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
-
-
-def run_step(step: Step, out: Path, left: float, env: dict[str, str]) -> dict[str, Any]:
-    """Run one step with its output in out/logs/NAME.log, killed at min(its limit, `left`)."""
-    limit = min(step.timeout, left)
-    log = out / "logs" / f"{step.name}.log"
-    start = time.monotonic()
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(step.argv) + "\n")
-        f.flush()
-        proc = subprocess.Popen(
-            step.argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            rc: int | None = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the whole group: launchers leave children behind
-            proc.wait()
-            rc = None
-    seconds = time.monotonic() - start
-    status = "ok" if rc == 0 else ("timeout" if rc is None else "failed")
-    return {"status": status, "rc": rc, "seconds": round(seconds, 1), "limit": round(limit, 1)}
-
-
-def _say(out: Path, line: str) -> None:
-    """Print a progress line and keep it in out/check.log (it comes back with the results)."""
-    print(line, flush=True)
-    with open(out / "check.log", "a") as f:
-        f.write(line + "\n")
-
-
-def run_all(steps: list[Step], out: Path, budget: float, dry: bool) -> dict[str, Any]:
-    """Run the steps in order within `budget` seconds; summary.json after each one."""
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    env, deadline = check_env(dry), time.monotonic() + budget
-    summary: dict[str, Any] = {"dry_run": dry, "budget_s": budget, "steps": {}}
-    for i, step in enumerate(steps, 1):
-        left = deadline - time.monotonic()
-        failed = [n for n in step.needs if summary["steps"].get(n, {}).get("status") != "ok"]
-        if failed:
-            record: dict[str, Any] = {"status": "skipped", "why": f"needs {', '.join(failed)}"}
-        elif left < MIN_STEP_SECONDS:
-            record = {"status": "skipped", "why": f"budget: {left:.0f} s left"}
-        else:
-            record = run_step(step, out, left, env)
-        summary["steps"][step.name] = record
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        what = record.get("why") or f"{record['seconds']} s (limit {record['limit']} s)"
-        _say(out, f"[{i}/{len(steps)}] {step.name}: {record['status']}, {what}")
-    return summary
 
 
 def env_report(path: Path) -> None:
@@ -279,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         for s in steps:
             s.needs = [n for n in s.needs if n in keep]
     start = time.monotonic()
-    summary = run_all(steps, out.resolve(), args.budget, args.cpu_dry_run)
+    summary = run_all(
+        steps, out.resolve(), args.budget, check_env(args.cpu_dry_run), dry_run=args.cpu_dry_run
+    )
     states = [r["status"] for r in summary["steps"].values()]
-    _say(
+    say(
         out.resolve(),
         f"gpu check: {states.count('ok')}/{len(states)} steps ok in "
         f"{time.monotonic() - start:.0f} s; results and logs in {out}",

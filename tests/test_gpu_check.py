@@ -6,9 +6,11 @@ overrun)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from stagerun import REPO, stage_env
 
 sys.path.insert(0, str(REPO / "bench"))
 import gpu_check  # bench/ is not a package: imported from its folder
+import steps
 
 
 def test_cpu_dry_run_runs_every_step(tmp_path: Path) -> None:
@@ -56,16 +59,16 @@ def test_cpu_dry_run_runs_every_step(tmp_path: Path) -> None:
 
 
 def test_steps_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gpu_check, "MIN_STEP_SECONDS", 1.0)
+    monkeypatch.setattr(steps, "MIN_STEP_SECONDS", 1.0)
     py = [sys.executable, "-c"]
-    steps = [
-        gpu_check.Step("fine", [*py, "print('hello')"], 30),
-        gpu_check.Step("broken", [*py, "raise SystemExit(3)"], 30),
-        gpu_check.Step("after_broken", [*py, "pass"], 30, needs=["broken"]),
-        gpu_check.Step("hangs", [*py, "import time; time.sleep(60)"], 30),
-        gpu_check.Step("too_late", [*py, "pass"], 30),
+    plan = [
+        steps.Step("fine", [*py, "print('hello')"], 30),
+        steps.Step("broken", [*py, "raise SystemExit(3)"], 30),
+        steps.Step("after_broken", [*py, "pass"], 30, needs=["broken"]),
+        steps.Step("hangs", [*py, "import time; time.sleep(60)"], 30),
+        steps.Step("too_late", [*py, "pass"], 30),
     ]
-    summary = gpu_check.run_all(steps, tmp_path, budget=3.0, dry=True)["steps"]
+    summary = steps.run_all(plan, tmp_path, 3.0, dict(os.environ))["steps"]
     assert summary["fine"]["status"] == "ok" and summary["broken"] == {
         **summary["broken"],
         "status": "failed",
@@ -77,6 +80,32 @@ def test_steps_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert summary["too_late"]["status"] == "skipped" and "budget" in summary["too_late"]["why"]
     assert "hello" in (tmp_path / "logs" / "fine.log").read_text()
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == summary
+
+
+def test_background_steps_run_beside_the_next_and_are_waited_for(tmp_path: Path) -> None:
+    """A background step runs while the steps after it do; a step waiting for it starts after
+    it ended; one still running at the end is killed at its limit and recorded."""
+    py = [sys.executable, "-c"]
+    flag = tmp_path / "flag"
+    write = f"import time, pathlib; time.sleep(1.5); pathlib.Path({str(flag)!r}).touch()"
+    exists = f"import pathlib, sys; sys.exit(0 if pathlib.Path({str(flag)!r}).exists() else 4)"
+    plan = [
+        steps.Step("slow_writer", [*py, write], 30, background=True),
+        steps.Step("beside", [*py, exists], 30),  # runs while the writer sleeps: no flag yet
+        steps.Step("after", [*py, exists], 30, wait_for=["slow_writer"], needs=["slow_writer"]),
+        steps.Step("forever", [*py, "import time; time.sleep(60)"], 2, background=True),
+        steps.Step("last", [*py, "pass"], 30),
+    ]
+    start = time.monotonic()
+    summary = steps.run_all(plan, tmp_path, 60.0, dict(os.environ))["steps"]
+    assert time.monotonic() - start < 20  # the forever step was killed at its 2 s limit
+    assert list(summary) == [s.name for s in plan]
+    assert summary["beside"]["rc"] == 4 and summary["after"]["status"] == "ok"
+    assert summary["slow_writer"]["status"] == "ok" and summary["last"]["status"] == "ok"
+    assert summary["forever"]["status"] == "timeout" and summary["forever"]["limit"] == 2
+    lines = (tmp_path / "check.log").read_text().splitlines()
+    assert lines[0] == "[1/5] slow_writer: running, started in the background (limit 30 s)"
+    assert lines[-1].startswith("[4/5] forever: timeout")
 
 
 def test_an_unknown_step_is_named() -> None:
