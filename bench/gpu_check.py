@@ -105,21 +105,18 @@ def bench_steps(out: Path, dry: bool) -> list[Step]:
         big_t += ["--activation-checkpointing"]
         g = ["--model=gpt2-124m", "--batch=64", "--prompt-len=64", "--new-tokens=256"]
     est = [PY, "-m", "lmforge.cli", "estimate", f"--model={big}", "--seq-len=2048"]
-    steps = [
-        Step("train_124m_zero2", [*train, *t, "--zero=2", f"--out={res / 'train-124m.json'}"], 120),
-        Step("train_124m_zero1_compile", [*train, *t, "--zero=1", *compile_,
-                                          f"--out={res / 'train-124m-compile.json'}"], 150),
-        Step("train_1b_zero2_compile", [*train, *t1b, "--zero=2", *compile_,
-                                        f"--out={res / 'train-1b-compile.json'}"], 150),
-        Step("generate_124m", [*gen, *g, f"--out={res / 'generate-124m.json'}"], 90),
-        Step("generate_124m_compile", [*gen, *g, *compile_,
-                                       f"--out={res / 'generate-124m-compile.json'}"], 150),
-        Step("estimate_7b", est, 60),
-        Step("train_7b_zero3", [*train, *big_t, "--zero=3", f"--out={res / 'train-7b.json'}"], 150),
-        Step("train_7b_zero3_offload", [*train, *big_t, "--zero=3", "--offload",
-                                        f"--out={res / 'train-7b-offload.json'}"], 150,
-             wait_for=[CPU_ADAM]),
-    ]  # fmt: skip
+    runs = [  # name (and its record, bench/NAME.json), arguments, time limit
+        ("train_124m_zero2", [*train, *t, "--zero=2"], 120),
+        ("train_124m_zero1_compile", [*train, *t, "--zero=1", *compile_], 150),
+        ("train_1b_zero2_compile", [*train, *t1b, "--zero=2", *compile_], 150),
+        ("generate_124m", [*gen, *g], 90),
+        ("generate_124m_compile", [*gen, *g, *compile_], 150),
+        ("train_7b_zero3", [*train, *big_t, "--zero=3"], 150),
+        ("train_7b_zero3_offload", [*train, *big_t, "--zero=3", "--offload"], 150),
+    ]
+    steps = [Step(name, [*argv, f"--out={res / name}.json"], limit) for name, argv, limit in runs]
+    steps.insert(5, Step("estimate_7b", est, 60))  # before the 7b runs, whatever they do
+    steps[-1].wait_for.append(CPU_ADAM)
     for step in steps:  # a benchmark has the GPU to itself
         step.wait_for.insert(0, "pytest_gpu")
     return steps
@@ -208,6 +205,23 @@ def hf_load(runs: Path, names: list[str]) -> None:
         print(f"{name}: {ckpt.name} loads in transformers ({type(model).__name__}), ok")
 
 
+def report(out: Path, env: dict[str, str]) -> None:
+    """The targets against the measurements (bench/gpu_report.py): report.md and report.json in
+    `out`, the table printed; its own process, so a failure there only says so."""
+    script = [PY, str(REPO / "bench" / "gpu_report.py"), str(out)]
+    try:
+        job = subprocess.run(script, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        say(out, "report: timed out after 60 s")
+        return
+    (out / "logs" / "report.log").write_text(job.stdout + job.stderr)
+    if job.returncode == 0:
+        print(job.stdout, end="", flush=True)
+    else:
+        last = (job.stderr.strip().splitlines() or ["no output"])[-1]
+        say(out, f"report: failed ({last}); see logs/report.log")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the check; exit 1 when a step did not succeed (the summary says which)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -242,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         steps, out.resolve(), args.budget, check_env(args.cpu_dry_run), dry_run=args.cpu_dry_run
     )
     states = [r["status"] for r in summary["steps"].values()]
+    report(out.resolve(), check_env(args.cpu_dry_run))
     say(
         out.resolve(),
         f"gpu check: {states.count('ok')}/{len(states)} steps ok in "

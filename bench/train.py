@@ -18,6 +18,7 @@ A benchmark, not a test: it fails only when the two first-step losses disagree.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -179,12 +180,22 @@ def _batches(
     return out
 
 
-def _timed(side: Side, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> float:
+def _timed(
+    side: Side, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device, losses: list
+) -> float:
+    """Seconds of one step, the device synchronised around it; its loss appended to `losses`."""
     common.synchronize(device)
     start = time.perf_counter()
-    side.step(*batch)
+    losses.append(side.step(*batch))
     common.synchronize(device)
     return time.perf_counter() - start
+
+
+def _losses(losses: list[torch.Tensor]) -> dict[str, Any]:
+    """The first and last loss of a side's steps, and whether every one was finite."""
+    values = [float(x) for x in losses]
+    finite = all(math.isfinite(v) for v in values)
+    return {"first_loss": values[0], "last_loss": values[-1], "losses_finite": finite}
 
 
 def _measure(
@@ -195,8 +206,9 @@ def _measure(
     device: torch.device,
     interleaved: bool,
 ) -> dict[str, dict[str, Any]]:
-    """Per side: first-step loss, measured step times, peak memory. Interleaved runs one step
-    of each side in turn (alternating which goes first), so both see the same machine load."""
+    """Per side: first and last loss (and whether all were finite), measured step times, peak
+    memory. Interleaved runs one step of each side in turn (alternating which goes first), so
+    both see the same machine load."""
     out: dict[str, dict[str, Any]] = {}
 
     def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,18 +223,18 @@ def _measure(
         times: dict[str, list[float]] = {s.name: [] for s in sides}
         for r in range(steps):
             for s in sides if r % 2 == 0 else sides[::-1]:
-                times[s.name].append(_timed(s, batch(warmup + r), device))
+                times[s.name].append(_timed(s, batch(warmup + r), device, losses[s.name]))
         for s in sides:
-            out[s.name] = {"first_loss": float(losses[s.name][0]), "times": times[s.name]}
+            out[s.name] = {**_losses(losses[s.name]), "times": times[s.name]}
             out[s.name]["peak_memory_bytes"] = common.peak_memory(device)
             s.close()
         return out
     for build in builders:
         common.reset_peak_memory(device)
         side = build()
-        warm = [side.step(*batch(i)) for i in range(warmup)]  # read after: no sync per step
-        times_one = [_timed(side, batch(warmup + r), device) for r in range(steps)]
-        out[side.name] = {"first_loss": float(warm[0]), "times": times_one}
+        seen = [side.step(*batch(i)) for i in range(warmup)]  # read after: no sync per step
+        times_one = [_timed(side, batch(warmup + r), device, seen) for r in range(steps)]
+        out[side.name] = {**_losses(seen), "times": times_one}
         out[side.name]["peak_memory_bytes"] = common.peak_memory(device)
         side.close()
         del side
@@ -306,6 +318,8 @@ def run(args: argparse.Namespace, *, show: bool = True) -> dict[str, Any]:
             "tokens_per_s": rate,
             "mfu_measured": rate * fpt / peak,
             "first_loss": data["first_loss"],
+            "last_loss": data["last_loss"],
+            "losses_finite": data["losses_finite"],
             "peak_memory_bytes": data["peak_memory_bytes"],
         }
         if sheet:
@@ -357,12 +371,17 @@ def print_table(r: dict[str, Any]) -> None:
     )
     sheet = "datasheet_label" in r["peak_flops"]
     header = f"{'':<22}{'step (median)':>14}{'tokens/s':>12}{'MFU meas.':>11}"
-    print(header + (f"{'MFU sheet':>11}" if sheet else "") + f"{'first loss':>13}")
+    memory = r["lmforge"]["peak_memory_bytes"] is not None
+    header += (f"{'MFU sheet':>11}" if sheet else "") + f"{'first loss':>13}{'last loss':>12}"
+    print(header + (f"{'peak memory':>14}" if memory else ""))
     for name, label in (("baseline", "baseline (HF Llama)"), ("lmforge", "lmforge")):
         e = r[name]
         line = f"{label:<22}{e['median_s'] * 1e3:>11.1f} ms{e['tokens_per_s']:>12,.0f}"
         line += f"{e['mfu_measured']:>10.1%} " + (f"{e['mfu_datasheet']:>10.1%} " if sheet else "")
-        print(line + f"{e['first_loss']:>13.6f}")
+        line += f"{e['first_loss']:>13.6f}{e['last_loss']:>12.6f}"
+        print(line + (f"{e['peak_memory_bytes'] / 2**30:>10.2f} GiB" if memory else ""))
+        if not e["losses_finite"]:
+            print(f"{label}: a loss was not finite")
     spread = r.get("ratio_per_round")
     extra = f" (per-round {spread['min']:.2f}-{spread['max']:.2f})" if spread else ""
     print(f"ratio lmforge / baseline: {r['ratio']:.2f}x{extra}")
