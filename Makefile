@@ -72,21 +72,13 @@ bench-peer: $(STAMP)
 # the CUDA tests, every stage in bf16, the benchmarks against transformers, the 7b preset.
 # Results and logs go to $$GPU_OUT (or $$OUT, or bench/results/gpu-check). On a machine without
 # this .venv (a GPU image with torch) it uses python3, with the wheels of .whl/ installed into
-# GPU_SITE first. GPU_CHECK_ARGS passes options, e.g. GPU_CHECK_ARGS=--cpu-dry-run on a CPU.
-GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+# GPU_SITE first (bench/gpu_check.sh, which runs without make too). GPU_CHECK_ARGS passes
+# options, e.g. GPU_CHECK_ARGS=--cpu-dry-run on a CPU.
+GPU_PYTHON ?=
 GPU_SITE ?= /tmp/lmforge-site
 GPU_CHECK_ARGS ?=
 gpu-check:
-ifeq ($(GPU_PYTHON),$(BIN)/python)
-	$(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
-else
-	if ls .whl/*.whl >/dev/null 2>&1; then \
-	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade \
-	    --target $(GPU_SITE) .whl/*.whl; \
-	fi
-	PYTHONPATH=$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PATH=$(GPU_SITE)/bin:$$PATH \
-	  $(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
-endif
+	GPU_PYTHON=$(GPU_PYTHON) GPU_SITE=$(GPU_SITE) bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
 
 # The wheels a GPU machine without network needs beyond an image with torch and transformers
 # (DeepSpeed, datasets and what they pull), pinned by the constraints, into .whl/ for the Python

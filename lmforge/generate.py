@@ -403,17 +403,25 @@ def _decode(
     row_seeds: torch.Tensor | None,
 ) -> int:
     """Pick up to cfg.max_new_tokens tokens into `rows`, starting from the prompt's logits
-    (B, 1, V); `step` runs the model on each picked token. Returns the forwards it ran."""
+    (B, 1, V); `step` runs the model on each picked token (a _ShrinkingStep runs only the rows
+    still generating: picks widen to the batch, and narrow again before the step). Returns the
+    forwards it ran."""
     gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
+    shrink = step if isinstance(step, _ShrinkingStep) else None
     may_stop = stops.active
     forwards = 0
     for i in range(cfg.max_new_tokens):
-        token, lp = _pick_token(logits, cfg, gen, row_seeds, i)
+        seeds = shrink.seeds if shrink is not None else row_seeds
+        token, lp = _pick_token(logits, cfg, gen, seeds, i)  # (A,): the rows the step ran
+        if shrink is not None:
+            token, lp = shrink.widen(token, lp, pad_id)  # (B,)
         rows.record(i, token, lp, pad_id)
         if may_stop and stops.all_finished(rows, i, token):
             break
         if i + 1 == cfg.max_new_tokens:
             break  # the last token needs no forward
+        if shrink is not None:
+            token = shrink.narrow(rows.finished, token)
         logits = step(token[:, None])
         forwards += 1
     return forwards
@@ -487,43 +495,42 @@ def _can_shrink(
     return device.type == "cpu" and stops.active and (cfg.temperature == 0 or seeds is not None)
 
 
-def _decode_shrinking(
-    logits: torch.Tensor,
-    model: GPT,
-    cache: KVCache,
-    positions: torch.Tensor,
-    cfg: GenerateConfig,
-    rows: _Rows,
-    stops: _Stops,
-    pad_id: int,
-    seeds: torch.Tensor | None,
-) -> int:
-    """`_decode` through a growing cache whose batch shrinks: once an eighth of the rows still
-    in it have stopped, they leave it (cache rows, positions, seeds), so the steps after the
-    short answers run only the rows still generating (a GRPO batch of 2-token answers and one
-    long one). The same tokens as `_decode` (see `_can_shrink`). Returns the forwards it ran."""
-    gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
-    b = logits.shape[0]
-    alive = torch.arange(b, device=logits.device)  # (A,) batch rows still in the decode batch
-    last = positions[:, -1:]  # (A, 1)
-    forwards = 0
-    for i in range(cfg.max_new_tokens):
-        token, lp = _pick_token(logits, cfg, gen, seeds, i)  # (A,)
-        full = torch.full((b,), pad_id, dtype=torch.long, device=token.device)
-        full_lp = torch.zeros(b, dtype=lp.dtype, device=lp.device)
-        full[alive], full_lp[alive] = token, lp
-        rows.record(i, full, full_lp, pad_id)
-        if stops.all_finished(rows, i, full) or i + 1 == cfg.max_new_tokens:
-            break
-        keep = ~rows.finished[alive]  # (A,)
+class _ShrinkingStep:
+    """Decode through a growing cache whose batch shrinks: once an eighth of the rows still in
+    it have stopped, they leave it (cache rows, positions, seeds), so the steps after the short
+    answers run only the rows still generating (a GRPO batch of 2-token answers and one long
+    one). The same tokens as the full batch (see `_can_shrink`)."""
+
+    def __init__(
+        self, model: GPT, cache: KVCache, positions: torch.Tensor, seeds: torch.Tensor | None
+    ) -> None:
+        self.model, self.cache, self.seeds = model, cache, seeds
+        self.batch = positions.shape[0]  # B
+        self.alive = torch.arange(positions.shape[0], device=positions.device)  # (A,) rows run
+        self.last = positions[:, -1:]  # (A, 1)
+
+    def widen(
+        self, token: torch.Tensor, logprob: torch.Tensor, pad_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The alive rows' token and log-prob (A,) placed into the whole batch (B,)."""
+        full = torch.full((self.batch,), pad_id, dtype=torch.long, device=token.device)
+        full_lp = torch.zeros(self.batch, dtype=logprob.dtype, device=logprob.device)
+        full[self.alive], full_lp[self.alive] = token, logprob
+        return full, full_lp
+
+    def narrow(self, finished: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """Drop the rows that finished once they are an eighth of the batch; the alive rows'
+        tokens (A,) of the whole batch's `token` (B,)."""
+        keep = ~finished[self.alive]  # (A,)
         if int((~keep).sum()) * 8 >= len(keep):
-            alive, token, last = alive[keep], token[keep], last[keep]
-            seeds = seeds[keep] if seeds is not None else None
-            cache.keep_rows(keep)
-        last = last + 1
-        logits = model(token[:, None], position_ids=last, cache=cache, last_only=True)
-        forwards += 1
-    return forwards
+            self.alive, self.last = self.alive[keep], self.last[keep]
+            self.seeds = self.seeds[keep] if self.seeds is not None else None
+            self.cache.keep_rows(keep)
+        return token[self.alive]
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        self.last = self.last + 1  # (A, 1)
+        return self.model(ids, position_ids=self.last, cache=self.cache, last_only=True)
 
 
 def _decode_plain(
@@ -551,11 +558,7 @@ def _decode_plain(
         cache.make_static(compiled=cfg.compile)
         step = _static_step(model, cache, positions, compiled)
     elif _can_shrink(cfg, ids.device, stops, seeds):
-        with _eager():
-            forwards = _decode_shrinking(
-                logits, model, cache, positions, cfg, rows, stops, pad_id, seeds
-            )
-        return DecodeStats(forwards=1 + forwards)
+        step = _ShrinkingStep(model, cache, positions, seeds)
     else:
         step = _cached_step(model, cache, positions)
     # One eager stance around the loop (entering it costs about as much as a small op).

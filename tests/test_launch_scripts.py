@@ -1,8 +1,8 @@
-"""The launch scripts: every one parses (bash -n) and passes shellcheck, launch/local.sh
-really starts two processes of a stage on a machine without CUDA, and launch/slurm/job.sh
-forwards SIGTERM and SIGUSR1 and exits 0 after the stage's clean stop (stand-ins for srun and
-scontrol; tests/test_slurm.py runs the real thing where SLURM is installed). What local.sh does
-with signals is in tests/test_launcher_signals.py."""
+"""The launch scripts (and bench/*.sh): every one parses (bash -n) and passes shellcheck,
+launch/local.sh really starts two processes of a stage on a machine without CUDA, and
+launch/slurm/job.sh forwards SIGTERM and SIGUSR1 and exits 0 after the stage's clean stop
+(stand-ins for srun and scontrol; tests/test_slurm.py runs the real thing where SLURM is
+installed). What local.sh does with signals is in tests/test_launcher_signals.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(
-    p for p in (REPO / "launch").rglob("*") if p.is_file() and p.suffix in (".sh", ".sbatch")
+    [p for p in (REPO / "launch").rglob("*") if p.is_file() and p.suffix in (".sh", ".sbatch")]
+    + list((REPO / "bench").glob("*.sh"))
 )
 
 
