@@ -94,10 +94,12 @@ def bench_steps(out: Path, dry: bool) -> list[Step]:
     train, gen = [PY, str(REPO / "bench" / "train.py")], [PY, str(REPO / "bench" / "generate.py")]
     if dry:  # the same scripts and options at the smallest sizes
         t = ["--model=debug", "--seq-len=32", "--micro-batch=2", "--steps=1", "--warmup=1"]
-        t1b, big, big_t = t, "debug", [*t, "--activation-checkpointing"]
+        big, big_t = "debug", [*t, "--activation-checkpointing"]
+        t = t1b = [*t, "--profile-steps=1"]
         g = ["--model=debug", "--batch=4", "--prompt-len=8", "--new-tokens=8", "--repeats=1"]
     else:
-        few = ["--steps=10", "--warmup=2"]  # the lease is short; 10 timed steps of each side
+        # the lease is short: 10 timed steps of each side, then 3 of lmforge's profiled
+        few = ["--steps=10", "--warmup=2", "--profile-steps=3"]
         t = ["--model=gpt2-124m", "--seq-len=1024", "--micro-batch=16", *few]
         t1b = ["--model=1b", "--seq-len=2048", "--micro-batch=8", *few]
         big = "7b"

@@ -44,6 +44,7 @@ class Row:
     baseline: str
     met: bool | None
     value: float | None = None
+    profile: str = ""  # where lmforge's step time went, when profiled
 
 
 def _load(folder: Path, name: str) -> dict[str, Any] | None:
@@ -79,7 +80,12 @@ def mfu_row(folder: Path, steps: dict[str, Any], target: str, names: list[str], 
     )
     baseline = f"{base['mfu_measured']:.1%} ({base['tokens_per_s']:,.0f} tok/s)"
     met = ours["mfu_measured"] >= goal and best["loss_check"]["passed"]
-    return Row(target, want, measured, baseline, met, ours["mfu_measured"])
+    row = Row(target, want, measured, baseline, met, ours["mfu_measured"])
+    if "profile" in ours:
+        import profiling
+
+        row.profile = profiling.describe(ours["profile"])
+    return row
 
 
 def generation_row(
@@ -188,6 +194,9 @@ def markdown(table: list[Row], env: dict[str, Any], steps: dict[str, Any]) -> st
     verdict = {True: "yes", False: "**no**", None: "not measured"}
     for r in table:
         lines.append(f"| {r.target} | {r.goal} | {r.measured} | {r.baseline} | {verdict[r.met]} |")
+    profiled = [f"- {r.target}: lmforge {r.profile}" for r in table if r.profile]
+    if profiled:
+        lines += ["", *profiled]
     lines += ["", "| step | status | seconds |", "|---|---|---|"]
     for name, s in steps.items():
         lines.append(f"| {name} | {s['status']} | {s.get('seconds', s.get('why', ''))} |")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import common
+import profiling
 import torch
 
 
@@ -50,6 +51,12 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="measured steps (10 CPU, 20 GPU)")
     parser.add_argument("--warmup", type=int, default=3, help="steps run before timing")
     parser.add_argument("--offload", action="store_true", help="optimizer state in CPU memory")
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after timing, this many lmforge steps under torch.profiler (where the time goes)",
+    )
     parser.add_argument(
         "--activation-checkpointing",
         action="store_true",
@@ -205,14 +212,22 @@ def _measure(
     steps: int,
     device: torch.device,
     interleaved: bool,
+    profile: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Per side: first and last loss (and whether all were finite), measured step times, peak
-    memory. Interleaved runs one step of each side in turn (alternating which goes first), so
-    both see the same machine load."""
+    memory; for lmforge, with `profile`, that many more steps under the profiler. Interleaved
+    runs one step of each side in turn (alternating which goes first), so both see the same
+    machine load."""
     out: dict[str, dict[str, Any]] = {}
 
     def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return batches[i % len(batches)]
+
+    def profiled(side: Side) -> None:  # after the timed steps, before the side is freed
+        if profile and side.name == "lmforge":
+            first = warmup + steps
+            run = profiling.profile_steps(lambda i: side.step(*batch(first + i)), profile, device)
+            out[side.name]["profile"] = run
 
     if interleaved:
         sides = [build() for build in builders]
@@ -227,6 +242,7 @@ def _measure(
         for s in sides:
             out[s.name] = {**_losses(losses[s.name]), "times": times[s.name]}
             out[s.name]["peak_memory_bytes"] = common.peak_memory(device)
+            profiled(s)
             s.close()
         return out
     for build in builders:
@@ -236,6 +252,7 @@ def _measure(
         times_one = [_timed(side, batch(warmup + r), device, seen) for r in range(steps)]
         out[side.name] = {**_losses(seen), "times": times_one}
         out[side.name]["peak_memory_bytes"] = common.peak_memory(device)
+        profiled(side)
         side.close()
         del side
         common.free_memory(device)
@@ -267,7 +284,7 @@ def run(args: argparse.Namespace, *, show: bool = True) -> dict[str, Any]:
     sheet = common.datasheet_peak(device)
     torch.manual_seed(args.seed)
     batches = _batches(cfg.vocab_size, args.micro_batch, seq, 4, args.seed, device)
-    total = warmup + steps
+    total = warmup + steps + args.profile_steps
     sides = _measure(
         [
             lambda: build_baseline(args, cfg, device, total),
@@ -278,6 +295,7 @@ def run(args: argparse.Namespace, *, show: bool = True) -> dict[str, Any]:
         steps,
         device,
         interleaved,
+        args.profile_steps,
     )
     # The peak is measured before and after the steps and the higher kept: on a shared machine
     # one reading can land in a busy moment (MFU on CPU is indicative only).
@@ -324,6 +342,8 @@ def run(args: argparse.Namespace, *, show: bool = True) -> dict[str, Any]:
         }
         if sheet:
             entry["mfu_datasheet"] = rate * fpt / sheet[0]
+        if "profile" in data:
+            entry["profile"] = data["profile"]
         record[name] = entry
     base, ours = record["baseline"], record["lmforge"]
     record["ratio"] = ours["tokens_per_s"] / base["tokens_per_s"]
@@ -388,6 +408,8 @@ def print_table(r: dict[str, Any]) -> None:
     p = r["peak_flops"]
     print(f"MFU against {p['measured']:.3g} FLOP/s ({p['measured_label']})", end="")
     print(f" and {p['datasheet']:.3g} FLOP/s ({p['datasheet_label']})" if sheet else "")
+    if "profile" in r["lmforge"]:
+        print("lmforge " + profiling.describe(r["lmforge"]["profile"]))
     c = r["loss_check"]
     verdict = "ok" if c["passed"] else "MISMATCH"
     print(

@@ -62,7 +62,27 @@ def test_cpu_dry_run_runs_every_step(tmp_path: Path) -> None:
     met = {t["target"]: t["met"] for t in report["targets"]}
     assert list(met.values()) == [False, False, False, True, True], met
     assert "| target | goal | lmforge | baseline (same run) | met |" in job.stdout
-    assert (out / "report.md").read_text().count("\n| ") >= 5 + len(names)
+    report_md = (out / "report.md").read_text()
+    assert report_md.count("\n| ") >= 5 + len(names)
+    assert "- train 124M, T=1024: lmforge profile (1 steps): device busy" in report_md
+    profile = json.loads((out / "bench" / "train_124m_zero2.json").read_text())
+    kinds = profile["train"]["lmforge"]["profile"]["kinds"]
+    assert kinds["matmul"] > 0 and sum(kinds.values()) == pytest.approx(1.0)
+
+
+def test_profile_kinds_name_gpu_kernels() -> None:
+    import profiling
+
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNN": "matmul",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>": "attention",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop": "attention",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": "communication",
+        "triton_poi_fused_add_mul_rsqrt_0": "other",
+    }
+    assert {n: profiling.kind(n) for n in names} == names
 
 
 def test_report_names_what_was_not_measured_and_saves_records(tmp_path: Path) -> None:
