@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -170,8 +171,10 @@ def check_env(dry: bool) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     env.update(HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    # DeepSpeed's own op builds reject the image's "9.0a" architecture string
-    env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    # DeepSpeed's op builds read each entry as numbers and fail on an architecture-specific
+    # one ("9.0a", as GPU images set it for Hopper); unset, they probe the device themselves
+    if arch := env.get("TORCH_CUDA_ARCH_LIST"):
+        env["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d+\.\d+)[a-z]+", r"\1", arch)
     if dry:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
         env["LMFORGE_GPU_TESTS_DEVICE"] = "cpu"  # tests/test_gpu.py runs its checks on the CPU

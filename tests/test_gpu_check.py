@@ -161,6 +161,13 @@ def test_background_steps_run_beside_the_next_and_are_waited_for(tmp_path: Path)
     assert lines[-1].startswith("[4/5] forever: timeout")
 
 
+def test_arch_lists_reach_deepspeed_as_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a 10.0a+PTX")
+    assert gpu_check.check_env(dry=False)["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0 10.0+PTX"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    assert "TORCH_CUDA_ARCH_LIST" not in gpu_check.check_env(dry=False)  # DeepSpeed probes
+
+
 def test_an_unknown_step_is_named() -> None:
     job = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--only", "env,warp_drive"],
