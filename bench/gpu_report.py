@@ -57,28 +57,37 @@ def _load(folder: Path, name: str) -> dict[str, Any] | None:
     return next(v for k, v in data.items() if k in ("train", "generate"))
 
 
+def _not_measured(names: list[str], steps: dict[str, Any]) -> str:
+    """'not measured (STEP: its status, ...)' for the named steps."""
+    why = ", ".join(f"{n}: {steps.get(n, {}).get('status', 'not run')}" for n in names)
+    return f"not measured ({why})"
+
+
 def _missing(target: str, goal: str, names: list[str], steps: dict[str, Any]) -> Row:
     """A target none of whose steps left a record: say what became of them."""
-    why = ", ".join(f"{n}: {steps.get(n, {}).get('status', 'not run')}" for n in names)
-    return Row(target, goal, f"not measured ({why})", "", None)
+    return Row(target, goal, _not_measured(names, steps), "", None)
 
 
 def mfu_row(folder: Path, steps: dict[str, Any], target: str, names: list[str], goal: float) -> Row:
     """The best lmforge MFU over the named training records against `goal`."""
-    found = [r for n in names if (r := _load(folder, n)) is not None]
+    found = {n: r for n in names if (r := _load(folder, n)) is not None}
     want = f">= {goal:.0%} MFU"
     if not found:
         return _missing(target, want, names, steps)
-    best = max(found, key=lambda r: r["lmforge"]["mfu_measured"])
-    ours, base = best["lmforge"], best["baseline"]
-    how = "compiled" if best["shape"]["compile"] else "eager"
-    shape = best["shape"]
+    name = max(found, key=lambda n: found[n]["lmforge"]["mfu_measured"])
+    best = found[name]
+    ours, shape = best["lmforge"], best["shape"]
+    how = "compiled" if shape["compile"] else "eager"
     measured = (
         f"{ours['mfu_measured']:.1%} ({ours['tokens_per_s']:,.0f} tok/s; {shape['preset']}, "
         f"T={shape['seq_len']}, micro-batch {shape['micro_batch']}, "
         f"ZeRO-{shape['zero_stage']} {how})"
     )
-    baseline = f"{base['mfu_measured']:.1%} ({base['tokens_per_s']:,.0f} tok/s)"
+    if "baseline" in best:
+        base = best["baseline"]
+        baseline = f"{base['mfu_measured']:.1%} ({base['tokens_per_s']:,.0f} tok/s)"
+    else:  # the run stopped after lmforge's side (see bench/train.py's partial records)
+        baseline = _not_measured([name], steps)
     met = ours["mfu_measured"] >= goal and best["loss_check"]["passed"]
     row = Row(target, want, measured, baseline, met, ours["mfu_measured"])
     if "profile" in ours:

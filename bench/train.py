@@ -218,11 +218,12 @@ def _measure(
     device: torch.device,
     interleaved: bool,
     profile: int = 0,
+    on_side: Callable[[dict[str, dict[str, Any]]], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per side: first and last loss (and whether all were finite), measured step times, peak
     memory; for lmforge, with `profile`, that many more steps under the profiler. Interleaved
     runs one step of each side in turn (alternating which goes first), so both see the same
-    machine load."""
+    machine load; otherwise one side after the other, `on_side` called after each."""
     out: dict[str, dict[str, Any]] = {}
 
     def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,53 +262,70 @@ def _measure(
         side.close()
         del side
         common.free_memory(device)
+        if on_side is not None:
+            on_side(out)
     return out
 
 
-def run(args: argparse.Namespace, *, show: bool = True) -> dict[str, Any]:
-    """Measure both sides; print their table (with `show`); return the results record."""
+def run(
+    args: argparse.Namespace,
+    *,
+    show: bool = True,
+    save: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Measure both sides; print their table (with `show`); return the results record. One
+    side after the other (on a GPU), `save` gets the record of the sides measured so far after
+    each, lmforge's first: a run stopped in the baseline's compile still leaves lmforge's."""
     common.setup()
     from lmforge.distributed import DistInfo
-    from lmforge.engine import init_distributed, resolve_precision
-    from lmforge.model import flops_per_token, matmul_params, num_params
+    from lmforge.engine import init_distributed
 
     device = common.bench_device()
     common.set_threads(device, args.threads)
-    preset = args.model or common.default_preset(device)
-    cfg = common.model_config(preset)
-    seq = args.seq_len or min(cfg.max_seq_len, 1024 if device.type == "cuda" else 256)
-    steps = args.steps or (20 if device.type == "cuda" else 10)
-    warmup = max(1, args.warmup)
-    interleaved = (args.order or ("sequential" if device.type == "cuda" else "interleaved")) == (
-        "interleaved"
-    )
+    cfg = common.model_config(args.model or common.default_preset(device))
     if args.zero == 0 and args.offload:
         raise SystemExit("--offload needs --zero 1, 2 or 3")
     init_distributed(DistInfo())
-    precision = resolve_precision("auto")
-    peak_before, peak_label = common.matmul_peak(device, args.peak_size)
-    sheet = common.datasheet_peak(device)
+    record = _header(args, cfg, device)
+    shape = record["shape"]
+    warmup, steps = shape["warmup_steps"], shape["measured_steps"]
     torch.manual_seed(args.seed)
-    batches = _batches(cfg.vocab_size, args.micro_batch, seq, 4, args.seed, device)
+    batches = _batches(cfg.vocab_size, args.micro_batch, shape["seq_len"], 4, args.seed, device)
     total = warmup + steps + args.profile_steps
-    builders = [] if args.no_baseline else [lambda: build_baseline(args, cfg, device, total)]
+    builders = [lambda: build_lmforge(args, cfg, device, total)]
+    if not args.no_baseline:
+        builders.append(lambda: build_baseline(args, cfg, device, total))
+    interleaved = shape["order"] == "interleaved"
+
+    def partial(sides: dict[str, dict[str, Any]]) -> None:
+        if save is not None and not interleaved:
+            save(_filled(record, sides, record["peak_flops"]["measured"]) | {"partial": True})
+
     sides = _measure(
-        [*builders, lambda: build_lmforge(args, cfg, device, total)],
-        batches,
-        warmup,
-        steps,
-        device,
-        interleaved,
-        args.profile_steps,
+        builders, batches, warmup, steps, device, interleaved, args.profile_steps, partial
     )
     # The peak is measured before and after the steps and the higher kept: on a shared machine
     # one reading can land in a busy moment (MFU on CPU is indicative only).
-    peak = max(peak_before, common.matmul_peak(device, args.peak_size)[0])
-    fpt = flops_per_token(cfg, seq)
-    tokens = args.micro_batch * seq
+    peak = max(record["peak_flops"]["measured"], common.matmul_peak(device, args.peak_size)[0])
+    record = _filled(record, sides, peak)
+    if show:
+        print_table(record)
+    if save is not None:
+        save(record)
+    return record
+
+
+def _header(args: argparse.Namespace, cfg: Any, device: torch.device) -> dict[str, Any]:
+    """The record before any step: the shape of the run, the device, the matmul peak."""
+    from lmforge.engine import resolve_precision
+    from lmforge.model import flops_per_token, matmul_params, num_params
+
+    seq = args.seq_len or min(cfg.max_seq_len, 1024 if device.type == "cuda" else 256)
+    order = args.order or ("sequential" if device.type == "cuda" else "interleaved")
+    peak, peak_label = common.matmul_peak(device, args.peak_size)
     record: dict[str, Any] = {
         "shape": {
-            "preset": preset,
+            "preset": args.model or common.default_preset(device),
             "seq_len": seq,
             "micro_batch": args.micro_batch,
             "grad_accum": 1,
@@ -315,46 +333,51 @@ def run(args: argparse.Namespace, *, show: bool = True) -> dict[str, Any]:
             "zero_stage": args.zero,
             "offload_optimizer": args.offload,
             "activation_checkpointing": args.activation_checkpointing,
-            "precision": precision,
+            "precision": resolve_precision("auto"),
             "compile": args.compile,
-            "order": "interleaved" if interleaved else "sequential",
-            "warmup_steps": warmup,
-            "measured_steps": steps,
+            "order": order,
+            "warmup_steps": max(1, args.warmup),
+            "measured_steps": args.steps or (20 if device.type == "cuda" else 10),
             "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "parameters": num_params(cfg),
             "matmul_parameters": matmul_params(cfg),
-            "flops_per_token": fpt,
-            "tokens_per_step": tokens,
+            "flops_per_token": flops_per_token(cfg, seq),
+            "tokens_per_step": args.micro_batch * seq,
         },
         "device": common.device_label(device),
         "peak_flops": {"measured": peak, "measured_label": peak_label},
     }
+    sheet = common.datasheet_peak(device)
     if sheet:
         record["peak_flops"].update(datasheet=sheet[0], datasheet_label=sheet[1])
-    for name, data in sides.items():
+    return record
+
+
+def _filled(record: dict[str, Any], sides: dict[str, dict[str, Any]], peak: float) -> dict:
+    """A copy of `record` with each measured side's figures against `peak`, and the checks:
+    the ratio and the first-loss check with both sides, finite losses with lmforge alone."""
+    shape, sheet = record["shape"], record["peak_flops"].get("datasheet")
+    fpt, tokens = shape["flops_per_token"], shape["tokens_per_step"]
+    out = {**record, "peak_flops": {**record["peak_flops"], "measured": peak}}
+    for name in ("baseline", "lmforge"):
+        if name not in sides:
+            continue
+        data = sides[name]
         stats = common.summary(data["times"])
         rate = tokens / stats["median_s"]
-        entry = {
-            **stats,
-            "tokens_per_s": rate,
-            "mfu_measured": rate * fpt / peak,
-            "first_loss": data["first_loss"],
-            "last_loss": data["last_loss"],
-            "losses_finite": data["losses_finite"],
-            "peak_memory_bytes": data["peak_memory_bytes"],
-        }
+        entry = {**stats, "tokens_per_s": rate, "mfu_measured": rate * fpt / peak}
+        entry.update({k: data[k] for k in ("first_loss", "last_loss", "losses_finite")})
+        entry["peak_memory_bytes"] = data["peak_memory_bytes"]
         if sheet:
-            entry["mfu_datasheet"] = rate * fpt / sheet[0]
+            entry["mfu_datasheet"] = rate * fpt / sheet
         if "profile" in data:
             entry["profile"] = data["profile"]
-        record[name] = entry
-    if args.no_baseline:
-        record["loss_check"] = finite_check(record["lmforge"])
+        out[name] = entry
+    if "baseline" in out:
+        compare(out, shape["order"] == "interleaved", shape["precision"])
     else:
-        compare(record, interleaved, precision)
-    if show:
-        print_table(record)
-    return record
+        out["loss_check"] = finite_check(out["lmforge"])
+    return out
 
 
 def compare(record: dict[str, Any], interleaved: bool, precision: str) -> None:
@@ -446,11 +469,11 @@ def main() -> None:
     add_common_args(parser)
     add_train_args(parser)
     args = parser.parse_args()
-    record = run(args)
     device = common.bench_device()
-    path = args.out or common.results_path(device, record["shape"]["preset"])
-    common.write_section(common.Path(path), "train", record)
-    print(f"results: {common.shown(common.Path(path))}")
+    preset = args.model or common.default_preset(device)
+    path = common.Path(args.out or common.results_path(device, preset))
+    record = run(args, save=lambda r: common.write_section(path, "train", r))
+    print(f"results: {common.shown(path)}")
     sys.exit(0 if record["loss_check"]["passed"] else 1)
 
 

@@ -100,3 +100,47 @@ def test_peer_benchmark_without_trl_says_how_to_install(tmp_path: Path) -> None:
     assert job.returncode == 2
     assert job.stderr.strip() == "bench/peer.py needs TRL: pip install lmforge[peer]"
     assert not (tmp_path / "x.json").exists()
+
+
+# bench/train.py one side after the other with a baseline that fails to build: what `save` got.
+_PARTIAL = """
+import argparse, json, sys
+sys.path.insert(0, "bench")
+import train
+def broken(*args, **kwargs):
+    raise RuntimeError("the baseline's compile ran out of time")
+train.build_baseline = broken
+parser = argparse.ArgumentParser()
+train.add_common_args(parser)
+train.add_train_args(parser)
+args = parser.parse_args(sys.argv[1:])
+saved = []
+try:
+    train.run(args, show=False, save=saved.append)
+except RuntimeError as err:
+    print(json.dumps({"error": str(err), "saved": saved}))
+"""
+
+
+def test_one_side_after_the_other_saves_lmforge_before_the_baseline() -> None:
+    """On a GPU the sides run one after the other, lmforge first, and its figures are saved
+    before the baseline starts: a run stopped in the baseline still leaves them."""
+    job = subprocess.run(
+        [sys.executable, "-c", _PARTIAL, *COMMON, *TRAIN, "--order", "sequential"],
+        cwd=REPO,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    out = json.loads(job.stdout.strip().splitlines()[-1])
+    assert out["error"] == "the baseline's compile ran out of time"
+    (record,) = out["saved"]
+    assert record["partial"] and "baseline" not in record and "ratio" not in record
+    assert record["lmforge"]["tokens_per_s"] > 0 and len(record["lmforge"]["all_s"]) == 2
+    assert record["loss_check"] == {
+        "lmforge": record["lmforge"]["first_loss"],
+        "baseline": None,
+        "passed": True,
+    }

@@ -89,7 +89,7 @@ def test_profile_kinds_name_gpu_kernels() -> None:
 
 def test_report_names_what_was_not_measured_and_saves_records(tmp_path: Path) -> None:
     """A target whose step failed says so; --save copies every record under the device's
-    name."""
+    name; a partial record (its step stopped after lmforge's side) gives lmforge's figure."""
     import gpu_report
 
     (tmp_path / "bench").mkdir()
@@ -99,7 +99,7 @@ def test_report_names_what_was_not_measured_and_saves_records(tmp_path: Path) ->
     (tmp_path / "bench" / "train_124m_zero2.json").write_text(json.dumps({"train": record}))
     rows = {r.target: r for r in gpu_report.write_report(tmp_path)}
     assert rows["train 1B, T=2048"].met is None
-    assert rows["train 1B, T=2048"].measured == ("not measured (train_1b_zero2_compile: failed)")
+    assert rows["train 1B, T=2048"].measured == "not measured (train_1b_zero2_compile: failed)"
     assert "unreadable record (KeyError" in rows["train 124M, T=1024"].measured
     assert rows["7b ZeRO-3 + optimizer offload, act. ckpt."].measured.startswith("not measured")
     results = tmp_path / "results"
@@ -109,6 +109,16 @@ def test_report_names_what_was_not_measured_and_saves_records(tmp_path: Path) ->
         "nvidia-h200-report.json",
         "nvidia-h200-train_124m_zero2.json",
     ]
+    # a partial record (the step stopped after lmforge's side): lmforge's figure, no baseline
+    steps_["train_1b_zero2_compile"] = {"status": "timeout", "rc": None}
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": steps_}))
+    shape = {"compile": True, "preset": "1b", "seq_len": 2048, "micro_batch": 8, "zero_stage": 2}
+    ours = {"mfu_measured": 0.64, "tokens_per_s": 75_000.0}
+    partial = {"shape": shape, "lmforge": ours, "loss_check": {"passed": True}, "partial": True}
+    (tmp_path / "bench" / "train_1b_zero2_compile.json").write_text(json.dumps({"train": partial}))
+    row = {r.target: r for r in gpu_report.write_report(tmp_path)}["train 1B, T=2048"]
+    assert row.met and row.measured.startswith("64.0% (75,000 tok/s; 1b, T=2048")
+    assert row.baseline == "not measured (train_1b_zero2_compile: timeout)"
 
 
 def test_steps_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
