@@ -91,6 +91,8 @@ def main() -> None:
     train.add_train_args(parser)
     generate.add_generate_args(parser)
     args = parser.parse_args()
+    if args.no_baseline:
+        parser.error("--no-baseline: this table compares both sides; run bench/train.py instead")
     t = train.run(args, show=False)
     g = generate.run(args, show=False)
     device = common.bench_device()
