@@ -23,6 +23,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import common
@@ -117,74 +118,138 @@ def greedy_check(ours: Any, twin: Any, args: argparse.Namespace, device: torch.d
     }
 
 
-def run(args: argparse.Namespace, *, show: bool = True) -> dict[str, Any]:
-    """Measure both generators; print their table (with `show`); return the results record."""
+def run(
+    args: argparse.Namespace,
+    *,
+    show: bool = True,
+    save: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Measure both generators; print their table (with `show`); return the results record.
+    One side after the other (the default on a GPU), lmforge first, and `save` gets its record
+    before the baseline starts (a run stopped in transformers' compile still leaves lmforge's
+    figure); on a CPU the sides alternate run by run, as the load drifts."""
     common.setup()
-    from lmforge.model import build_model, num_params
+    from lmforge.model import build_model
 
     device = common.bench_device()
     common.set_threads(device, args.threads)
     gpu = device.type == "cuda"
-    preset = args.model or common.default_preset(device)
-    cfg = common.model_config(preset)
+    cfg = common.model_config(args.model or common.default_preset(device))
     batch = args.batch or (64 if gpu else 8)
-    prompt = args.prompt_len or (64 if gpu else 32)
+    args.prompt_len = args.prompt_len or (64 if gpu else 32)
     new = args.new_tokens or (256 if gpu else 64)
-    args.prompt_len = prompt
     args.repeats = args.repeats or 5
-    if prompt + new > cfg.max_seq_len:
-        raise SystemExit(f"prompt {prompt} + {new} new tokens exceed max_seq_len {cfg.max_seq_len}")
+    if args.prompt_len + new > cfg.max_seq_len:
+        raise SystemExit(
+            f"prompt {args.prompt_len} + {new} new tokens exceed max_seq_len {cfg.max_seq_len}"
+        )
     dtype = torch.bfloat16 if gpu else torch.float32
     ours = build_model(cfg, device=device, seed=args.seed).eval()
     twin = common.llama_twin(ours).eval()
+    greedy = greedy_check(ours, twin, args, device)  # fp32, before the timed dtype
     ours.to(dtype)
     with common.fp32_buffers(twin):
         twin.to(dtype)
     gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(8, cfg.vocab_size, (batch, prompt), generator=gen)  # (B, P)
+    ids = torch.randint(8, cfg.vocab_size, (batch, args.prompt_len), generator=gen)  # (B, P)
     prompts = ids.tolist()
     ids = ids.to(device)
     mask = torch.ones_like(ids)
     runs = {
-        "baseline": lambda: _hf(twin, ids, mask, new, sample=True, compile=args.compile),
         "lmforge": lambda: _lmforge(ours, prompts, new, sample=True, compile=args.compile),
+        "baseline": lambda: _hf(twin, ids, mask, new, sample=True, compile=args.compile),
     }
-    shapes = {name: tuple(fn().shape) for name, fn in runs.items()}  # warm-up run, checked
-    for name, shape in shapes.items():
-        if shape != (batch, new):
-            raise RuntimeError(f"{name} generated {shape}, expected {(batch, new)}")
+    header = _header(args, cfg, batch, new, dtype, device) | {"greedy_check": greedy}
+
+    def saved(times: dict[str, list[float]], final: bool) -> dict[str, Any]:
+        record = _filled(header, times)
+        if save is not None:
+            save(record if final else record | {"partial": True})
+        return record
+
+    sequential = header["shape"]["order"] == "sequential"
+    times = _time_sides(
+        runs, (batch, new), args.repeats, device, sequential, lambda t: saved(t, False)
+    )
+    record = saved(times, True)
+    if show:
+        print_table(record)
+    return record
+
+
+def _time_sides(
+    runs: dict[str, Callable[[], torch.Tensor]],
+    shape: tuple[int, int],
+    repeats: int,
+    device: torch.device,
+    sequential: bool,
+    after_side: Callable[[dict[str, list[float]]], object],
+) -> dict[str, list[float]]:
+    """Each side's timed runs after one checked warm-up run: side after side (after_side called
+    after each), or alternating run by run so both see the same load."""
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(args.repeats):  # alternate which goes first, so both see the same load
+
+    def warm(name: str) -> None:
+        got = tuple(runs[name]().shape)
+        if got != shape:
+            raise RuntimeError(f"{name} generated {got}, expected {shape}")
+
+    if sequential:
+        for name, fn in runs.items():
+            warm(name)
+            times[name] = [_timed(fn, device) for _ in range(repeats)]
+            after_side({k: v for k, v in times.items() if v})
+        return times
+    for name in runs:
+        warm(name)
+    for r in range(repeats):  # alternate which goes first, so both see the same load
         for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
             times[name].append(_timed(runs[name], device))
-    record: dict[str, Any] = {
+    return times
+
+
+def _header(
+    args: argparse.Namespace, cfg: Any, batch: int, new: int, dtype: torch.dtype, device: Any
+) -> dict[str, Any]:
+    """The record before any run: the shape and the device."""
+    from lmforge.model import num_params
+
+    return {
         "shape": {
-            "preset": preset,
+            "preset": args.model or common.default_preset(device),
             "parameters": num_params(cfg),
             "batch": batch,
-            "prompt_len": prompt,
+            "prompt_len": args.prompt_len,
             "new_tokens": new,
             "sampling": "temperature 1, top-k 0, top-p 1",
             "dtype": str(dtype).removeprefix("torch."),
             "compile": args.compile,
             "repeats": args.repeats,
-            "threads": torch.get_num_threads() if not gpu else None,
+            "order": args.order or ("sequential" if device.type == "cuda" else "interleaved"),
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
         },
         "device": common.device_label(device),
     }
-    for name, t in times.items():
-        stats = common.summary(t)
-        record[name] = {**stats, "new_tokens_per_s": batch * new / stats["median_s"]}
-    record["ratio"] = record["lmforge"]["new_tokens_per_s"] / record["baseline"]["new_tokens_per_s"]
-    rounds = [b / o for b, o in zip(times["baseline"], times["lmforge"], strict=True)]
-    record["ratio_per_round"] = {
-        "median": statistics.median(rounds),
-        "min": min(rounds),
-        "max": max(rounds),
-    }
-    record["greedy_check"] = greedy_check(ours, twin, args, device)
-    if show:
-        print_table(record)
+
+
+def _filled(header: dict[str, Any], times: dict[str, list[float]]) -> dict[str, Any]:
+    """The record with each timed side's rate, and the ratio when both are in."""
+    shape = header["shape"]
+    record = dict(header)
+    for name in ("baseline", "lmforge"):
+        if times.get(name):
+            stats = common.summary(times[name])
+            rate = shape["batch"] * shape["new_tokens"] / stats["median_s"]
+            record[name] = {**stats, "new_tokens_per_s": rate}
+    if "baseline" in record and "lmforge" in record:
+        ours, base = record["lmforge"], record["baseline"]
+        record["ratio"] = ours["new_tokens_per_s"] / base["new_tokens_per_s"]
+        rounds = [b / o for b, o in zip(times["baseline"], times["lmforge"], strict=True)]
+        record["ratio_per_round"] = {
+            "median": statistics.median(rounds),
+            "min": min(rounds),
+            "max": max(rounds),
+        }
     return record
 
 
@@ -220,11 +285,11 @@ def main() -> None:
     if args.draft:
         _speculative(args)
         return
-    record = run(args)
     device = common.bench_device()
-    path = args.out or common.results_path(device, record["shape"]["preset"])
-    common.write_section(common.Path(path), "generate", record)
-    print(f"results: {common.shown(common.Path(path))}")
+    preset = args.model or common.default_preset(device)
+    path = common.Path(args.out or common.results_path(device, preset))
+    record = run(args, save=lambda r: common.write_section(path, "generate", r))
+    print(f"results: {common.shown(path)}")
     sys.exit(0 if record["greedy_check"]["passed"] else 1)
 
 

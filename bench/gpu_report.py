@@ -102,16 +102,18 @@ def generation_row(
 ) -> Row:
     """The best lmforge new-token rate over the generation records against `goal`."""
     want = f">= {goal / 1e3:,.0f}k new tok/s"
-    found = [r for n in names if (r := _load(folder, n)) is not None]
+    found = {n: r for n in names if (r := _load(folder, n)) is not None}
     if not found:
         return _missing(target, want, names, steps)
-    best = max(found, key=lambda r: r["lmforge"]["new_tokens_per_s"])
+    best = max(found.values(), key=lambda r: r["lmforge"]["new_tokens_per_s"])
     rate = best["lmforge"]["new_tokens_per_s"]
     how = "compiled" if best["shape"]["compile"] else "eager"
     kind = {True: "static cache + compile", False: "dynamic cache"}
     bases = ", ".join(
         f"{r['baseline']['new_tokens_per_s']:,.0f} ({kind[bool(r['shape']['compile'])]})"
-        for r in found
+        if "baseline" in r
+        else _not_measured([n], steps)  # stopped after lmforge's side
+        for n, r in found.items()
     )
     met = rate >= goal and best["greedy_check"]["passed"]
     shape = best["shape"]

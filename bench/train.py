@@ -41,6 +41,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--peak-size", type=int, default=0, help="matmul size of the peak (8192 GPU, 2048 CPU)"
     )
+    parser.add_argument(
+        "--order",
+        choices=("interleaved", "sequential"),
+        default=None,
+        help="interleaved: alternate one step (or run) each, the default on CPU where the load "
+        "drifts; sequential: one side after the other, lmforge first, the default on GPUs",
+    )
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -66,13 +73,6 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         "--activation-checkpointing",
         action="store_true",
         help="recompute each block in backward, both sides (transformers' gradient checkpointing)",
-    )
-    parser.add_argument(
-        "--order",
-        choices=("interleaved", "sequential"),
-        default=None,
-        help="interleaved: alternate one step each (both models in memory; the default on CPU, "
-        "where load drifts); sequential: one model after the other (the default on GPUs)",
     )
 
 

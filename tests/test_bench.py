@@ -144,3 +144,45 @@ def test_one_side_after_the_other_saves_lmforge_before_the_baseline() -> None:
         "baseline": None,
         "passed": True,
     }
+
+
+# bench/generate.py one side after the other with transformers' generate broken: what `save` got.
+_PARTIAL_GENERATE = """
+import argparse, json, sys
+sys.path.insert(0, "bench")
+import generate, train
+calls = []
+def broken(*args, **kwargs):
+    calls.append(1)
+    if len(calls) > 2:  # the greedy check and the warm-up pass; the first timed run fails
+        raise RuntimeError("transformers' compile ran out of time")
+    return real(*args, **kwargs)
+real, generate._hf = generate._hf, broken
+parser = argparse.ArgumentParser()
+train.add_common_args(parser)
+generate.add_generate_args(parser)
+args = parser.parse_args(sys.argv[1:])
+saved = []
+try:
+    generate.run(args, show=False, save=saved.append)
+except RuntimeError as err:
+    print(json.dumps({"error": str(err), "saved": saved}))
+"""
+
+
+def test_generation_one_side_after_the_other_saves_lmforge_first() -> None:
+    job = subprocess.run(
+        [sys.executable, "-c", _PARTIAL_GENERATE, *COMMON, *GENERATE, "--order", "sequential"],
+        cwd=REPO,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    out = json.loads(job.stdout.strip().splitlines()[-1])
+    assert out["error"] == "transformers' compile ran out of time"
+    (record,) = out["saved"]
+    assert record["partial"] and "baseline" not in record and "ratio" not in record
+    assert record["lmforge"]["new_tokens_per_s"] > 0 and record["greedy_check"]["passed"]
+    assert record["shape"]["order"] == "sequential"

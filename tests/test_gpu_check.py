@@ -119,6 +119,12 @@ def test_report_names_what_was_not_measured_and_saves_records(tmp_path: Path) ->
     row = {r.target: r for r in gpu_report.write_report(tmp_path)}["train 1B, T=2048"]
     assert row.met and row.measured.startswith("64.0% (75,000 tok/s; 1b, T=2048")
     assert row.baseline == "not measured (train_1b_zero2_compile: timeout)"
+    gen_shape = {"compile": True, "preset": "gpt2-124m", "batch": 64, "prompt_len": 64}
+    gen = {"shape": {**gen_shape, "new_tokens": 256}, "lmforge": {"new_tokens_per_s": 2e5}}
+    gen |= {"greedy_check": {"passed": True}, "partial": True}
+    (tmp_path / "bench" / "generate_124m_compile.json").write_text(json.dumps({"generate": gen}))
+    row = {r.target: r for r in gpu_report.write_report(tmp_path)}[gpu_report.TARGETS[2][0]]
+    assert row.met and row.baseline == "not measured (generate_124m_compile: not run)"
 
 
 def test_steps_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
