@@ -102,31 +102,30 @@ def test_peer_benchmark_without_trl_says_how_to_install(tmp_path: Path) -> None:
     assert not (tmp_path / "x.json").exists()
 
 
-# bench/train.py one side after the other with a baseline that fails to build: what `save` got.
-_PARTIAL = """
+# A benchmark (train or generate) run one side after the other with its baseline broken by
+# `breaks`: prints the error and the records `save` got.
+_BROKEN_BASELINE = """
 import argparse, json, sys
 sys.path.insert(0, "bench")
-import train
-def broken(*args, **kwargs):
-    raise RuntimeError("the baseline's compile ran out of time")
-train.build_baseline = broken
+import generate, train
+{breaks}
 parser = argparse.ArgumentParser()
 train.add_common_args(parser)
-train.add_train_args(parser)
+{module}.add_{module}_args(parser)
 args = parser.parse_args(sys.argv[1:])
 saved = []
 try:
-    train.run(args, show=False, save=saved.append)
+    {module}.run(args, show=False, save=saved.append)
 except RuntimeError as err:
-    print(json.dumps({"error": str(err), "saved": saved}))
+    print(json.dumps({{"error": str(err), "saved": saved}}))
 """
 
 
-def test_one_side_after_the_other_saves_lmforge_before_the_baseline() -> None:
-    """On a GPU the sides run one after the other, lmforge first, and its figures are saved
-    before the baseline starts: a run stopped in the baseline still leaves them."""
+def _broken_baseline(module: str, breaks: str, args: list[str]) -> tuple[str, dict]:
+    """The error and the one record saved before it: lmforge's side only, marked partial."""
+    script = _BROKEN_BASELINE.format(module=module, breaks=breaks)
     job = subprocess.run(
-        [sys.executable, "-c", _PARTIAL, *COMMON, *TRAIN, "--order", "sequential"],
+        [sys.executable, "-c", script, *COMMON, *args, "--order", "sequential"],
         cwd=REPO,
         env=stage_env(),
         capture_output=True,
@@ -135,9 +134,21 @@ def test_one_side_after_the_other_saves_lmforge_before_the_baseline() -> None:
     )
     assert job.returncode == 0, job.stderr[-3000:]
     out = json.loads(job.stdout.strip().splitlines()[-1])
-    assert out["error"] == "the baseline's compile ran out of time"
     (record,) = out["saved"]
     assert record["partial"] and "baseline" not in record and "ratio" not in record
+    return out["error"], record
+
+
+def test_one_side_after_the_other_saves_lmforge_before_the_baseline() -> None:
+    """On a GPU the sides run one after the other, lmforge first, and its figures are saved
+    before the baseline starts: a run stopped in the baseline still leaves them."""
+    breaks = """
+def broken(*args, **kwargs):
+    raise RuntimeError("the baseline's compile ran out of time")
+train.build_baseline = broken
+"""
+    error, record = _broken_baseline("train", breaks, TRAIN)
+    assert error == "the baseline's compile ran out of time"
     assert record["lmforge"]["tokens_per_s"] > 0 and len(record["lmforge"]["all_s"]) == 2
     assert record["loss_check"] == {
         "lmforge": record["lmforge"]["first_loss"],
@@ -146,11 +157,8 @@ def test_one_side_after_the_other_saves_lmforge_before_the_baseline() -> None:
     }
 
 
-# bench/generate.py one side after the other with transformers' generate broken: what `save` got.
-_PARTIAL_GENERATE = """
-import argparse, json, sys
-sys.path.insert(0, "bench")
-import generate, train
+def test_generation_one_side_after_the_other_saves_lmforge_first() -> None:
+    breaks = """
 calls = []
 def broken(*args, **kwargs):
     calls.append(1)
@@ -158,31 +166,8 @@ def broken(*args, **kwargs):
         raise RuntimeError("transformers' compile ran out of time")
     return real(*args, **kwargs)
 real, generate._hf = generate._hf, broken
-parser = argparse.ArgumentParser()
-train.add_common_args(parser)
-generate.add_generate_args(parser)
-args = parser.parse_args(sys.argv[1:])
-saved = []
-try:
-    generate.run(args, show=False, save=saved.append)
-except RuntimeError as err:
-    print(json.dumps({"error": str(err), "saved": saved}))
 """
-
-
-def test_generation_one_side_after_the_other_saves_lmforge_first() -> None:
-    job = subprocess.run(
-        [sys.executable, "-c", _PARTIAL_GENERATE, *COMMON, *GENERATE, "--order", "sequential"],
-        cwd=REPO,
-        env=stage_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert job.returncode == 0, job.stderr[-3000:]
-    out = json.loads(job.stdout.strip().splitlines()[-1])
-    assert out["error"] == "transformers' compile ran out of time"
-    (record,) = out["saved"]
-    assert record["partial"] and "baseline" not in record and "ratio" not in record
+    error, record = _broken_baseline("generate", breaks, GENERATE)
+    assert error == "transformers' compile ran out of time"
     assert record["lmforge"]["new_tokens_per_s"] > 0 and record["greedy_check"]["passed"]
     assert record["shape"]["order"] == "sequential"
