@@ -215,9 +215,14 @@ def hf_load(runs: Path, names: list[str]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from lmforge.checkpoint import read_latest
+
     for name in names:
         run = runs / name
-        ckpt = run / (run / "latest").read_text().strip()
+        latest = read_latest(run)
+        if latest is None:
+            raise SystemExit(f"{run}: no latest checkpoint; see logs/{name}.log")
+        ckpt = run / latest
         auto = AutoModelForSequenceClassification if name == "reward" else AutoModelForCausalLM
         model = auto.from_pretrained(ckpt)
         with torch.no_grad():

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
-GIB = 2**30
 
 
 @dataclass
@@ -141,10 +140,10 @@ def estimated_bytes(shape: dict[str, Any]) -> float:
 
 
 def _gib(n: float | None) -> str:
-    """Bytes in GiB (MiB below one GiB); n/a without a GPU's count."""
-    if n is None:
-        return "n/a (CPU)"
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+    """Bytes as `lmforge estimate` prints them; n/a without a GPU's count."""
+    from lmforge.estimate import format_bytes
+
+    return "n/a (CPU)" if n is None else format_bytes(n)
 
 
 def big_row(folder: Path, steps: dict[str, Any], target: str, names: list[str], _: float) -> Row:
@@ -168,11 +167,9 @@ def big_row(folder: Path, steps: dict[str, Any], target: str, names: list[str], 
     return Row(target, goal, measured, baseline, bool(ours["losses_finite"]), ours["tokens_per_s"])
 
 
-def rows(folder: Path) -> list[Row]:
-    """Every target's row, from the check's folder; a record that cannot be read gives a row
-    that says so (the other rows still come)."""
-    summary = folder / "summary.json"
-    steps = json.loads(summary.read_text())["steps"] if summary.exists() else {}
+def rows(folder: Path, steps: dict[str, Any]) -> list[Row]:
+    """Every target's row, from the check's folder and its steps' records; a record that
+    cannot be read gives a row that says so (the other rows still come)."""
     out = []
     for target, make, names, goal in TARGETS:
         try:
@@ -222,7 +219,7 @@ def write_report(folder: Path) -> list[Row]:
     env_path, summary = folder / "env.json", folder / "summary.json"
     env = json.loads(env_path.read_text()) if env_path.exists() else {}
     steps = json.loads(summary.read_text())["steps"] if summary.exists() else {}
-    table = rows(folder)
+    table = rows(folder, steps)
     (folder / "report.md").write_text(markdown(table, env, steps))
     data = {"env": {k: v for k, v in env.items() if k != "nvidia_smi"}, "steps": steps}
     data["targets"] = [r.__dict__ for r in table]
